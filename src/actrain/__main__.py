@@ -1,0 +1,3 @@
+from actrain.cli import main
+
+raise SystemExit(main())

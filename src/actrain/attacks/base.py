@@ -1,0 +1,63 @@
+"""Pieces every attack shares: the threat model and a guard that restores the model's mode."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# An attack objective maps the model's logits on the current adversarial batch to a scalar
+# that the attack maximises. Methods build these from their losses (see actrain.methods).
+Objective = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass(frozen=True)
+class LinfBall:
+    """The L-infinity threat model around x, intersected with the image box [lower, upper].
+
+    PGD is written once against ``random_perturb``/``step``/``project`` so another constraint
+    (L2, say) only needs another small object like this one.
+    """
+
+    eps: float
+    step_size: float
+    lower: float = 0.0
+    upper: float = 1.0
+
+    def random_perturb(
+        self, x: Tensor, start: str, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Starting point: ``uniform`` in the ball (Madry), ``gaussian`` x + 0.001 N(0, I)
+        (TRADES and ACT's released code), or ``zero``."""
+        if start == "zero" or self.eps == 0:
+            return x.clone()
+        if start == "uniform":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = (2 * noise - 1) * self.eps
+        elif start == "gaussian":
+            noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            raise ValueError(f"unknown attack start {start!r} (uniform, gaussian, zero)")
+        return self.project(x + noise, x)
+
+    def step(self, x_adv: Tensor, grad: Tensor) -> Tensor:
+        return x_adv + self.step_size * grad.sign()
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
+        return x_adv.clamp(self.lower, self.upper)

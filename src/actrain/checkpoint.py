@@ -1,0 +1,157 @@
+"""Run-folder files: atomic checkpoints, safetensors weights and ``load_model``.
+
+Weights are stored as safetensors with the model's spec in the file's metadata, so a weights
+file alone is enough to rebuild the network and nothing in it can execute code. Resume
+checkpoints hold only tensors and plain values and are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from actrain.models import create_model
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated, unsafe or mismatched model file; reported as one line, exit 2."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:120]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({exc})") from None
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+    """Safetensors weights with the spec needed by :func:`load_model` in the header."""
+    meta = {"spec": json.dumps(model.spec), **{k: json.dumps(v) for k, v in metadata.items()}}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_weights_metadata(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def _weights_path(path: Path, role: str) -> Path:
+    if path.is_dir():
+        candidate = path / f"model_{role}.safetensors"
+        if candidate.is_file():
+            return candidate
+        return path / CHECKPOINT
+    return path
+
+
+def load_model(
+    path: str | Path, role: str = "g", device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a trained model (eval mode, logits for inputs in [0, 1]).
+
+    ``path`` is a run folder (its final ``model_{role}.safetensors``, or the latest checkpoint
+    while the run is still going) or a ``.safetensors`` file written by actrain.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run folder or weights file: {path}")
+    wpath = _weights_path(path, role)
+    if wpath.suffix == ".safetensors":
+        meta = read_weights_metadata(wpath)
+        if "spec" not in meta:
+            raise CheckpointError(f"{wpath} has no model spec in its metadata (not written by actrain)")
+        model = create_model(**meta["spec"])
+        state = load_file(str(wpath))
+    else:
+        ckpt = load_checkpoint(wpath)
+        if role not in ckpt.get("models", {}):
+            raise CheckpointError(f"{wpath} holds no model '{role}'")
+        model = create_model(**json.loads(ckpt["specs"])[role])
+        state = ckpt["models"][role]
+    _load_state(model, state, wpath)
+    model.meta = read_weights_metadata(wpath) if wpath.suffix == ".safetensors" else {}
+    return model.to(device).eval()
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"shape of {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise CheckpointError(f"{where} does not match the architecture: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The training config stored with a run folder or weights file ({} if none)."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG).is_file():
+        return json.loads((path / CONFIG).read_text())
+    if path.is_file() and path.suffix == ".safetensors":
+        return read_weights_metadata(path).get("config", {})
+    return {}

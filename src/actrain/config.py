@@ -1,0 +1,268 @@
+"""Run configuration: one dataclass, YAML files, flag overrides and validation.
+
+Everything a run needs is in :class:`TrainConfig`, so the resolved config saved in the run
+folder is enough to rebuild the models, the data and the exact training recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("natural", "madry", "trades", "act")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTACK_KL_REDUCTIONS = ("sum", "mean")
+ATTACK_STARTS = ("auto", "gaussian", "uniform", "zero")
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags or a config file; the CLI prints it as one line and exits 2."""
+
+
+def parse_fraction(value: Any, name: str = "value") -> float:
+    """Accept numbers and strings such as ``8/255`` or ``0.031`` for eps and step sizes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number or fraction such as 8/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(Fraction(num.strip()) / Fraction(den.strip()))
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"{name}: expected a number or fraction such as 8/255, got {value!r}"
+        ) from None
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. Defaults reproduce the paper's CIFAR-10 ACT set-up."""
+
+    method: str = "act"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = True
+    arch: str = "resnet18"
+    width: int | None = None
+    arch_f: str | None = None  # ACT: F may differ from G; None = same as G
+    width_f: int | None = None
+    depth: int | None = None
+    widen_factor: int | None = None
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: 2e-4 for TRADES (its recipe), else 5e-4
+    milestones: list[int] | None = None  # None: 30%, 60%, 75% of epochs (paper: 60/120/150)
+    gamma: float = 0.2
+    alpha: float = 0.9
+    beta: float = 5.0
+    temperature: float = 4.0
+    attack_temperature: float = 1.0
+    attack_kl_reduction: str = "sum"
+    attack_start: str = "auto"
+    eps: float = 0.031
+    step_size: float = 0.007
+    steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    val_size: int = 0
+    eval_every: int = 1
+    eval_size: int = 500
+    eval_steps: int = 10
+    eval_step_size: float | None = None
+    num_workers: int = 4
+    out: str | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FRACTION_FIELDS = ("eps", "step_size", "eval_step_size")
+
+
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; bad YAML and unknown keys are user errors, named precisely."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {p}: invalid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: expected a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        hints = "".join(_did_you_mean(k, list(FIELDS)) for k in unknown[:1])
+        raise ConfigError(f"--config {p}: unknown keys: {', '.join(sorted(unknown))}{hints}")
+    return data
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """Merge defaults < config file < explicit flags, then validate."""
+    values: dict[str, Any] = {}
+    values.update(file_values)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in FRACTION_FIELDS:
+        if values.get(key) is not None:
+            values[key] = parse_fraction(values[key], "--" + key.replace("_", "-"))
+    if isinstance(values.get("milestones"), str):
+        values["milestones"] = _parse_int_list(values["milestones"])
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if cfg.weight_decay is None:
+        cfg.weight_decay = default_weight_decay(cfg.method)
+    if cfg.milestones is None and isinstance(cfg.epochs, int) and cfg.epochs > 0:
+        cfg.milestones = paper_milestones(cfg.epochs)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Give YAML/flag values the field's type, or name the field that is wrong."""
+    if key not in FIELDS:
+        raise ConfigError(f"unknown option '{key}'{_did_you_mean(key, list(FIELDS))}")
+    kind = str(FIELDS[key].type)
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{flag}: a value is required")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return low in ("true", "yes", "1")
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return parse_fraction(value, flag)
+        if kind.startswith("list"):
+            if isinstance(value, (int, str)):
+                value = _parse_int_list(str(value))
+            return [int(v) for v in value]
+        if kind.startswith("str"):
+            return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: invalid value {value!r} (expected {kind})") from None
+    return value
+
+
+def default_weight_decay(method: str) -> float:
+    """TRADES' recipe uses 2e-4; Madry, ACT and natural training use 5e-4."""
+    return 2e-4 if method == "trades" else 5e-4
+
+
+def paper_milestones(epochs: int) -> list[int]:
+    """The paper's 60/120/150 of 200 epochs, scaled to any length (30%, 60%, 75%)."""
+    ms = sorted({max(1, round(epochs * f)) for f in (0.3, 0.6, 0.75)})
+    return [m for m in ms if m < epochs]
+
+
+def _parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--milestones: expected integers such as 60 120 150, got {text!r}") from None
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Catch every mistake before data is loaded or time is spent."""
+    if cfg.method not in METHODS:
+        raise ConfigError(
+            f"--method: unknown method '{cfg.method}'{_did_you_mean(cfg.method, METHODS)}"
+            f" (choices: {', '.join(METHODS)})"
+        )
+    from actrain.data import get_dataset_info
+    from actrain.models import list_models
+
+    get_dataset_info(cfg.dataset)  # raises DataError with a "did you mean"
+    arches = list_models()
+    for flag, arch in (("--arch", cfg.arch), ("--arch-f", cfg.arch_f)):
+        if arch is not None and arch not in arches:
+            raise ConfigError(
+                f"{flag}: unknown architecture '{arch}'{_did_you_mean(arch, arches)}"
+                f" (choices: {', '.join(arches)})"
+            )
+    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().exists():
+        raise ConfigError(f"--data-dir: folder does not exist: {cfg.data_dir}")
+    for name in ("eps", "step_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be in [0, 1], got {v}")
+    if cfg.eval_step_size is not None and not 0 <= cfg.eval_step_size <= 1:
+        raise ConfigError(f"--eval-step-size: must be in [0, 1], got {cfg.eval_step_size}")
+    if not 0 <= cfg.alpha <= 1:
+        raise ConfigError(f"--alpha: must be in [0, 1], got {cfg.alpha}")
+    if cfg.beta < 0:
+        raise ConfigError(f"--beta: must be >= 0, got {cfg.beta}")
+    if cfg.temperature <= 0 or cfg.attack_temperature <= 0:
+        raise ConfigError("--temperature: must be > 0")
+    if cfg.steps < 0 or cfg.eval_steps < 0:
+        raise ConfigError(f"--steps: must be >= 0, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {cfg.batch_size}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs: must be >= 1, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr: must be > 0, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight-decay: must be >= 0, got {cfg.weight_decay}")
+    ms = list(cfg.milestones or [])
+    if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise ConfigError(f"--milestones: must be strictly increasing, got {ms}")
+    if ms and (ms[0] < 1 or ms[-1] > cfg.epochs):
+        raise ConfigError(f"--milestones: must lie in 1..epochs ({cfg.epochs}), got {ms}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
+    if cfg.attack_kl_reduction not in ATTACK_KL_REDUCTIONS:
+        raise ConfigError(
+            f"--attack-kl-reduction: must be one of {', '.join(ATTACK_KL_REDUCTIONS)},"
+            f" got {cfg.attack_kl_reduction}"
+        )
+    if cfg.attack_start not in ATTACK_STARTS:
+        raise ConfigError(
+            f"--attack-start: must be one of {', '.join(ATTACK_STARTS)}, got {cfg.attack_start}"
+        )
+    for name in ("train_subset", "test_subset"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if cfg.val_size < 0 or cfg.eval_size < 0:
+        raise ConfigError("--val-size/--eval-size: must be >= 0")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"--eval-every: must be >= 0, got {cfg.eval_every}")

@@ -1,0 +1,132 @@
+"""Training methods: each supplies what the shared loop needs and nothing else.
+
+A method names its models (``g`` is the one used at inference; ACT adds the natural model
+``f``), computes what its attack objective needs before the attack (``prepare``), builds the
+objective the attack maximises, and returns its losses. The loop in :mod:`actrain.train`
+does the rest identically for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from actrain import losses as L
+from actrain.attacks import Objective, eval_mode
+from actrain.config import TrainConfig
+
+Models = dict[str, nn.Module]
+
+
+@dataclass
+class StepLosses:
+    losses: dict[str, Tensor]  # one loss per model role; each reaches only its own model
+    logits: dict[str, Tensor]  # the logits each model was trained on, for accuracy metrics
+
+
+@dataclass
+class Method:
+    name: str = "base"
+    roles: tuple[str, ...] = ("g",)
+    adversarial: bool = True
+    start: str = "uniform"
+    cfg: TrainConfig = field(default_factory=TrainConfig)
+
+    def prepare(self, models: Models, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Forward passes needed by both the attack and the losses, computed once."""
+        return {}
+
+    def attack_objective(self, ctx: dict[str, Tensor], y: Tensor) -> Objective:
+        raise NotImplementedError
+
+    def losses(
+        self, models: Models, x: Tensor, x_adv: Tensor, y: Tensor, ctx: dict[str, Tensor]
+    ) -> StepLosses:
+        raise NotImplementedError
+
+
+class Natural(Method):
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__("natural", ("g",), adversarial=False, start="zero", cfg=cfg)
+
+    def losses(self, models, x, x_adv, y, ctx):
+        logits = models["g"](x)
+        return StepLosses({"g": L.natural_loss(logits, y)}, {"g": logits})
+
+
+class Madry(Method):
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__("madry", ("g",), start="uniform", cfg=cfg)
+
+    def attack_objective(self, ctx, y):
+        return lambda logits_adv: L.madry_attack_objective(logits_adv, y)
+
+    def losses(self, models, x, x_adv, y, ctx):
+        logits_adv = models["g"](x_adv)
+        return StepLosses({"g": L.madry_loss(logits_adv, y)}, {"g": logits_adv})
+
+
+class Trades(Method):
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__("trades", ("g",), start="gaussian", cfg=cfg)
+
+    def prepare(self, models, x, y):
+        # TRADES' reference distribution for the attack comes from the model in eval mode.
+        with eval_mode(models["g"]), torch.no_grad():
+            return {"ref": models["g"](x)}
+
+    def attack_objective(self, ctx, y):
+        ref = ctx["ref"]
+        return lambda logits_adv: L.trades_attack_objective(logits_adv, ref)
+
+    def losses(self, models, x, x_adv, y, ctx):
+        logits_clean = models["g"](x)
+        logits_adv = models["g"](x_adv)
+        loss = L.trades_loss(logits_clean, logits_adv, y, self.cfg.beta)
+        return StepLosses({"g": loss}, {"g": logits_adv})
+
+
+class ACT(Method):
+    """Adversarial Concurrent Training, Algorithm 1 of the paper.
+
+    1. F(x) once, in train mode (its output serves the attack, detached, and L_F).
+    2. delta* = argmax_delta L_G(theta, phi, delta) by PGD on G in eval mode.
+    3. L_G on G(x + delta*) and L_F on F(x), each detaching the other model's output.
+    4. The shared loop steps both optimisers.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__("act", ("g", "f"), start="gaussian", cfg=cfg)
+
+    def prepare(self, models, x, y):
+        return {"logits_f": models["f"](x)}
+
+    def attack_objective(self, ctx, y):
+        ref = ctx["logits_f"].detach()
+        cfg = self.cfg
+        return lambda logits_adv: L.act_attack_objective(
+            logits_adv, ref, y, cfg.alpha, cfg.attack_temperature, cfg.attack_kl_reduction
+        )
+
+    def losses(self, models, x, x_adv, y, ctx):
+        logits_g = models["g"](x_adv)
+        logits_f = ctx["logits_f"]
+        loss_g, loss_f = L.act_losses(logits_g, logits_f, y, self.cfg.alpha, self.cfg.temperature)
+        return StepLosses({"g": loss_g, "f": loss_f}, {"g": logits_g, "f": logits_f})
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {
+    "natural": Natural,
+    "madry": Madry,
+    "trades": Trades,
+    "act": ACT,
+}
+
+
+def build_method(cfg: TrainConfig) -> Method:
+    method = METHOD_CLASSES[cfg.method](cfg)
+    if cfg.attack_start != "auto" and method.adversarial:
+        method.start = cfg.attack_start
+    return method

@@ -1,0 +1,407 @@
+"""The one training loop shared by every method.
+
+A method (see :mod:`actrain.methods`) supplies its models' roles, the forward passes its
+attack needs, the attack objective and its losses; this loop does data, attack, backward,
+optimiser and scheduler steps, per-epoch evaluation, metrics, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from actrain import data as D
+from actrain.attacks import LinfBall, pgd, pgd_robustness
+from actrain.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from actrain.config import ConfigError, TrainConfig
+from actrain.methods import Method, build_method
+from actrain.models import create_model
+from actrain.runtime import autocast_factory, resolve_device, resolve_precision
+
+# Flags that may change when a run is resumed; anything else must match the saved config.
+RESUMABLE_CHANGES = {"epochs", "device", "progress", "eval_every", "eval_size", "num_workers", "out"}
+EVAL_BATCH = 256
+
+
+def model_kwargs(cfg: TrainConfig, role: str, info: D.DatasetInfo, num_classes: int) -> dict:
+    arch = cfg.arch_f if (role == "f" and cfg.arch_f) else cfg.arch
+    width = cfg.width_f if (role == "f" and cfg.width_f) else cfg.width
+    kw: dict[str, Any] = {"num_classes": num_classes, "in_channels": info.in_channels}
+    if width is not None and arch in ("resnet18", "preact_resnet18", "small_cnn"):
+        kw["width"] = width
+    if arch == "wideresnet":
+        if cfg.depth is not None:
+            kw["depth"] = cfg.depth
+        if cfg.widen_factor is not None:
+            kw["widen_factor"] = cfg.widen_factor
+    return {"name": arch, **kw}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors/values so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": repr(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    py = ast.literal_eval(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunData:
+    info: D.DatasetInfo
+    num_classes: int
+    train: Any  # loader with __len__ and epoch(epoch, start_batch)
+    eval_x: Tensor | None
+    eval_y: Tensor | None
+    eval_name: str
+    test: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> RunData:
+    info = D.get_dataset_info(cfg.dataset)
+    if not info.in_memory:
+        return D.build_folder_data(cfg, device)
+    train = D.load_split(
+        cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed,
+        download=cfg.download,
+    )
+    num_classes = len(train.classes)
+    eval_name = "test"
+    if cfg.val_size > 0:
+        if cfg.val_size >= len(train.labels):
+            raise ConfigError(
+                f"--val-size: {cfg.val_size} leaves no training data ({len(train.labels)} images)"
+            )
+        train, evalset = D.train_val_split(train, cfg.val_size, seed=cfg.seed)
+        eval_name = "val"
+    else:
+        evalset = D.load_split(
+            cfg.dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=0, download=cfg.download
+        )
+    if cfg.eval_size and cfg.eval_size < len(evalset.labels):
+        keep = D.balanced_subset_indices(evalset.labels, cfg.eval_size, seed=0)
+        evalset = D.ImageTensors(
+            evalset.images[keep], evalset.labels[keep], evalset.indices[keep], evalset.classes
+        )
+    loader = D.InMemoryLoader(
+        train, cfg.batch_size, device=device, shuffle=True, augment=info.augment,
+        drop_last=False, seed=cfg.seed, channels_last=channels_last,
+    )
+    ex = evalset.images.to(device).float().div_(255)
+    if channels_last:
+        ex = ex.contiguous(memory_format=torch.channels_last)
+    return RunData(info, num_classes, loader, ex, evalset.labels.to(device), eval_name)
+
+
+class Trainer:
+    """Holds a run's state; ``fit`` runs the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.channels_last = (
+            cfg.channels_last if cfg.channels_last is not None else self.precision != "fp32"
+        )
+        self.autocast = autocast_factory(self.precision, self.device)
+        seed_everything(cfg.seed)
+        self.method: Method = build_method(cfg)
+        self.data = build_data(cfg, self.device, self.channels_last)
+        self.threat = LinfBall(cfg.eps, cfg.step_size)
+        self.models: dict[str, nn.Module] = {}
+        self.specs: dict[str, dict] = {}
+        for role in self.method.roles:
+            kw = model_kwargs(cfg, role, self.data.info, self.data.num_classes)
+            model = create_model(**kw).to(self.device)
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.models[role] = model
+            self.specs[role] = model.spec
+        self.optimizers = {
+            r: torch.optim.SGD(
+                m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+            for r, m in self.models.items()
+        }
+        self.schedulers = {
+            r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=cfg.milestones, gamma=cfg.gamma)
+            for r, o in self.optimizers.items()
+        }
+        self.start_epoch = 0
+        if resume:
+            self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
+
+    # ---- one step -------------------------------------------------------------------------
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """Algorithm 1 for ACT (and the same shape for every other method)."""
+        method, models = self.method, self.models
+        for m in models.values():
+            m.train()
+        with self.autocast():
+            ctx = method.prepare(models, x, y)
+        if method.adversarial and self.cfg.steps > 0:
+            objective = method.attack_objective(ctx, y)
+            x_adv = pgd(
+                models["g"], x, objective, self.threat, self.cfg.steps, method.start, self.autocast
+            )
+        else:
+            x_adv = x
+        with self.autocast():
+            out = method.losses(models, x, x_adv, y, ctx)
+        total = sum(out.losses.values())
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total.backward()  # each loss reaches only its own model (see actrain.losses)
+        for opt in self.optimizers.values():
+            opt.step()
+        return {"losses": out.losses, "logits": out.logits}
+
+    # ---- epochs ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        roles = self.method.roles
+        loss_sum = {r: torch.zeros((), device=self.device) for r in roles}
+        correct = {r: torch.zeros((), device=self.device, dtype=torch.long) for r in roles}
+        seen = 0
+        loader = self.data.train
+        bar = tqdm(
+            total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+            disable=not self.cfg.progress, leave=False, file=sys.stderr,
+        )
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader.epoch(epoch)):
+            out = self.train_step(x, y)
+            n = y.shape[0]
+            seen += n
+            for r in roles:
+                loss_sum[r] += out["losses"][r].detach() * n
+                correct[r] += (out["logits"][r].detach().argmax(1) == y).sum()
+            bar.update(1)
+            if self.cfg.progress and (i % 10 == 0 or i == len(loader) - 1):
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(
+                    {f"loss_{r}": f"{loss_sum[r].item() / seen:.3f}" for r in roles}
+                    | {f"acc_{r}": f"{100 * correct[r].item() / seen:.1f}" for r in roles}
+                    | {"img/s": f"{rate:.0f}"}
+                )
+        bar.close()
+        seconds = time.perf_counter() - t0
+        stats: dict[str, float] = {"train_seconds": seconds, "images_per_s": seen / seconds}
+        for r in roles:
+            stats[f"loss_{r}"] = loss_sum[r].item() / seen
+            stats[f"train_acc_{r}"] = 100.0 * correct[r].item() / seen
+            loss = stats[f"loss_{r}"]
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss in epoch {epoch + 1} for model {r.upper()}; the last good"
+                    f" checkpoint is kept in {self.run_dir}"
+                )
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        """Clean and PGD accuracy of every model on the fixed validation/test subset."""
+        x, y = self.data.eval_x, self.data.eval_y
+        if x is None or len(y) == 0:
+            return {}
+        cfg = self.cfg
+        step = cfg.eval_step_size if cfg.eval_step_size is not None else cfg.step_size
+        stats: dict[str, float] = {}
+        for role, model in self.models.items():
+            clean = robust = 0
+            for s in range(0, len(y), EVAL_BATCH):
+                res = pgd_robustness(
+                    model, x[s : s + EVAL_BATCH], y[s : s + EVAL_BATCH], cfg.eps, step,
+                    cfg.eval_steps, restarts=1, autocast=self.autocast,
+                )
+                clean += int(res.clean_correct.sum())
+                robust += int(res.robust.sum())
+            stats[f"{self.data.eval_name}_clean_acc_{role}"] = 100.0 * clean / len(y)
+            stats[f"{self.data.eval_name}_pgd{cfg.eval_steps}_acc_{role}"] = 100.0 * robust / len(y)
+        return stats
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.start_epoch >= cfg.epochs:
+            print(f"run already finished ({self.start_epoch}/{cfg.epochs} epochs)", file=sys.stderr)
+        record: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            lr = self.optimizers["g"].param_groups[0]["lr"]
+            record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
+            last = epoch + 1 == cfg.epochs
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+                t0 = time.perf_counter()
+                record.update(self.evaluate())
+                record["eval_seconds"] = time.perf_counter() - t0
+            for s in self.schedulers.values():
+                s.step()
+            with open(self.run_dir / METRICS, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            self.start_epoch = epoch + 1
+            self.save_checkpoint()
+            print(format_record(record), file=sys.stderr, flush=True)
+        self.save_final(record)
+        return record
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {
+            "epoch": self.start_epoch,
+            "models": {r: m.state_dict() for r, m in self.models.items()},
+            "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+            "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+            "rng": rng_state(),
+            "specs": json.dumps(self.specs),
+            "config": self.cfg.to_json(),
+        }
+        save_checkpoint(self.run_dir / CHECKPOINT, state)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        for r, m in self.models.items():
+            m.load_state_dict(ckpt["models"][r])
+            self.optimizers[r].load_state_dict(ckpt["optimizers"][r])
+            sched = ckpt["schedulers"][r]
+            sched["milestones"] = __import__("collections").Counter(self.cfg.milestones)
+            self.schedulers[r].load_state_dict(sched)
+        set_rng_state(ckpt["rng"])
+        self.start_epoch = int(ckpt["epoch"])
+
+    def save_final(self, record: dict[str, Any]) -> None:
+        meta = {
+            "config": self.cfg.to_dict(),
+            "classes": getattr(self.data.train, "classes", None),
+            "epochs_trained": self.start_epoch,
+        }
+        for role, model in self.models.items():
+            save_weights(self.run_dir / f"model_{role}.safetensors", model, {**meta, "role": role})
+        summary = {"status": "finished", "epochs": self.start_epoch, "last": record}
+        atomic_write_text(self.run_dir / "final.json", json.dumps(summary, indent=2))
+
+
+def format_record(r: dict[str, Any]) -> str:
+    parts = [f"epoch {r['epoch']}", f"lr {r['lr']:.4g}"]
+    for k, v in r.items():
+        if k.startswith(("loss_", "train_acc_")) or "_acc_" in k:
+            parts.append(f"{k} {v:.3f}" if k.startswith("loss") else f"{k} {v:.1f}%")
+    parts.append(f"{r['images_per_s']:.0f} img/s")
+    return "  ".join(parts)
+
+
+# ---- run folders ------------------------------------------------------------------------------
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "final.json", "model_g.safetensors", "model_f.safetensors")
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    width = f"-w{cfg.width}" if cfg.width else ""
+    base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.arch}{width}-s{cfg.seed}"
+    if not base.exists():
+        return base
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return base.with_name(f"{base.name}-{stamp}")
+
+
+def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
+    """A fresh run folder; an existing run is never replaced unless ``overwrite``."""
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} exists and is not a folder")
+    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"--out: {run_dir} already holds a run; pass --resume to continue it or"
+                " --overwrite to replace it"
+            )
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write to {run_dir} ({exc.strerror})") from None
+    cfg.out = str(run_dir)
+    atomic_write_text(run_dir / CONFIG, cfg.to_json())
+    return run_dir
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config, with only the changes that are safe on resume."""
+    from actrain.config import build_config
+
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT})")
+    saved = json.loads((run_dir / CONFIG).read_text())
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in overrides.items()
+        if v is not None and k in saved and saved.get(k) != v and k not in RESUMABLE_CHANGES
+    }
+    if changed:
+        diffs = ", ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ConfigError(
+            f"--resume: config differs from the saved run ({diffs}); only"
+            f" {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+        )
+    allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES and v is not None}
+    cfg = build_config(saved, allowed)
+    cfg.out = str(run_dir)
+    atomic_write_text(run_dir / CONFIG, cfg.to_json())
+    return cfg
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, overwrite)
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    roles = "+".join(r.upper() for r in trainer.method.roles)
+    print(
+        f"actrain: {cfg.method} on {cfg.dataset} ({trainer.data.train.num_examples} train images),"
+        f" {cfg.arch} [{roles}], device {trainer.device}, precision {trainer.precision},"
+        f" batch {cfg.batch_size}, epochs {trainer.start_epoch + 1}..{cfg.epochs} -> {run_dir}",
+        file=sys.stderr,
+    )
+    trainer.fit()
+    return run_dir
+
