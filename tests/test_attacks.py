@@ -11,7 +11,6 @@ from actrain.attacks import LinfBall, eval_mode, pgd, pgd_robustness
 from actrain.losses import act_attack_objective
 from actrain.models import create_model
 
-
 _DIGITS = load_digits()
 _X = torch.tensor(_DIGITS.images, dtype=torch.float32).unsqueeze(1) / 16.0
 _Y = torch.tensor(_DIGITS.target)
@@ -109,15 +108,26 @@ def test_pgd_robustness_restarts_and_early_stop():
     with torch.no_grad():
         y = model.eval()(x).argmax(1)  # every example starts correctly classified
     assert (y == _Y[:32]).float().mean() > 0.8  # the model has learnt the task
-    one = pgd_robustness(model, x, y, 0.1, 0.02, 10, restarts=1,
-                         generator=torch.Generator().manual_seed(0))
-    many = pgd_robustness(model, x, y, 0.1, 0.02, 10, restarts=4,
-                          generator=torch.Generator().manual_seed(0))
+    one = pgd_robustness(
+        model, x, y, 0.1, 0.02, 10, restarts=1, generator=torch.Generator().manual_seed(0)
+    )
+    many = pgd_robustness(
+        model, x, y, 0.1, 0.02, 10, restarts=4, generator=torch.Generator().manual_seed(0)
+    )
     assert one.clean_correct.all()
     assert many.robust.sum() <= one.robust.sum()
     assert not (many.robust & ~one.robust).any()  # worst case over restarts <= first restart
-    full = pgd_robustness(model, x, y, 0.1, 0.02, 10, restarts=4, early_stop=False,
-                          generator=torch.Generator().manual_seed(0))
+    full = pgd_robustness(
+        model,
+        x,
+        y,
+        0.1,
+        0.02,
+        10,
+        restarts=4,
+        early_stop=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(full.robust, many.robust)
     assert many.forward_passes < full.forward_passes
     # every broken example comes with an adversarial example inside the ball that fools it

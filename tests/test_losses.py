@@ -41,7 +41,9 @@ def test_kl_matches_hand_computation():
     got = kl_divergence(torch.tensor(FL), torch.tensor(G), temperature=2.0, reduction="none")
     want = [_kl(_softmax(f, 2.0), _softmax(g, 2.0)) for f, g in zip(FL, G, strict=True)]
     assert got.tolist() == pytest.approx(want, rel=1e-5)
-    assert kl_divergence(torch.tensor(FL), torch.tensor(G), reduction="sum").item() == pytest.approx(
+    assert kl_divergence(
+        torch.tensor(FL), torch.tensor(G), reduction="sum"
+    ).item() == pytest.approx(
         sum(_kl(_softmax(f), _softmax(g)) for f, g in zip(FL, G, strict=True)), rel=1e-5
     )
 

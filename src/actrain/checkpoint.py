@@ -36,6 +36,9 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -72,7 +75,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:120]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({exc})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or corrupt ({exc})"
+        ) from None
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
@@ -100,9 +105,7 @@ def _weights_path(path: Path, role: str) -> Path:
     return path
 
 
-def load_model(
-    path: str | Path, role: str = "g", device: str | torch.device = "cpu"
-) -> nn.Module:
+def load_model(path: str | Path, role: str = "g", device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a trained model (eval mode, logits for inputs in [0, 1]).
 
     ``path`` is a run folder (its final ``model_{role}.safetensors``, or the latest checkpoint
@@ -115,7 +118,9 @@ def load_model(
     if wpath.suffix == ".safetensors":
         meta = read_weights_metadata(wpath)
         if "spec" not in meta:
-            raise CheckpointError(f"{wpath} has no model spec in its metadata (not written by actrain)")
+            raise CheckpointError(
+                f"{wpath} has no model spec in its metadata (not written by actrain)"
+            )
         model = create_model(**meta["spec"])
         state = load_file(str(wpath))
     else:
@@ -142,7 +147,9 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
             parts.append(f"unexpected {unexpected[:3]}")
         if shapes:
             k = shapes[0]
-            parts.append(f"shape of {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+            parts.append(
+                f"shape of {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            )
         raise CheckpointError(f"{where} does not match the architecture: {'; '.join(parts)}")
     model.load_state_dict(state)
 

@@ -197,7 +197,9 @@ def _parse_int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise ConfigError(f"--milestones: expected integers such as 60 120 150, got {text!r}") from None
+        raise ConfigError(
+            f"--milestones: expected integers such as 60 120 150, got {text!r}"
+        ) from None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -248,7 +250,9 @@ def validate(cfg: TrainConfig) -> None:
     if ms and (ms[0] < 1 or ms[-1] > cfg.epochs):
         raise ConfigError(f"--milestones: must lie in 1..epochs ({cfg.epochs}), got {ms}")
     if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
+        raise ConfigError(
+            f"--precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision}"
+        )
     if cfg.attack_kl_reduction not in ATTACK_KL_REDUCTIONS:
         raise ConfigError(
             f"--attack-kl-reduction: must be one of {', '.join(ATTACK_KL_REDUCTIONS)},"

@@ -31,8 +31,10 @@ def main() -> int:
     for method in ("act", "madry"):
         file_values = load_yaml(CONFIGS / f"digits_{method}.yaml")
         cfg = build_config(file_values, {"out": str(root / method), "progress": False})
-        print(f"== training {method.upper()} ({cfg.epochs} epochs, eps {cfg.eps}) ->"
-              f" {cfg.out}", flush=True)
+        print(
+            f"== training {method.upper()} ({cfg.epochs} epochs, eps {cfg.eps}) -> {cfg.out}",
+            flush=True,
+        )
         run_dir = run_training(cfg)
         results[method] = run_dir
     test = load_split("digits", "test")
@@ -42,12 +44,15 @@ def main() -> int:
         roles = ("g", "f") if method == "act" else ("g",)
         for role in roles:
             model = load_model(run_dir, role=role)
-            r = robust_accuracy(model, x, test.labels, eps=0.1, step_size=0.01, steps=20,
-                                restarts=5)
+            r = robust_accuracy(
+                model, x, test.labels, eps=0.1, step_size=0.01, steps=20, restarts=5
+            )
             label = {"g": "robust model G", "f": "natural model F"}[role]
             name = f"{method.upper()} ({label})" if method == "act" else "Madry"
             rows.append((name, r["clean_acc"], r["robust_acc"]))
-    print(f"\nDigits test set ({len(test.labels)} images), PGD-20 x 5 restarts, eps 0.1, step 0.01:")
+    print(
+        f"\nDigits test set ({len(test.labels)} images), PGD-20 x 5 restarts, eps 0.1, step 0.01:"
+    )
     print(f"{'model':<26}{'clean acc':>10}{'robust acc':>12}")
     for name, clean, rob in rows:
         print(f"{name:<26}{clean:>9.1f}%{rob:>11.1f}%")

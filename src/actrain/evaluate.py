@@ -49,7 +49,15 @@ def robust_accuracy(
     for s in range(0, len(y), batch_size):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         res = pgd_robustness(
-            model, xb, yb, eps, step_size, steps, restarts, loss=loss, autocast=autocast,
+            model,
+            xb,
+            yb,
+            eps,
+            step_size,
+            steps,
+            restarts,
+            loss=loss,
+            autocast=autocast,
             generator=gen,
         )
         clean += int(res.clean_correct.sum())
@@ -80,7 +88,9 @@ def load_eval_data(
     if not name:
         raise ConfigError("--dataset: the model file names no dataset; pass --dataset")
     ddir = data_dir if data_dir is not None else cfg.get("data_dir")
-    return D.load_split(name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True))
+    return D.load_split(
+        name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True)
+    )
 
 
 def evaluate_run(
@@ -113,8 +123,18 @@ def evaluate_run(
     model = load_model(path, role=role, device=dev)
     x = test.images.float().div(255)
     out = robust_accuracy(
-        model, x, test.labels, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-        loss=loss, batch_size=batch_size, precision=precision, seed=seed, progress=progress,
+        model,
+        x,
+        test.labels,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        restarts=restarts,
+        loss=loss,
+        batch_size=batch_size,
+        precision=precision,
+        seed=seed,
+        progress=progress,
     )
     mask = out.pop("robust_mask")
     return {
@@ -125,9 +145,16 @@ def evaluate_run(
         "robust_acc": out["robust_acc"],
         "n": out["n"],
         "attack": {
-            "name": f"PGD-{steps}", "norm": "Linf", "eps": eps, "step_size": step_size,
-            "steps": steps, "restarts": restarts, "loss": loss, "start": "uniform",
-            "precision": precision, "seed": seed,
+            "name": f"PGD-{steps}",
+            "norm": "Linf",
+            "eps": eps,
+            "step_size": step_size,
+            "steps": steps,
+            "restarts": restarts,
+            "loss": loss,
+            "start": "uniform",
+            "precision": precision,
+            "seed": seed,
         },
         "attack_passes": out["attack_passes"],
         "attack_passes_without_early_stop": out["attack_passes_without_early_stop"],

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,15 @@ from actrain.models import create_model
 from actrain.runtime import autocast_factory, resolve_device, resolve_precision
 
 # Flags that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE_CHANGES = {"epochs", "device", "progress", "eval_every", "eval_size", "num_workers", "out"}
+RESUMABLE_CHANGES = {
+    "epochs",
+    "device",
+    "progress",
+    "eval_every",
+    "eval_size",
+    "num_workers",
+    "out",
+}
 EVAL_BATCH = 256
 
 
@@ -96,16 +104,19 @@ class RunData:
     eval_x: Tensor | None
     eval_y: Tensor | None
     eval_name: str
-    test: Any = None
-    extra: dict = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
 
 
 def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> RunData:
     info = D.get_dataset_info(cfg.dataset)
     if not info.in_memory:
-        return D.build_folder_data(cfg, device)
+        return build_folder_data(cfg, device, channels_last)
     train = D.load_split(
-        cfg.dataset, "train", cfg.data_dir, subset=cfg.train_subset, seed=cfg.seed,
+        cfg.dataset,
+        "train",
+        cfg.data_dir,
+        subset=cfg.train_subset,
+        seed=cfg.seed,
         download=cfg.download,
     )
     num_classes = len(train.classes)
@@ -127,13 +138,45 @@ def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> R
             evalset.images[keep], evalset.labels[keep], evalset.indices[keep], evalset.classes
         )
     loader = D.InMemoryLoader(
-        train, cfg.batch_size, device=device, shuffle=True, augment=info.augment,
-        drop_last=False, seed=cfg.seed, channels_last=channels_last,
+        train,
+        cfg.batch_size,
+        device=device,
+        shuffle=True,
+        augment=info.augment,
+        drop_last=False,
+        seed=cfg.seed,
+        channels_last=channels_last,
     )
     ex = evalset.images.to(device).float().div_(255)
     if channels_last:
         ex = ex.contiguous(memory_format=torch.channels_last)
-    return RunData(info, num_classes, loader, ex, evalset.labels.to(device), eval_name)
+    return RunData(
+        info, num_classes, loader, ex, evalset.labels.to(device), eval_name, classes=train.classes
+    )
+
+
+def build_folder_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> RunData:
+    """ImageNet-style folders: streamed training batches, a fixed balanced evaluation subset."""
+    if cfg.data_dir is None:
+        raise ConfigError("--data-dir: required for --dataset imagefolder (train/ and val/ inside)")
+    train, evaluation = D.make_imagefolder_loaders(
+        cfg.data_dir,
+        cfg.batch_size,
+        device=device,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        channels_last=channels_last,
+    )
+    targets = torch.tensor(evaluation.folder.targets)
+    keep = D.balanced_subset_indices(targets, cfg.eval_size or len(targets), seed=0)
+    dataset = evaluation.loader.dataset
+    items = [dataset[(int(i), 0)] for i in keep]
+    ex = torch.stack([img for img, _ in items]).to(device).float().div_(255)
+    if channels_last:
+        ex = ex.contiguous(memory_format=torch.channels_last)
+    ey = torch.tensor([label for _, label in items], device=device)
+    info = D.get_dataset_info("imagefolder")
+    return RunData(info, len(train.classes), train, ex, ey, "val", classes=train.classes)
 
 
 class Trainer:
@@ -208,8 +251,12 @@ class Trainer:
         seen = 0
         loader = self.data.train
         bar = tqdm(
-            total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
-            disable=not self.cfg.progress, leave=False, file=sys.stderr,
+            total=len(loader),
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="batch",
+            disable=not self.cfg.progress,
+            leave=False,
+            file=sys.stderr,
         )
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader.epoch(epoch)):
@@ -253,8 +300,14 @@ class Trainer:
             clean = robust = 0
             for s in range(0, len(y), EVAL_BATCH):
                 res = pgd_robustness(
-                    model, x[s : s + EVAL_BATCH], y[s : s + EVAL_BATCH], cfg.eps, step,
-                    cfg.eval_steps, restarts=1, autocast=self.autocast,
+                    model,
+                    x[s : s + EVAL_BATCH],
+                    y[s : s + EVAL_BATCH],
+                    cfg.eps,
+                    step,
+                    cfg.eval_steps,
+                    restarts=1,
+                    autocast=self.autocast,
                 )
                 clean += int(res.clean_correct.sum())
                 robust += int(res.robust.sum())
@@ -311,7 +364,7 @@ class Trainer:
     def save_final(self, record: dict[str, Any]) -> None:
         meta = {
             "config": self.cfg.to_dict(),
-            "classes": getattr(self.data.train, "classes", None),
+            "classes": self.data.classes,
             "epochs_trained": self.start_epoch,
         }
         for role, model in self.models.items():
@@ -330,7 +383,14 @@ def format_record(r: dict[str, Any]) -> str:
 
 
 # ---- run folders ------------------------------------------------------------------------------
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "final.json", "model_g.safetensors", "model_f.safetensors")
+RUN_FILES = (
+    CONFIG,
+    METRICS,
+    CHECKPOINT,
+    "final.json",
+    "model_g.safetensors",
+    "model_f.safetensors",
+)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -338,7 +398,7 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.arch}{width}-s{cfg.seed}"
     if not base.exists():
         return base
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return base.with_name(f"{base.name}-{stamp}")
 
 
@@ -380,7 +440,9 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
         if v is not None and k in saved and saved.get(k) != v and k not in RESUMABLE_CHANGES
     }
     if changed:
-        diffs = ", ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in sorted(changed.items()))
+        diffs = ", ".join(
+            f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in sorted(changed.items())
+        )
         raise ConfigError(
             f"--resume: config differs from the saved run ({diffs}); only"
             f" {', '.join(sorted(RESUMABLE_CHANGES))} may change"
@@ -404,4 +466,3 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     )
     trainer.fit()
     return run_dir
-

@@ -50,7 +50,9 @@ class LinfBall:
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             noise = (2 * noise - 1) * self.eps
         elif start == "gaussian":
-            noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = 0.001 * torch.randn(
+                x.shape, generator=generator, device=x.device, dtype=x.dtype
+            )
         else:
             raise ValueError(f"unknown attack start {start!r} (uniform, gaussian, zero)")
         return self.project(x + noise, x)

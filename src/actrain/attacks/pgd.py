@@ -14,7 +14,9 @@ from actrain.attacks.base import LinfBall, Objective, eval_mode
 from actrain.losses import margin_loss
 
 
-def _input_grad(model: nn.Module, x_adv: Tensor, objective: Objective, autocast) -> tuple[Tensor, Tensor]:
+def _input_grad(
+    model: nn.Module, x_adv: Tensor, objective: Objective, autocast
+) -> tuple[Tensor, Tensor]:
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         with autocast():
@@ -110,12 +112,16 @@ def pgd_robustness(
             x_adv = threat.random_perturb(xs, start, generator)
             active = torch.ones(idx.numel(), dtype=torch.bool, device=x.device)
             for _ in range(steps):
-                sub = active.nonzero().squeeze(1) if early_stop else torch.arange(
-                    idx.numel(), device=x.device
+                sub = (
+                    active.nonzero().squeeze(1)
+                    if early_stop
+                    else torch.arange(idx.numel(), device=x.device)
                 )
                 if sub.numel() == 0:
                     break
-                grad, logits = _input_grad(model, x_adv[sub], eval_objective(loss, ys[sub]), autocast)
+                grad, logits = _input_grad(
+                    model, x_adv[sub], eval_objective(loss, ys[sub]), autocast
+                )
                 passes += sub.numel()
                 fooled = logits.argmax(1) != ys[sub]
                 if fooled.any():

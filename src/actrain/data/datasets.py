@@ -85,6 +85,13 @@ class ImageTensors:
         )
 
 
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """Last non-empty line of an exception (where torchvision puts the real cause), shortened."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def default_data_dir() -> Path:
     """$ACTRAIN_DATA or ~/.cache/actrain/data: where downloads go when no --data-dir is given."""
     return Path(os.environ.get("ACTRAIN_DATA") or "~/.cache/actrain/data").expanduser()
@@ -189,15 +196,14 @@ def _load_mnist_family(name: str, split: str, root: Path, *, download: bool) -> 
         try:
             cls(str(root), train=split == "train", download=True)
         except (OSError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(
-                f"{folder} not found in {raw} and downloading it failed ({first}); "
+                f"{folder} not found in {raw} and downloading it failed ({_one_line(exc)}); "
                 f"if offline, {hint}"
             ) from exc
     try:
         ds = cls(str(root), train=split == "train", download=False)
     except RuntimeError as exc:
-        raise DataError(f"could not read {folder} from {raw}: {exc}") from exc
+        raise DataError(f"could not read {folder} from {raw}: {_one_line(exc)}") from exc
     images = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return ImageTensors(images, labels, torch.arange(labels.numel()), list(ds.classes))
@@ -259,9 +265,8 @@ def _load_cifar(
     try:
         cls(str(root), train=split == "train", download=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{info.name} not found under {root} and downloading it failed ({first}): "
+            f"{info.name} not found under {root} and downloading it failed ({_one_line(exc)}): "
             f"{layouts}; if offline, pass --data-dir"
         ) from exc
     return _subset(

@@ -282,6 +282,8 @@ class ImageFolderLoader:
             num_workers=num_workers,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
+            # own generator: DataLoader would otherwise draw worker seeds from the global RNG
+            generator=torch.Generator(),
         )
 
     def __len__(self) -> int:

@@ -39,6 +39,9 @@ def get_dataset_info(name: str) -> DatasetInfo:
     key = name.strip().lower().replace("-", "_")
     if key in DATASETS:
         return DATASETS[key]
+    squashed = {k.replace("_", ""): k for k in DATASETS}
+    if key.replace("_", "") in squashed:  # "CIFAR-100", "fashionmnist"
+        return DATASETS[squashed[key.replace("_", "")]]
     close = difflib.get_close_matches(key, list(DATASETS), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     known = ", ".join(sorted(k for k in DATASETS if k not in ALIASES))
