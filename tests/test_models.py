@@ -223,3 +223,9 @@ def test_create_model_name_and_arch_handling() -> None:
 def test_register_model_refuses_duplicates() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet18")(lambda **kw: nn.Linear(1, 1))
+
+
+def test_static_architecture_names_match_registry():
+    from actrain.models import ARCHITECTURES
+
+    assert sorted(ARCHITECTURES) == sorted(list_models())

@@ -12,11 +12,11 @@ import torch
 from actrain import load_model
 from actrain.attacks import LinfBall, pgd
 from actrain.checkpoint import load_checkpoint
-from actrain.config import build_config
+from actrain.config import build_config, resume_config
 from actrain.data import load_split
 from actrain.evaluate import robust_accuracy
 from actrain.losses import act_attack_objective, act_losses
-from actrain.train import Trainer, prepare_run_dir, resume_config, run_training
+from actrain.train import Trainer, prepare_run_dir, run_training
 
 DIGITS = {
     "dataset": "digits",

@@ -27,8 +27,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 
-class CheckpointError(ValueError):
-    """A missing, truncated, unsafe or mismatched model file; reported as one line, exit 2."""
+from actrain.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -11,9 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from actrain.commands import COMMANDS, UsageError
-
-EXIT_USAGE = 2
+from actrain.commands import COMMANDS
+from actrain.errors import EXIT_USAGE, TrainingStopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,17 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from actrain.checkpoint import CheckpointError
-    from actrain.config import ConfigError
-    from actrain.data import DataError
-    from actrain.models import UnknownModelError
-
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, CheckpointError, UnknownModelError, UsageError) as exc:
+    except UserError as exc:
         msg = str(exc).strip("'\"")
         print(f"actrain {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as exc:
+        print(f"actrain {ns.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"actrain {ns.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,8 +22,7 @@ ATTACK_KL_REDUCTIONS = ("sum", "mean")
 ATTACK_STARTS = ("auto", "gaussian", "uniform", "zero")
 
 
-class ConfigError(ValueError):
-    """A user mistake in flags or a config file; the CLI prints it as one line and exits 2."""
+from actrain.errors import ConfigError  # noqa: E402  (re-exported: actrain.config.ConfigError)
 
 
 def parse_fraction(value: Any, name: str = "value") -> float:
@@ -88,6 +87,9 @@ class TrainConfig:
     num_workers: int = 4
     out: str | None = None
     progress: bool = True
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    nan_policy: str = "stop"  # stop | skip
+    deterministic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +98,20 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# Flags that may change when a run is resumed; anything else must match the saved config.
+RESUMABLE_CHANGES = {
+    "epochs",
+    "device",
+    "progress",
+    "eval_every",
+    "eval_size",
+    "num_workers",
+    "out",
+    "checkpoint_every",
+    "nan_policy",
+    "data_dir",
+    "deterministic",
+}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FRACTION_FIELDS = ("eps", "step_size", "eval_step_size")
 
@@ -182,6 +198,45 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config, with only the changes that are safe on resume."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint in {run_dir} (expected {run_dir}/checkpoint.pt)"
+        )
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume: {run_dir}/config.json is missing or unreadable") from None
+    overrides = {k: _coerce_given(k, v) for k, v in overrides.items()}
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in overrides.items()
+        if v is not None and k in saved and saved.get(k) != v and k not in RESUMABLE_CHANGES
+    }
+    if changed:
+        diffs = ", ".join(
+            f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in sorted(changed.items())
+        )
+        raise ConfigError(
+            f"--resume: config differs from the saved run ({diffs}); only"
+            f" {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+        )
+    allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES and v is not None}
+    cfg = build_config(saved, allowed)
+    cfg.out = str(run_dir)
+    return cfg
+
+
+def _coerce_given(key: str, value: Any) -> Any:
+    if value is None or key not in FIELDS:
+        return value
+    if key in FRACTION_FIELDS:
+        return parse_fraction(value, "--" + key.replace("_", "-"))
+    return _coerce(key, value)
+
+
 def default_weight_decay(method: str) -> float:
     """TRADES' recipe uses 2e-4; Madry, ACT and natural training use 5e-4."""
     return 2e-4 if method == "trades" else 5e-4
@@ -209,11 +264,11 @@ def validate(cfg: TrainConfig) -> None:
             f"--method: unknown method '{cfg.method}'{_did_you_mean(cfg.method, METHODS)}"
             f" (choices: {', '.join(METHODS)})"
         )
-    from actrain.data import get_dataset_info
-    from actrain.models import list_models
+    from actrain.data.registry import get_dataset_info
+    from actrain.models import ARCHITECTURES
 
     get_dataset_info(cfg.dataset)  # raises DataError with a "did you mean"
-    arches = list_models()
+    arches = list(ARCHITECTURES)
     for flag, arch in (("--arch", cfg.arch), ("--arch-f", cfg.arch_f)):
         if arch is not None and arch not in arches:
             raise ConfigError(
@@ -268,5 +323,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     if cfg.val_size < 0 or cfg.eval_size < 0:
         raise ConfigError("--val-size/--eval-size: must be >= 0")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every: must be >= 0, got {cfg.checkpoint_every}")
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"--nan-policy: must be stop or skip, got {cfg.nan_policy}")
     if cfg.eval_every < 0:
         raise ConfigError(f"--eval-every: must be >= 0, got {cfg.eval_every}")

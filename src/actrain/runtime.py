@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: where bf16 autocast pays on the CPU."""
+    """AMX or AVX512-BF16 (this project's AMD EPYC has the latter): where bf16 autocast pays."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
 
@@ -47,3 +48,117 @@ def autocast_factory(
         return contextlib.nullcontext
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+# ---- attack passes with batch norm folded into the convolutions (issue 7) -----------------------
+
+_BN_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+_CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+class AttackView:
+    """An eval-mode stand-in for ``model`` in attack passes, with every conv -> BN pair folded.
+
+    PGD runs the model in eval mode, where batch norm is a fixed per-channel affine map; folding
+    it into the preceding convolution's weight and bias removes the BN forward and backward from
+    each of the K attack passes (on this project's CPU about 28% of an attack pass at ResNet-18
+    width 16 and 10% at full width, in bf16). ``module`` is a shallow structural copy of the
+    model: it shares every parameter and buffer with it except the folded convolutions, whose
+    weight and bias are recomputed from the model's current weights and BN statistics by
+    :meth:`refresh` (call it after each optimiser step; it returns ``module``). Nothing of the
+    model itself is changed. Folded tensors do not require gradients; attacks take gradients
+    w.r.t. the input only.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        import copy
+
+        import torch.fx
+
+        traced = torch.fx.symbolic_trace(model)
+        mods = dict(model.named_modules())
+        self.pairs: list[tuple[str, str]] = []
+        for node in traced.graph.nodes:
+            if node.op != "call_module" or not isinstance(mods.get(node.target), _BN_TYPES):
+                continue
+            bn, src = mods[node.target], node.args[0]
+            if (
+                isinstance(src, torch.fx.Node)
+                and src.op == "call_module"
+                and isinstance(mods.get(src.target), _CONV_TYPES)
+                and len(src.users) == 1
+                and bn.track_running_stats
+                and bn.running_mean is not None
+                and bn.affine
+            ):
+                self.pairs.append((src.target, node.target))
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        self.module = copy.deepcopy(model, shared)
+        view_mods = dict(self.module.named_modules())
+        self._folds: list[tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] = []
+        for conv_name, bn_name in self.pairs:
+            parent, _, attr = bn_name.rpartition(".")
+            setattr(view_mods[parent] if parent else self.module, attr, torch.nn.Identity())
+            conv, folded = mods[conv_name], view_mods[conv_name]
+            folded.weight = torch.nn.Parameter(torch.empty_like(conv.weight), requires_grad=False)
+            folded.bias = torch.nn.Parameter(
+                torch.empty(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype),
+                requires_grad=False,
+            )
+            self._folds.append((conv, mods[bn_name], folded))
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> torch.nn.Module:
+        for conv, bn, folded in self._folds:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+            folded.weight.copy_(conv.weight * scale.view(shape))
+            shift = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+            folded.bias.copy_(shift)
+        return self.module
+
+
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fold_bn_default(precision: str) -> bool:
+    """Fold BN for attack passes by default wherever the attack already runs in reduced
+    precision; fp32 keeps the plain path so its results stay bit-identical to it."""
+    return precision != "fp32"
+
+
+def attack_model(
+    model: torch.nn.Module, fold_bn: bool | None = None, precision: str = "fp32"
+) -> torch.nn.Module:
+    """The module PGD should run on for ``model``: the model itself, or (``fold_bn``, default
+    :func:`fold_bn_default`) its refreshed :class:`AttackView`, built once per model and cached.
+    Models that cannot be traced or have no conv -> BN pair are used as they are."""
+    if fold_bn is None:
+        fold_bn = fold_bn_default(precision)
+    if not fold_bn:
+        return model
+    view = _VIEWS.get(model)
+    if view is None:
+        try:
+            view = AttackView(model)
+        except Exception:  # untraceable model (data-dependent control flow): use it as it is
+            view = False
+        if view and not view.pairs:
+            view = False
+        _VIEWS[model] = view
+    return view.refresh() if view else model
+
+
+def use_attack_view(model: torch.nn.Module, view: AttackView | None) -> None:
+    """Make :func:`attack_model` return ``view`` (or, with None, the model) for ``model``."""
+    _VIEWS[model] = view if view is not None else False
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set the intra-op thread count (None: leave PyTorch's default, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -7,10 +7,13 @@ optimiser and scheduler steps, per-epoch evaluation, metrics, checkpoints and re
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
-import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,20 +37,16 @@ from actrain.checkpoint import (
     save_weights,
 )
 from actrain.config import ConfigError, TrainConfig
+from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped
 from actrain.methods import Method, build_method
 from actrain.models import create_model
-from actrain.runtime import autocast_factory, resolve_device, resolve_precision
+from actrain.runtime import (
+    attack_model,
+    autocast_factory,
+    resolve_device,
+    resolve_precision,
+)
 
-# Flags that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE_CHANGES = {
-    "epochs",
-    "device",
-    "progress",
-    "eval_every",
-    "eval_size",
-    "num_workers",
-    "out",
-}
 EVAL_BATCH = 256
 
 
@@ -180,7 +179,11 @@ def build_folder_data(cfg: TrainConfig, device: torch.device, channels_last: boo
 
 
 class Trainer:
-    """Holds a run's state; ``fit`` runs the remaining epochs."""
+    """Holds a run's state; ``fit`` runs the remaining epochs.
+
+    The position in training is (epoch, batch): checkpoints can be taken between any two steps
+    and resume continues from exactly there, with the partial epoch's metrics and every RNG.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
         self.cfg = cfg
@@ -191,6 +194,9 @@ class Trainer:
             cfg.channels_last if cfg.channels_last is not None else self.precision != "fp32"
         )
         self.autocast = autocast_factory(self.precision, self.device)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
         self.data = build_data(cfg, self.device, self.channels_last)
@@ -214,9 +220,24 @@ class Trainer:
             r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=cfg.milestones, gamma=cfg.gamma)
             for r, o in self.optimizers.items()
         }
-        self.start_epoch = 0
+        self.epoch = 0  # current (0-based) epoch
+        self.batch = 0  # batches of the current epoch already trained
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.partial = self._fresh_partial()
+        self.stop_signal: str | None = None
         if resume:
             self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
+
+    def _fresh_partial(self) -> dict[str, Any]:
+        roles = self.method.roles
+        return {
+            "loss": {r: torch.zeros((), device=self.device) for r in roles},
+            "correct": {r: torch.zeros((), device=self.device, dtype=torch.long) for r in roles},
+            "seen": 0,
+            "skipped": 0,
+            "seconds": 0.0,
+        }
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
@@ -225,33 +246,34 @@ class Trainer:
         for m in models.values():
             m.train()
         with self.autocast():
-            ctx = method.prepare(models, x, y)
+            ctx = method.prepare(models, x, y)  # ACT: F(x), computed once
         if method.adversarial and self.cfg.steps > 0:
-            objective = method.attack_objective(ctx, y)
-            x_adv = pgd(
-                models["g"], x, objective, self.threat, self.cfg.steps, method.start, self.autocast
-            )
+            objective = method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
+            # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
+            g = attack_model(models["g"], getattr(self, "fold_bn", None), self.precision)
+            x_adv = pgd(g, x, objective, self.threat, self.cfg.steps, method.start, self.autocast)
         else:
             x_adv = x
         with self.autocast():
-            out = method.losses(models, x, x_adv, y, ctx)
+            out = method.losses(models, x, x_adv, y, ctx)  # ACT: L_G(delta*), L_F(delta*)
         total = sum(out.losses.values())
+        if not bool(torch.isfinite(total)):
+            return {"losses": out.losses, "logits": out.logits, "finite": False}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         total.backward()  # each loss reaches only its own model (see actrain.losses)
         for opt in self.optimizers.values():
             opt.step()
-        return {"losses": out.losses, "logits": out.logits}
+        return {"losses": out.losses, "logits": out.logits, "finite": True}
 
     # ---- epochs ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         roles = self.method.roles
-        loss_sum = {r: torch.zeros((), device=self.device) for r in roles}
-        correct = {r: torch.zeros((), device=self.device, dtype=torch.long) for r in roles}
-        seen = 0
+        acc = self.partial
         loader = self.data.train
         bar = tqdm(
             total=len(loader),
+            initial=self.batch,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             unit="batch",
             disable=not self.cfg.progress,
@@ -259,34 +281,69 @@ class Trainer:
             file=sys.stderr,
         )
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(loader.epoch(epoch)):
+        for x, y in loader.epoch(epoch, start_batch=self.batch):
             out = self.train_step(x, y)
-            n = y.shape[0]
-            seen += n
-            for r in roles:
-                loss_sum[r] += out["losses"][r].detach() * n
-                correct[r] += (out["logits"][r].detach().argmax(1) == y).sum()
+            if not out["finite"]:
+                self._non_finite(out["losses"])
+                acc["skipped"] += 1
+            else:
+                n = y.shape[0]
+                acc["seen"] += n
+                for r in roles:
+                    acc["loss"][r] += out["losses"][r].detach().float() * n
+                    acc["correct"][r] += (out["logits"][r].detach().argmax(1) == y).sum()
+            self.batch += 1
+            self.global_step += 1
             bar.update(1)
-            if self.cfg.progress and (i % 10 == 0 or i == len(loader) - 1):
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
+            if self.cfg.progress and (self.batch % 10 == 0 or self.batch == len(loader)):
+                seen = max(acc["seen"], 1)
+                rate = acc["seen"] / max(acc["seconds"] + time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(
-                    {f"loss_{r}": f"{loss_sum[r].item() / seen:.3f}" for r in roles}
-                    | {f"acc_{r}": f"{100 * correct[r].item() / seen:.1f}" for r in roles}
+                    {f"loss_{r}": f"{acc['loss'][r].item() / seen:.3f}" for r in roles}
+                    | {f"acc_{r}": f"{100 * acc['correct'][r].item() / seen:.1f}" for r in roles}
                     | {"img/s": f"{rate:.0f}"}
                 )
+            every = self.cfg.checkpoint_every
+            if self.stop_signal or (every and self.global_step % every == 0):
+                acc["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if self.batch < len(loader):
+                    self.save_checkpoint()
+                if self.stop_signal and self.batch < len(loader):
+                    bar.close()
+                    self._stop_for_signal()
         bar.close()
-        seconds = time.perf_counter() - t0
-        stats: dict[str, float] = {"train_seconds": seconds, "images_per_s": seen / seconds}
+        acc["seconds"] += time.perf_counter() - t0
+        seen = max(acc["seen"], 1)
+        stats: dict[str, float] = {
+            "train_seconds": acc["seconds"],
+            "images_per_s": acc["seen"] / max(acc["seconds"], 1e-9),
+        }
         for r in roles:
-            stats[f"loss_{r}"] = loss_sum[r].item() / seen
-            stats[f"train_acc_{r}"] = 100.0 * correct[r].item() / seen
-            loss = stats[f"loss_{r}"]
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss in epoch {epoch + 1} for model {r.upper()}; the last good"
-                    f" checkpoint is kept in {self.run_dir}"
-                )
+            stats[f"loss_{r}"] = acc["loss"][r].item() / seen
+            stats[f"train_acc_{r}"] = 100.0 * acc["correct"][r].item() / seen
+        if acc["skipped"]:
+            stats["skipped_batches"] = acc["skipped"]
         return stats
+
+    def _non_finite(self, losses: dict[str, Tensor]) -> None:
+        bad = [r.upper() for r, v in losses.items() if not bool(torch.isfinite(v))]
+        where = f"epoch {self.epoch + 1}, step {self.batch + 1}, model {'/'.join(bad) or '?'}"
+        if self.cfg.nan_policy == "skip":
+            print(f"actrain: non-finite loss at {where}; batch skipped", file=sys.stderr)
+            return
+        raise TrainingStopped(
+            f"non-finite loss at {where}; the last good checkpoint is kept in {self.run_dir}"
+            " (--nan-policy skip skips such batches)",
+            EXIT_FAILED,
+        )
+
+    def _stop_for_signal(self) -> None:
+        raise TrainingStopped(
+            f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, step {self.batch};"
+            f" checkpoint written. Resume with: actrain train --resume {self.run_dir}",
+            EXIT_INTERRUPTED,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Clean and PGD accuracy of every model on the fixed validation/test subset."""
@@ -295,6 +352,8 @@ class Trainer:
             return {}
         cfg = self.cfg
         step = cfg.eval_step_size if cfg.eval_step_size is not None else cfg.step_size
+        # Its own generator: evaluating must not change the training run's random stream.
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.epoch)
         stats: dict[str, float] = {}
         for role, model in self.models.items():
             clean = robust = 0
@@ -308,6 +367,7 @@ class Trainer:
                     cfg.eval_steps,
                     restarts=1,
                     autocast=self.autocast,
+                    generator=gen,
                 )
                 clean += int(res.clean_correct.sum())
                 robust += int(res.robust.sum())
@@ -317,60 +377,143 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.start_epoch >= cfg.epochs:
-            print(f"run already finished ({self.start_epoch}/{cfg.epochs} epochs)", file=sys.stderr)
-        record: dict[str, Any] = {}
-        for epoch in range(self.start_epoch, cfg.epochs):
-            lr = self.optimizers["g"].param_groups[0]["lr"]
-            record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
-            last = epoch + 1 == cfg.epochs
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
-                t0 = time.perf_counter()
-                record.update(self.evaluate())
-                record["eval_seconds"] = time.perf_counter() - t0
-            for s in self.schedulers.values():
-                s.step()
-            with open(self.run_dir / METRICS, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            self.start_epoch = epoch + 1
-            self.save_checkpoint()
-            print(format_record(record), file=sys.stderr, flush=True)
+        if self.epoch >= cfg.epochs:
+            print(f"run already finished ({self.epoch}/{cfg.epochs} epochs)", file=sys.stderr)
+        with self._signals():
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch
+                lr = self.optimizers["g"].param_groups[0]["lr"]
+                record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
+                last = epoch + 1 == cfg.epochs
+                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    t0 = time.perf_counter()
+                    record.update(self.evaluate())
+                    record["eval_seconds"] = time.perf_counter() - t0
+                for s in self.schedulers.values():
+                    s.step()
+                self.history.append(record)
+                self.epoch, self.batch = epoch + 1, 0
+                self.partial = self._fresh_partial()
+                self.save_checkpoint()
+                with open(self.run_dir / METRICS, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                print(format_record(record), file=sys.stderr, flush=True)
+                if self.stop_signal and self.epoch < cfg.epochs:
+                    self._stop_for_signal()
+        record = self.history[-1] if self.history else {}
         self.save_final(record)
         return record
 
+    @contextlib.contextmanager
+    def _signals(self):
+        """First SIGINT/SIGTERM: finish the step, checkpoint, exit 75. Second Ctrl-C: at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+            print(
+                f"\nactrain: {self.stop_signal} received; finishing this step and writing a"
+                " checkpoint (Ctrl-C again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
     # ---- persistence ----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        acc = self.partial
         state = {
-            "epoch": self.start_epoch,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
             "models": {r: m.state_dict() for r, m in self.models.items()},
             "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
             "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+            "partial": {
+                "loss": {r: v.detach().cpu() for r, v in acc["loss"].items()},
+                "correct": {r: v.detach().cpu() for r, v in acc["correct"].items()},
+                "seen": acc["seen"],
+                "skipped": acc["skipped"],
+                "seconds": acc["seconds"],
+            },
+            "history": json.dumps(self.history),
             "rng": rng_state(),
             "specs": json.dumps(self.specs),
             "config": self.cfg.to_json(),
         }
-        save_checkpoint(self.run_dir / CHECKPOINT, state)
+        try:
+            save_checkpoint(self.run_dir / CHECKPOINT, state)
+        except OSError as exc:
+            raise TrainingStopped(
+                f"cannot write the checkpoint in {self.run_dir} ({exc.strerror or exc});"
+                " the previous checkpoint is kept",
+                EXIT_FAILED,
+            ) from None
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         for r, m in self.models.items():
-            m.load_state_dict(ckpt["models"][r])
+            if r not in ckpt["models"]:
+                raise ConfigError(f"--resume: the checkpoint holds no model '{r}'")
+            _load_state_checked(m, ckpt["models"][r], r)
             self.optimizers[r].load_state_dict(ckpt["optimizers"][r])
             sched = ckpt["schedulers"][r]
-            sched["milestones"] = __import__("collections").Counter(self.cfg.milestones)
+            sched["milestones"] = collections.Counter(self.cfg.milestones)
             self.schedulers[r].load_state_dict(sched)
         set_rng_state(ckpt["rng"])
-        self.start_epoch = int(ckpt["epoch"])
+        self.epoch = int(ckpt["epoch"])
+        self.batch = int(ckpt.get("batch", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.history = json.loads(ckpt.get("history", "[]"))
+        part = ckpt.get("partial")
+        if part is not None and self.batch:
+            self.partial = {
+                "loss": {r: v.to(self.device) for r, v in part["loss"].items()},
+                "correct": {r: v.to(self.device) for r, v in part["correct"].items()},
+                "seen": int(part["seen"]),
+                "skipped": int(part["skipped"]),
+                "seconds": float(part["seconds"]),
+            }
+        # metrics.jsonl is rewritten from the checkpoint so a kill between the two never
+        # leaves a duplicated or missing epoch line.
+        atomic_write_text(
+            self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
+        )
 
     def save_final(self, record: dict[str, Any]) -> None:
         meta = {
             "config": self.cfg.to_dict(),
             "classes": self.data.classes,
-            "epochs_trained": self.start_epoch,
+            "epochs_trained": self.epoch,
         }
         for role, model in self.models.items():
             save_weights(self.run_dir / f"model_{role}.safetensors", model, {**meta, "role": role})
-        summary = {"status": "finished", "epochs": self.start_epoch, "last": record}
+        summary = {"status": "finished", "epochs": self.epoch, "last": record}
         atomic_write_text(self.run_dir / "final.json", json.dumps(summary, indent=2))
+
+
+def _load_state_checked(model: nn.Module, state: dict[str, Tensor], role: str) -> None:
+    own = model.state_dict()
+    diff = sorted(set(own) ^ set(state))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if diff or shapes:
+        what = f"key {diff[0]}" if diff else f"shape of {shapes[0]}"
+        raise ConfigError(
+            f"--resume: the checkpoint's model {role.upper()} does not match the configured"
+            f" architecture ({what})"
+        )
+    model.load_state_dict(state)
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -423,45 +566,20 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     except OSError as exc:
         raise ConfigError(f"--out: cannot write to {run_dir} ({exc.strerror})") from None
     cfg.out = str(run_dir)
-    atomic_write_text(run_dir / CONFIG, cfg.to_json())
     return run_dir
-
-
-def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved config, with only the changes that are safe on resume."""
-    from actrain.config import build_config
-
-    if not (run_dir / CHECKPOINT).is_file():
-        raise ConfigError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT})")
-    saved = json.loads((run_dir / CONFIG).read_text())
-    changed = {
-        k: (saved.get(k), v)
-        for k, v in overrides.items()
-        if v is not None and k in saved and saved.get(k) != v and k not in RESUMABLE_CHANGES
-    }
-    if changed:
-        diffs = ", ".join(
-            f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in sorted(changed.items())
-        )
-        raise ConfigError(
-            f"--resume: config differs from the saved run ({diffs}); only"
-            f" {', '.join(sorted(RESUMABLE_CHANGES))} may change"
-        )
-    allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES and v is not None}
-    cfg = build_config(saved, allowed)
-    cfg.out = str(run_dir)
-    atomic_write_text(run_dir / CONFIG, cfg.to_json())
-    return cfg
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, overwrite)
     trainer = Trainer(cfg, run_dir, resume=resume)
+    # Written once data and models are built, so a run that failed to start blocks nothing;
+    # on resume it records the allowed changes (such as more epochs).
+    atomic_write_text(run_dir / CONFIG, cfg.to_json())
     roles = "+".join(r.upper() for r in trainer.method.roles)
     print(
         f"actrain: {cfg.method} on {cfg.dataset} ({trainer.data.train.num_examples} train images),"
         f" {cfg.arch} [{roles}], device {trainer.device}, precision {trainer.precision},"
-        f" batch {cfg.batch_size}, epochs {trainer.start_epoch + 1}..{cfg.epochs} -> {run_dir}",
+        f" batch {cfg.batch_size}, epochs {trainer.epoch + 1}..{cfg.epochs} -> {run_dir}",
         file=sys.stderr,
     )
     trainer.fit()

@@ -61,7 +61,19 @@ class RobustResult:
     forward_passes: int  # examples x passes actually computed (shows the early-stop saving)
 
 
-def eval_objective(loss: str, y: Tensor) -> Objective:
+def eval_objective(loss: str, y: Tensor, target: Tensor | None = None) -> Objective:
+    """Sum over the batch of the loss PGD maximises.
+
+    Untargeted (``target`` None): CE or the CW margin of the true class ``y``. Targeted: the
+    negative CE of ``target``, or the margin of ``target`` over every other class, so that
+    ascending it pushes the prediction towards ``target``.
+    """
+    if target is not None:
+        if loss == "ce":
+            return lambda logits: -F.cross_entropy(logits.float(), target, reduction="sum")
+        if loss in ("margin", "cw"):
+            return lambda logits: -margin_loss(logits, target).sum()
+        raise ValueError(f"unknown PGD loss {loss!r} (ce, margin)")
     if loss == "ce":
         return lambda logits: F.cross_entropy(logits.float(), y, reduction="sum")
     if loss in ("margin", "cw"):
@@ -88,6 +100,7 @@ def pgd_robustness(
     early_stop: bool = True,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     generator: torch.Generator | None = None,
+    target: Tensor | None = None,
 ) -> RobustResult:
     """PGD-k with R restarts, per-example worst case over restarts.
 
@@ -95,6 +108,9 @@ def pgd_robustness(
     With ``early_stop`` an example leaves the active set as soon as one iterate fools the model,
     so later steps and restarts spend nothing on it; the answer is the same because a broken
     example stays broken whatever else is tried.
+
+    ``target`` (optional, one class per example) makes the attack targeted: PGD then pushes
+    towards that class, and an example still counts as broken as soon as it is misclassified.
     """
     threat = LinfBall(eps, step_size)
     x = x.detach()
@@ -119,8 +135,9 @@ def pgd_robustness(
                 )
                 if sub.numel() == 0:
                     break
+                ts = None if target is None else target[idx][sub]
                 grad, logits = _input_grad(
-                    model, x_adv[sub], eval_objective(loss, ys[sub]), autocast
+                    model, x_adv[sub], eval_objective(loss, ys[sub], ts), autocast
                 )
                 passes += sub.numel()
                 fooled = logits.argmax(1) != ys[sub]

@@ -6,9 +6,9 @@ Each module exposes ``register(subparsers)``, which adds its parser and sets ``f
 
 from __future__ import annotations
 
+from actrain.errors import UsageError
 
-class UsageError(ValueError):
-    """A command-line mistake; printed as one line with exit code 2."""
+__all__ = ["COMMANDS", "UsageError"]
 
 
 COMMANDS = ("train", "eval", "bench", "analyze", "sweep", "report")

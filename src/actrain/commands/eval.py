@@ -1,40 +1,159 @@
-"""``actrain eval``: clean and PGD robust accuracy of a run folder or weights file."""
+"""``actrain eval``: robustness of run folders or weights files, from one PGD number to the
+ACT paper's full suite (``--suite paper``), black-box transfer tables and sanity checks."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from actrain.commands import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="clean and PGD accuracy of a run folder or weights file")
-    p.add_argument("run", help="run folder or .safetensors file")
-    p.add_argument("--attack", default="pgd", help="pgd")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--restarts", type=int, default=5)
-    p.add_argument("--eps", default="8/255")
-    p.add_argument("--step-size", default="0.003")
-    p.add_argument("--loss", default="ce", help="ce or margin")
-    p.add_argument("--test-subset", type=int, help="class-balanced, seeded subset of N test images")
-    p.add_argument("--dataset", help="override the run's dataset")
-    p.add_argument("--data-dir", help="override the run's data folder")
-    p.add_argument("--model", default="g", help="which model of the run: g (robust) or f (ACT)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", help="fp32 (default: full-strength attack)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the result to this JSON file")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p = sub.add_parser(
+        "eval",
+        help="robustness of run folders: PGD, AutoAttack, min. perturbation, eps sweep, transfer",
+        description=(
+            "Evaluate one or more run folders or .safetensors files. Several runs of one "
+            "configuration are reported as mean ± std. --suite paper writes the rows of the ACT "
+            "paper's Tables 2 and 5, AutoAttack and the gradient-masking checks; --transfer "
+            "SURROGATE TARGET... writes Table 3."
+        ),
+    )
+    p.add_argument("run", nargs="+", help="run folder(s) or .safetensors file(s)")
+    g = p.add_argument_group("what to run")
+    g.add_argument(
+        "--suite",
+        choices=("basic", "paper"),
+        default="basic",
+        help="basic: one attack (--attack); paper: every protocol of the paper",
+    )
+    g.add_argument("--attack", default="pgd", help="pgd, fgsm or autoattack (basic suite)")
+    g.add_argument(
+        "--sanity",
+        action="store_true",
+        help="gradient-masking checks (PGD-k, eps sweep, Square, AutoAttack)",
+    )
+    g.add_argument(
+        "--transfer",
+        action="store_true",
+        help="black-box transfer: the first run is the surrogate, the rest targets",
+    )
+    g.add_argument(
+        "--transfer-matrix",
+        action="store_true",
+        help="every run as surrogate and as target (full Table 3)",
+    )
+    g.add_argument(
+        "--no-autoattack",
+        dest="autoattack",
+        action="store_false",
+        help="leave AutoAttack out of --suite paper / --sanity",
+    )
+    g.add_argument(
+        "--surrogate",
+        action="append",
+        default=[],
+        help="run folder whose PGD-20 examples are a black-box baseline (repeatable)",
+    )
+    a = p.add_argument_group("attack settings")
+    a.add_argument(
+        "--eps", help="L-inf radius, e.g. 8/255 (default: the run's training eps, else 8/255)"
+    )
+    a.add_argument("--step-size", default="0.003")
+    a.add_argument("--steps", type=int, default=20, help="PGD steps (basic suite)")
+    a.add_argument("--pgd-steps", default="20,100,1000", help="PGD-k list (paper suite)")
+    a.add_argument("--restarts", type=int, default=5)
+    a.add_argument("--loss", default="ce", help="ce or margin")
+    a.add_argument(
+        "--targeted",
+        type=int,
+        default=0,
+        help="multi-targeted PGD over the N most likely wrong classes (0: untargeted)",
+    )
+    a.add_argument(
+        "--eps-sweep",
+        default=",".join(map(str, (1, 5, 10, 15, 20, 25, 50, 100))),
+        help="eps values in units of 1/255 for the sweep",
+    )
+    a.add_argument("--sweep-steps", type=int, default=100)
+    a.add_argument(
+        "--min-pert",
+        default="fgsm-k,pgd-search",
+        help="minimum-perturbation methods: fgsm-k, pgd-search",
+    )
+    a.add_argument("--min-pert-search-steps", type=int, default=10)
+    a.add_argument(
+        "--square-queries",
+        type=int,
+        default=1000,
+        help="queries of the stand-alone Square black-box baseline (0: skip)",
+    )
+    d = p.add_argument_group("data and output")
+    d.add_argument("--test-subset", type=int, help="class-balanced, seeded subset of N test images")
+    d.add_argument("--dataset", help="override the run's dataset")
+    d.add_argument("--data-dir", help="override the run's data folder")
+    d.add_argument("--model", default="g", help="which model of the run: g (robust) or f (ACT)")
+    d.add_argument("--batch-size", type=int, default=256)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--precision", default="fp32", help="fp32 (default: full-strength attack)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", help="write the result to this JSON file")
+    d.add_argument("--markdown", help="write the Markdown tables to this file")
+    d.add_argument("--out", help="folder for eval.json, eval.md (and examples.png)")
+    d.add_argument(
+        "--save-examples",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="PNG grid of minimal adversarial examples (Fig. 2)",
+    )
+    d.add_argument("--num-examples", type=int, default=8)
+    d.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"{flag}: expected positive integers, got '{text}'")
+    return vals
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated numbers, got '{text}'") from None
+    if not vals or any(v < 0 for v in vals):
+        raise UsageError(f"{flag}: expected non-negative numbers, got '{text}'")
+    return vals
+
+
+def _default_eps(path: str) -> float:
+    from actrain.checkpoint import run_config
+    from actrain.config import parse_fraction
+
+    if Path(path).exists():
+        cfg_eps = run_config(path).get("eps")
+        if cfg_eps is not None:
+            return parse_fraction(cfg_eps, "eps")
+    return 8 / 255
 
 
 def run(ns: argparse.Namespace) -> int:
     from actrain.config import parse_fraction
-    from actrain.evaluate import evaluate_run, write_json
+    from actrain.evaluation import aggregate, markdown, table3
+    from actrain.evaluation.sanity import format_checks
+    from actrain.evaluation.suite import evaluate_run, transfer_matrix
 
-    eps = parse_fraction(ns.eps, "--eps")
+    eps = parse_fraction(ns.eps, "--eps") if ns.eps is not None else _default_eps(ns.run[0])
     step = parse_fraction(ns.step_size, "--step-size")
     if not 0 <= eps <= 1 or not 0 <= step <= 1:
         raise UsageError("--eps/--step-size: must be in [0, 1]")
@@ -42,31 +161,123 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("--steps must be >= 0 and --restarts >= 1")
     if ns.loss not in ("ce", "margin"):
         raise UsageError(f"--loss: unknown loss '{ns.loss}' (choices: ce, margin)")
-    result = evaluate_run(
-        ns.run,
-        attack=ns.attack,
-        steps=ns.steps,
-        restarts=ns.restarts,
-        eps=eps,
-        step_size=step,
-        loss=ns.loss,
+    if ns.attack not in ("pgd", "fgsm", "autoattack"):
+        raise UsageError(f"--attack: unknown attack '{ns.attack}' (choices: pgd, fgsm, autoattack)")
+    if ns.targeted < 0:
+        raise UsageError("--targeted: must be >= 0")
+    min_pert = tuple(m.strip() for m in ns.min_pert.split(",") if m.strip())
+    if not min_pert or any(m not in ("fgsm-k", "pgd-search") for m in min_pert):
+        raise UsageError(f"--min-pert: expected fgsm-k and/or pgd-search, got '{ns.min_pert}'")
+    out_dir = Path(ns.out) if ns.out else None
+    json_path = ns.json or (str(out_dir / "eval.json") if out_dir else None)
+    md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)
+    common = dict(
         test_subset=ns.test_subset,
         dataset=ns.dataset,
         data_dir=ns.data_dir,
         batch_size=ns.batch_size,
         device=ns.device,
-        precision=ns.precision,
         role=ns.model,
         seed=ns.seed,
         progress=ns.progress,
     )
-    print(
-        f"{result['run']} [{result['model'].upper()}]  clean {result['clean_acc']:.2f}%  "
-        f"PGD-{ns.steps}x{ns.restarts} (eps {eps:.4f}) {result['robust_acc']:.2f}%  "
-        f"on {result['n']} test images"
+
+    if ns.transfer or ns.transfer_matrix:
+        if ns.transfer and len(ns.run) < 2:
+            raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
+        surs = list(ns.run) if ns.transfer_matrix else [ns.run[0]]
+        tgts = list(ns.run) if ns.transfer_matrix else list(ns.run[1:])
+        result = transfer_matrix(surs, tgts, eps=eps, step_size=step, steps=20, **common)
+        md = "### Black-box transfer (Table 3)\n\n" + table3(result)
+        print(md)
+        _write(result, md, json_path, md_path)
+        return 0
+
+    png = ns.save_examples
+    if png == "":
+        png = str((out_dir or Path(".")) / "examples.png")
+    options = dict(
+        suite="sanity" if ns.sanity and ns.suite == "basic" else ns.suite,
+        sanity=ns.sanity,
+        pgd_steps=_ints(ns.pgd_steps, "--pgd-steps"),
+        eps_sweep=_floats(ns.eps_sweep, "--eps-sweep"),
+        sweep_steps=ns.sweep_steps,
+        min_pert=min_pert,
+        min_pert_search_steps=ns.min_pert_search_steps,
+        autoattack=ns.autoattack,
+        square_queries=ns.square_queries,
+        targeted=ns.targeted,
+        surrogates=tuple(ns.surrogate),
+        num_examples=ns.num_examples,
     )
-    if ns.json:
-        write_json(result, ns.json)
+    results = []
+    for i, path in enumerate(ns.run):
+        if ns.progress and len(ns.run) > 1:
+            print(f"[{i + 1}/{len(ns.run)}] {path}", file=sys.stderr)
+        save = None
+        if png:
+            save = png if len(ns.run) == 1 else str(Path(png).with_stem(f"{Path(png).stem}_{i}"))
+        r = evaluate_run(
+            path,
+            attack=ns.attack,
+            steps=ns.steps,
+            restarts=ns.restarts,
+            eps=eps,
+            step_size=step,
+            loss=ns.loss,
+            precision=ns.precision,
+            save_examples=save,
+            **common,
+            **options,
+        )
+        results.append(r)
+        _print_summary(r, ns, eps)
+        if r.get("sanity"):
+            print(format_checks(r["sanity"]))
+    if len(results) == 1:
+        result = results[0]
+        agg = None
     else:
-        print(json.dumps({k: result[k] for k in ("clean_acc", "robust_acc", "n")}))
+        agg = aggregate(results)
+        result = {
+            "runs": results,
+            "aggregate": agg,
+            "clean_acc": agg.get("clean_acc", {}).get("mean"),
+            "robust_acc": agg.get("robust_acc", {}).get("mean"),
+            "n": results[0]["n"],
+            "indices": results[0]["indices"],
+        }
+    md = markdown(results, agg)
+    if ns.suite != "basic" or ns.sanity or len(results) > 1:
+        print()
+        print(md)
+    if json_path:
+        _write(result, md, json_path, md_path)
+    else:
+        _write(result, md, None, md_path)
+        if ns.suite == "basic" and not ns.sanity:
+            print(json.dumps({k: result[k] for k in ("clean_acc", "robust_acc", "n")}))
     return 0
+
+
+def _print_summary(r: dict, ns: argparse.Namespace, eps: float) -> None:
+    if "robust_acc_attack" in r:
+        what = r["robust_acc_attack"]
+    elif ns.attack == "pgd":
+        what = f"PGD-{ns.steps}x{ns.restarts}"
+    else:
+        what = {"fgsm": "FGSM", "autoattack": "AutoAttack"}[ns.attack]
+    print(
+        f"{r['run']} [{r['model'].upper()}]  clean {r['clean_acc']:.2f}%  "
+        f"{what} (eps {eps:.4f}) {r['robust_acc']:.2f}%  on {r['n']} test images"
+    )
+
+
+def _write(result: dict, md: str, json_path: str | None, md_path: str | None) -> None:
+    from actrain.evaluation import write_json
+
+    if json_path:
+        write_json(result, json_path)
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(md)

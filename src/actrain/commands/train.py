@@ -66,12 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (0)")
+    g.add_argument("--nan-policy", help="stop (default) or skip batches with a non-finite loss")
+    g.add_argument("--deterministic", action="store_true", help="bitwise-reproducible resume")
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    from actrain.config import build_config, load_yaml
-    from actrain.train import resume_config, run_training
+    from actrain.config import build_config, load_yaml, resume_config
 
     given: dict[str, Any] = {
         k: v for k, v in vars(ns).items() if k not in ("command", "version", "func")
@@ -90,8 +92,9 @@ def run(ns: argparse.Namespace) -> int:
             raise UsageError("--resume: name the run folder (--resume RUN or --out RUN)")
         overrides = {**file_values, **given}
         cfg = resume_config(run_dir, overrides)
-        run_training(cfg, resume=True)
     else:
         cfg = build_config(file_values, given)
-        run_training(cfg, overwrite=overwrite)
+    from actrain.train import run_training  # torch is imported only once the input is valid
+
+    run_training(cfg, resume=bool(resume), overwrite=overwrite)
     return 0

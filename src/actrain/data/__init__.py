@@ -4,45 +4,67 @@ Every epoch's order and augmentation is a pure function of (seed, epoch), which 
 and distributed sharding exact.
 """
 
-from actrain.data.augment import AUGMENTATIONS, augment_batch, crop_flip, sample_crop_flip_params
-from actrain.data.datasets import (
-    ImageTensors,
-    default_data_dir,
-    list_image_folder,
-    load_image_folder,
-    load_split,
-    train_val_split,
-)
-from actrain.data.errors import DataError
-from actrain.data.loaders import (
-    ImageFolderLoader,
-    InMemoryLoader,
-    build_loader,
-    make_imagefolder_loaders,
-)
-from actrain.data.registry import DATASETS, DatasetInfo, get_dataset_info
-from actrain.data.sampling import balanced_subset_indices, epoch_generator, epoch_positions
+from __future__ import annotations
 
-__all__ = [
-    "AUGMENTATIONS",
-    "DATASETS",
-    "DataError",
-    "DatasetInfo",
-    "ImageFolderLoader",
-    "ImageTensors",
-    "InMemoryLoader",
-    "augment_batch",
-    "balanced_subset_indices",
-    "build_loader",
-    "crop_flip",
-    "default_data_dir",
-    "epoch_generator",
-    "epoch_positions",
-    "get_dataset_info",
-    "list_image_folder",
-    "load_image_folder",
-    "load_split",
-    "make_imagefolder_loaders",
-    "sample_crop_flip_params",
-    "train_val_split",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use, so that checking a dataset name does not import torch.
+_LAZY: dict[str, str] = {
+    "AUGMENTATIONS": "actrain.data.augment",
+    "augment_batch": "actrain.data.augment",
+    "crop_flip": "actrain.data.augment",
+    "sample_crop_flip_params": "actrain.data.augment",
+    "ImageTensors": "actrain.data.datasets",
+    "default_data_dir": "actrain.data.datasets",
+    "list_image_folder": "actrain.data.datasets",
+    "load_image_folder": "actrain.data.datasets",
+    "load_split": "actrain.data.datasets",
+    "train_val_split": "actrain.data.datasets",
+    "DataError": "actrain.data.errors",
+    "ImageFolderLoader": "actrain.data.loaders",
+    "InMemoryLoader": "actrain.data.loaders",
+    "build_loader": "actrain.data.loaders",
+    "make_imagefolder_loaders": "actrain.data.loaders",
+    "DATASETS": "actrain.data.registry",
+    "DatasetInfo": "actrain.data.registry",
+    "get_dataset_info": "actrain.data.registry",
+    "balanced_subset_indices": "actrain.data.sampling",
+    "epoch_generator": "actrain.data.sampling",
+    "epoch_positions": "actrain.data.sampling",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actrain.data.augment import (  # noqa: F401
+        AUGMENTATIONS,
+        augment_batch,
+        crop_flip,
+        sample_crop_flip_params,
+    )
+    from actrain.data.datasets import (  # noqa: F401
+        ImageTensors,
+        default_data_dir,
+        list_image_folder,
+        load_image_folder,
+        load_split,
+        train_val_split,
+    )
+    from actrain.data.errors import DataError  # noqa: F401
+    from actrain.data.loaders import (  # noqa: F401
+        ImageFolderLoader,
+        InMemoryLoader,
+        build_loader,
+        make_imagefolder_loaders,
+    )
+    from actrain.data.registry import DATASETS, DatasetInfo, get_dataset_info  # noqa: F401
+    from actrain.data.sampling import balanced_subset_indices, epoch_generator, epoch_positions  # noqa: F401
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'actrain.data' has no attribute {name!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from actrain.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A one-line, user-facing data problem.
 
     Raised instead of torchvision's generic RuntimeError so that the CLI can print the message

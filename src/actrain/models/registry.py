@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from actrain.errors import UserError
+
 __all__ = ["UnknownModelError", "create_model", "list_models", "register_model"]
 
 Builder = Callable[..., nn.Module]
@@ -22,7 +24,7 @@ B = TypeVar("B", bound=Builder)
 _REGISTRY: dict[str, Builder] = {}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """Unregistered architecture name; the message suggests the closest valid one for typos."""
 
 

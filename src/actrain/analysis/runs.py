@@ -1,0 +1,234 @@
+"""Reading run folders: config, per-epoch metrics, evaluation results, analyses, commands."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actrain.commands import UsageError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+ANALYSIS = Path("analysis") / "analysis.json"
+SWEEP = "sweep.json"
+
+#: Config keys that do not change what is trained (seeds are the repeats of a configuration).
+NON_SEMANTIC = (
+    "seed",
+    "out",
+    "progress",
+    "device",
+    "data_dir",
+    "download",
+    "num_workers",
+    "channels_last",
+    "precision",
+)
+
+
+@dataclass
+class Run:
+    """One run folder as the analyses and the report see it."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    analysis: dict[str, Any] | None = None
+    sweep: dict[str, Any] | None = None  # the sweep.json that launched this run, if any
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "?"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset", "?"))
+
+    @property
+    def arch(self) -> str:
+        return str(self.config.get("arch", "?"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def roles(self) -> list[str]:
+        """The models of the run: ``["g", "f"]`` for ACT, ``["g"]`` otherwise."""
+        if (self.path / "model_f.safetensors").is_file() or self.method == "act":
+            return ["g", "f"]
+        return ["g"]
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.final and self.final.get("status") == "finished")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def semantic_config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.items() if k not in NON_SEMANTIC}
+
+    def last_eval_record(self) -> dict[str, Any] | None:
+        """The last metrics record that holds a during-training evaluation."""
+        for rec in reversed(self.metrics):
+            if any(k.endswith(("_acc_g", "_acc_f")) and not k.startswith("train") for k in rec):
+                return rec
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn last line (run still writing) is skipped."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    if not (p / CONFIG).is_file():
+        raise UsageError(f"not a run folder (no {CONFIG}): {p}")
+    config = _read_json(p / CONFIG)
+    if not isinstance(config, dict):
+        raise UsageError(f"unreadable {CONFIG} in {p}")
+    final = _read_json(p / "final.json") if (p / "final.json").is_file() else None
+    evals: list[dict[str, Any]] = []
+    if (p / "eval").is_dir():
+        for f in sorted((p / "eval").rglob("*.json")):
+            obj = _read_json(f)
+            if isinstance(obj, dict):
+                evals.append({**obj, "_file": str(f)})
+    analysis = _read_json(p / ANALYSIS) if (p / ANALYSIS).is_file() else None
+    return Run(
+        path=p,
+        config=config,
+        metrics=read_jsonl(p / METRICS),
+        final=final if isinstance(final, dict) else None,
+        evals=evals,
+        analysis=analysis if isinstance(analysis, dict) else None,
+    )
+
+
+def expand_run_args(paths: list[str]) -> list[Run]:
+    """Run folders from the command line: a run folder, a sweep folder (its ``sweep.json``), or
+    a folder whose sub-folders are runs. Order is kept; duplicates are dropped."""
+    runs: list[Run] = []
+    seen: set[Path] = set()
+
+    def add(p: Path, sweep: dict[str, Any] | None = None) -> None:
+        key = p.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        run = load_run(p)
+        run.sweep = sweep
+        runs.append(run)
+
+    for arg in paths:
+        p = Path(arg)
+        if not p.exists():
+            raise UsageError(f"no such run folder: {p}")
+        if (p / CONFIG).is_file():
+            add(p)
+        elif (p / SWEEP).is_file():
+            sweep = _read_json(p / SWEEP)
+            if not isinstance(sweep, dict):
+                raise UsageError(f"unreadable {p / SWEEP}")
+            for entry in sweep.get("runs", []):
+                rp = p / Path(entry["out"]).name  # the sweep folder's own child, even if moved
+                if not (rp / CONFIG).is_file():
+                    rp = Path(entry["out"])
+                if (rp / CONFIG).is_file():
+                    add(rp, sweep)
+        elif p.is_dir():
+            subs = sorted(c for c in p.iterdir() if (c / CONFIG).is_file())
+            if not subs:
+                raise UsageError(f"{p} holds no run folders (no {CONFIG} in it or its sub-folders)")
+            for c in subs:
+                add(c)
+        else:
+            raise UsageError(f"not a run folder: {p}")
+    return runs
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def train_command(config: dict[str, Any]) -> str:
+    """The ``actrain train`` command line that reproduces a run from its resolved config."""
+    from actrain.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    args = ["actrain", "train"]
+    for key, value in config.items():
+        if key in ("progress", "out") or key not in defaults:
+            continue
+        if value == defaults[key] and key not in ("method", "dataset", "arch", "seed"):
+            continue
+        if value is None:
+            continue
+        if key == "download":
+            if not value:
+                args.append("--no-download")
+            continue
+        if key == "channels_last":
+            args.append("--channels-last" if value else "--no-channels-last")
+            continue
+        if isinstance(value, list):
+            args += [_flag(key), *(str(v) for v in value)]
+        else:
+            args += [_flag(key), str(value)]
+    if config.get("out"):
+        args += ["--out", str(config["out"])]
+    return shlex.join(args)
+
+
+def eval_command(run: Run, record: dict[str, Any]) -> str:
+    """The command of an evaluation result: its own ``command`` field, else rebuilt from it."""
+    if isinstance(record.get("command"), str):
+        return record["command"]
+    if isinstance(record.get("argv"), list):
+        return shlex.join(str(a) for a in record["argv"])
+    att = record.get("attack") if isinstance(record.get("attack"), dict) else {}
+    args = ["actrain", "eval", str(record.get("run", run.path))]
+    if record.get("model", "g") != "g":
+        args += ["--model", str(record["model"])]
+    for key in ("steps", "restarts", "eps", "step_size", "loss", "precision", "seed"):
+        value = att.get(key)
+        if value is None or (key, value) in (("loss", "ce"), ("precision", "fp32"), ("seed", 0)):
+            continue
+        args += [_flag(key), f"{value:.6g}" if isinstance(value, float) else str(value)]
+    indices = record.get("indices")
+    if record.get("test_subset"):
+        args += ["--test-subset", str(record["test_subset"])]
+    elif isinstance(indices, list) and indices != list(range(len(indices))):
+        args += ["--test-subset", str(len(indices))]  # a seeded balanced subset, not all
+    if record.get("_file"):
+        args += ["--json", record["_file"]]
+    return shlex.join(args)

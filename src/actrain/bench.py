@@ -1,0 +1,557 @@
+"""Training-step benchmark: actrain's own ``Trainer.train_step`` against a plain fp32 step.
+
+The fast path is the real :class:`actrain.train.Trainer` built on synthetic data of the chosen
+shape (nothing is read from or written to disk) and fed by the real in-memory loader, so data
+time, augmentation included, is part of what is measured. Next to it the benchmark times
+
+* the *essential passes* of the step in isolation (K attack passes with input gradients only,
+  one forward/backward of G, one of F), so ``overhead_ratio = step / essential`` shows what the
+  step spends beyond them (losses, optimiser steps, glue);
+* a *plain reference*: the same step written the straightforward way, fp32, NCHW, PyTorch
+  defaults, as the authors' released code does it (:class:`PlainReference`). The test suite
+  checks that it and the fp32 trainer step give identical losses and updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actrain import data as D
+from actrain import losses as L
+from actrain import train as T
+from actrain.attacks import pgd
+from actrain.config import TrainConfig, build_config
+from actrain.methods import build_method
+from actrain.models import create_model
+from actrain.runtime import AttackView, attack_model, configure_threads, use_attack_view
+
+SYNTHETIC_BATCHES = 4  # distinct batches of synthetic images the loader cycles through
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark configuration (the flags of ``actrain bench``)."""
+
+    method: str = "act"
+    arch: str = "resnet18"
+    width: int | None = 16
+    batch_size: int = 128
+    steps: int = 10  # K, PGD steps per training step
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: on with bf16/fp16 (the Trainer's default)
+    fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
+    compile: bool = False
+    dataset: str = "cifar10"  # only its shape (channels, size, classes) and augmentation
+    device: str = "auto"
+    threads: int | None = None
+    iters: int = 5
+    warmup: int = 2
+    reference: bool = True
+    reference_iters: int = 2
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # further TrainConfig values
+
+    def train_config(self) -> TrainConfig:
+        values = {
+            "method": self.method,
+            "dataset": self.dataset,
+            "arch": self.arch,
+            "width": self.width,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "device": self.device,
+            "seed": self.seed,
+            "epochs": 1,
+            "eval_every": 0,
+            "progress": False,
+            "download": False,
+            **self.extra,
+        }
+        return build_config({}, values)
+
+
+# ---- a Trainer on synthetic data ------------------------------------------------------------
+
+
+def synthetic_images(
+    info: D.DatasetInfo, n: int, num_classes: int, seed: int = 0
+) -> D.ImageTensors:
+    gen = torch.Generator().manual_seed(seed)
+    size = info.image_size or 224
+    images = torch.randint(0, 256, (n, info.in_channels, size, size), generator=gen)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    classes = [str(c) for c in range(num_classes)]
+    return D.ImageTensors(images.to(torch.uint8), labels, torch.arange(n), classes)
+
+
+def synthetic_trainer(cfg: TrainConfig, batches: int = SYNTHETIC_BATCHES) -> T.Trainer:
+    """``Trainer(cfg)`` with its data replaced by random uint8 images of the data set's shape.
+
+    The Trainer's own constructor builds models, optimisers and schedulers; only its
+    ``build_data`` is swapped, for the duration of the call, for one that returns synthetic
+    images behind the real in-memory loader.
+    """
+    info = D.get_dataset_info(cfg.dataset)
+    num_classes = info.num_classes or 1000
+
+    def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> T.RunData:
+        images = synthetic_images(info, cfg.batch_size * batches, num_classes, cfg.seed)
+        augment = info.augment if info.augment in D.AUGMENTATIONS else "none"
+        loader = D.InMemoryLoader(
+            images,
+            cfg.batch_size,
+            device=device,
+            shuffle=True,
+            augment=augment,
+            drop_last=True,
+            seed=cfg.seed,
+            channels_last=channels_last,
+        )
+        return T.RunData(info, num_classes, loader, None, None, "none", images.classes)
+
+    original = T.build_data
+    T.build_data = build_data
+    try:
+        return T.Trainer(cfg, Path(os.devnull))
+    finally:
+        T.build_data = original
+
+
+def endless_batches(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+# ---- the plain reference step ---------------------------------------------------------------
+
+
+class PlainReference:
+    """The straightforward step: fp32, NCHW, no autocast, one optimiser step per model.
+
+    ACT: F(x) once (train mode); K PGD steps on G in eval mode with ``torch.autograd.grad``
+    w.r.t. the input; G(x + delta) in train mode; both losses; backward and step for G, then
+    for F. Madry, TRADES and natural training are written the same way.
+    """
+
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_classes: int) -> None:
+        self.cfg = cfg
+        self.device = T.resolve_device(cfg.device)
+        self.method = build_method(cfg)
+        info = D.DatasetInfo("synthetic", num_classes, in_channels, None, "none", True)
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for role in self.method.roles:
+            model = create_model(**T.model_kwargs(cfg, role, info, num_classes)).to(self.device)
+            self.models[role] = model
+            self.optimizers[role] = torch.optim.SGD(
+                model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+
+    def load_from(self, models: dict[str, nn.Module]) -> None:
+        for role, model in self.models.items():
+            model.load_state_dict(models[role].state_dict())
+
+    def _start(self, x: Tensor) -> Tensor:
+        cfg, start = self.cfg, self.method.start
+        if start == "uniform":
+            noise = (2 * torch.rand(x.shape, device=x.device, dtype=x.dtype) - 1) * cfg.eps
+        elif start == "gaussian":
+            noise = 0.001 * torch.randn(x.shape, device=x.device, dtype=x.dtype)
+        else:
+            return x.clone()
+        return self._project(x + noise, x)
+
+    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        eps = self.cfg.eps
+        return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+    def _attack(self, g: nn.Module, x: Tensor, objective) -> Tensor:
+        x_adv = self._start(x.detach())
+        g.eval()
+        for _ in range(self.cfg.steps):
+            x_adv.requires_grad_(True)
+            loss = objective(g(x_adv))
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = self._project(x_adv.detach() + self.cfg.step_size * grad.sign(), x)
+        g.train()
+        return x_adv.detach()
+
+    def _update(self, role: str, loss: Tensor) -> None:
+        opt = self.optimizers[role]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        cfg, name = self.cfg, self.method.name
+        g = self.models["g"]
+        for m in self.models.values():
+            m.train()
+        if name == "natural":
+            loss = L.natural_loss(g(x), y)
+            self._update("g", loss)
+            return {"g": loss.detach()}
+        if name == "madry":
+            x_adv = self._attack(g, x, lambda lg: L.madry_attack_objective(lg, y))
+            loss = L.madry_loss(g(x_adv), y)
+            self._update("g", loss)
+            return {"g": loss.detach()}
+        if name == "trades":
+            g.eval()
+            with torch.no_grad():
+                ref = g(x)
+            x_adv = self._attack(g, x, lambda lg: L.trades_attack_objective(lg, ref))
+            loss = L.trades_loss(g(x), g(x_adv), y, cfg.beta)
+            self._update("g", loss)
+            return {"g": loss.detach()}
+        f = self.models["f"]
+        logits_f = f(x)
+        ref = logits_f.detach()
+        x_adv = self._attack(
+            g,
+            x,
+            lambda lg: L.act_attack_objective(
+                lg, ref, y, cfg.alpha, cfg.attack_temperature, cfg.attack_kl_reduction
+            ),
+        )
+        loss_g, loss_f = L.act_losses(g(x_adv), logits_f, y, cfg.alpha, cfg.temperature)
+        self._update("g", loss_g)
+        self._update("f", loss_f)
+        return {"g": loss_g.detach(), "f": loss_f.detach()}
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory since :meth:`reset`: the CUDA allocator's peak, or on the CPU the process's
+    peak RSS (Linux: writing 5 to /proc/self/clear_refs resets it), each above what was held at
+    the reset. The benchmark resets before building the models, so the figure holds models,
+    optimiser state, data, activations and allocator slack."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+        self.base = self._status("VmRSS")
+
+    def peak_mb(self) -> tuple[float, float]:
+        """(peak during the region, peak minus what was held at its start), in MiB."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._status("VmHWM")
+        return peak / 2**20, max(peak - self.base, 0) / 2**20
+
+
+def _timed(fn, reps: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``reps`` calls (after one untimed call)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
+    """Seconds of the passes a step cannot do without, each timed on its own with the trainer's
+    models, precision and attack model: the attack (K passes with input gradients only; TRADES
+    adds its eval-mode forward), G's forward/backward and F's."""
+    method, models, cfg, device = trainer.method, trainer.models, trainer.cfg, trainer.device
+    fold = getattr(trainer, "fold_bn", None)
+    for m in models.values():
+        m.train()
+    with trainer.autocast(), torch.no_grad():
+        ctx = method.prepare(models, x, y)
+    ctx = {k: v.detach() for k, v in ctx.items()}
+    out: dict[str, float] = {"attack": 0.0, "g": 0.0, "f": 0.0}
+    x_adv = x
+    if method.adversarial and cfg.steps > 0:
+        objective = method.attack_objective(ctx, y)
+
+        def attack() -> Tensor:
+            if method.name == "trades":
+                with trainer.autocast():
+                    method.prepare(models, x, y)
+            g = attack_model(models["g"], fold, trainer.precision)
+            return pgd(g, x, objective, trainer.threat, cfg.steps, method.start, trainer.autocast)
+
+        out["attack"] = _timed(attack, reps, device)
+        x_adv = attack()
+
+    def pass_of(role: str, inputs: tuple[Tensor, ...]):
+        model = models[role]
+
+        def run() -> None:
+            with trainer.autocast():
+                logits = [model(t) for t in inputs]
+            loss = sum(L.cross_entropy(lg, y) for lg in logits)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    g_inputs = (x,) if not method.adversarial else (x_adv,)
+    if method.name == "trades":
+        g_inputs = (x, x_adv)
+    out["g"] = _timed(pass_of("g", g_inputs), reps, device)
+    if "f" in models:
+        out["f"] = _timed(pass_of("f", (x,)), reps, device)
+    return out
+
+
+def fold_active(trainer: T.Trainer) -> bool:
+    """Whether the trainer's attack passes run on a BN-folded view of G."""
+    g = trainer.models["g"]
+    return attack_model(g, getattr(trainer, "fold_bn", None), trainer.precision) is not g
+
+
+def _compile(trainer: T.Trainer) -> None:
+    """torch.compile every model and G's attack model (BN-folded view when folding is on)."""
+    fold = getattr(trainer, "fold_bn", None)
+    g = trainer.models["g"]
+    view = AttackView(g) if attack_model(g, fold, trainer.precision) is not g else None
+    for role, model in list(trainer.models.items()):
+        trainer.models[role] = torch.compile(model)
+    if view is not None:
+        view.module = torch.compile(view.module)
+        use_attack_view(trainer.models["g"], view)
+    else:  # the attack runs on (compiled) G itself
+        trainer.fold_bn = False
+
+
+def run_bench(spec: BenchSpec) -> dict[str, Any]:
+    """Time ``spec`` and return the result record (the ``--json`` object)."""
+    threads = configure_threads(spec.threads)
+    cfg = spec.train_config()
+    torch.manual_seed(spec.seed)
+    device = T.resolve_device(cfg.device)
+    memory = PeakMemory(device)
+    memory.reset()  # peak memory is counted from before the models exist
+    trainer = synthetic_trainer(cfg)
+    trainer.fold_bn = spec.fold_bn
+    batches = endless_batches(trainer.data.train)
+    compile_s = 0.0
+    if spec.compile:
+        _compile(trainer)
+        x, y = next(batches)
+        t0 = time.perf_counter()
+        trainer.train_step(x, y)
+        trainer.train_step(x, y)  # the eval-mode attack and train-mode passes compile apart
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+    for _ in range(spec.warmup):
+        x, y = next(batches)
+        trainer.train_step(x, y)
+    _sync(device)
+
+    data_s, step_s = [], []
+    for _ in range(spec.iters):
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        _sync(device)
+        t1 = time.perf_counter()
+        trainer.train_step(x, y)
+        _sync(device)
+        t2 = time.perf_counter()
+        data_s.append(t1 - t0)
+        step_s.append(t2 - t1)
+    _, peak_mb = memory.peak_mb()
+
+    step = statistics.median(step_s)
+    data_t = statistics.median(data_s)
+    essential = essential_passes(trainer, x, y, max(1, min(spec.iters, 3)))
+    essential_s = sum(essential.values())
+    bs = cfg.batch_size
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "arch": cfg.arch,
+        "width": cfg.width,
+        "batch_size": bs,
+        "steps": cfg.steps,
+        "precision": trainer.precision,
+        "channels_last": trainer.channels_last,
+        "fold_bn": fold_active(trainer),
+        "compile": spec.compile,
+        "compile_s": round(compile_s, 2),
+        "images_per_s": bs / (step + data_t),
+        "ms_per_step": 1000 * (step + data_t),
+        "train_step_ms": 1000 * step,
+        "breakdown_ms": {
+            "attack": 1000 * essential["attack"],
+            "g_update": 1000 * essential["g"],
+            "f_update": 1000 * essential["f"],
+            "data": 1000 * data_t,
+            "other": 1000 * max(step - essential_s, 0.0),
+        },
+        "data_share": data_t / (step + data_t),
+        "essential_ms": 1000 * essential_s,
+        "overhead_ratio": step / essential_s if essential_s else None,
+        "peak_mem_mb": round(peak_mb, 1),
+        "iters": spec.iters,
+    }
+    del trainer, batches
+    if spec.reference:
+        ref = time_reference(cfg, x.contiguous(), y, spec.reference_iters)
+        result["reference_ms_per_step"] = 1000 * ref
+        result["reference_images_per_s"] = bs / ref
+        result["speedup_vs_reference"] = ref / (step + data_t)
+    result["env"] = environment(device, threads)
+    return result
+
+
+def time_reference(cfg: TrainConfig, x: Tensor, y: Tensor, iters: int) -> float:
+    """Median seconds of the plain fp32 NCHW step of ``cfg.method`` on the batch (x, y)."""
+    info = D.get_dataset_info(cfg.dataset)
+    ref = PlainReference(cfg, info.in_channels, info.num_classes or 1000)
+    x = x.float().contiguous()
+    return _timed(lambda: ref.step(x, y), iters, ref.device)
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    env["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    return env
+
+
+# ---- the matrix --------------------------------------------------------------------------------
+
+ALL_WIDTHS = (16, 64)
+ALL_METHODS = ("natural", "madry", "trades", "act")
+
+
+def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any]]:
+    """Every method at every width with ``base``'s other settings, plus an ACT row with the
+    fast-path levers off (precision fp32, NCHW, no folding) for comparison. The plain reference
+    (ACT) is timed once per width. Widths >= 32 use half the timed steps and one warm-up."""
+    rows: list[dict[str, Any]] = []
+    for width in widths:
+        ref_row = None
+        if width >= 32:  # full-size models: fewer repetitions keep the matrix within minutes
+            base = BenchSpec(
+                **{**asdict(base), "iters": max(2, base.iters // 2), "warmup": min(base.warmup, 1)}
+            )
+        for method in ("act", "madry", "trades", "natural"):
+            spec = BenchSpec(**{**asdict(base), "method": method, "width": width})
+            spec.reference = method == "act" and base.reference
+            row = run_bench(spec)
+            if ref_row is None:
+                ref_row = row
+            log(format_line(row))
+            rows.append(row)
+        plain = BenchSpec(**{**asdict(base), "width": width, "precision": "fp32"})
+        plain.channels_last, plain.fold_bn, plain.reference = False, False, False
+        row = run_bench(plain)
+        log(format_line(row))
+        rows.append(row)
+        ref_ms = ref_row.get("reference_ms_per_step")
+        madry = next(r for r in rows if r["width"] == width and r["method"] == "madry")
+        for r in rows:
+            if r["width"] == width and ref_ms:
+                r["reference_ms_per_step"] = ref_ms
+                r["speedup_vs_reference"] = ref_ms / r["ms_per_step"]
+            if r["width"] == width and r["precision"] == madry["precision"]:
+                r["vs_madry"] = r["ms_per_step"] / madry["ms_per_step"]
+    return rows
+
+
+def format_line(r: dict[str, Any]) -> str:
+    b = r["breakdown_ms"]
+    text = (
+        f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} K={r['steps']}"
+        f" {r['precision']}{' CL' if r['channels_last'] else ''}"
+        f"{' fold' if r['fold_bn'] else ''}{' compile' if r['compile'] else ''}:"
+        f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step"
+        f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
+        f" data {b['data']:.1f}, other {b['other']:.0f} ms; step/essential"
+        f" {r['overhead_ratio']:.3f}), peak {r['peak_mem_mb']:.0f} MiB"
+    )
+    if r.get("speedup_vs_reference"):
+        text += (
+            f"; plain fp32 reference {r['reference_ms_per_step']:.0f} ms/step"
+            f" -> {r['speedup_vs_reference']:.2f}x"
+        )
+    return text
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | width | precision | fast path | img/s | ms/step | attack | G | F | data | "
+        "other | step/essential | peak MiB | vs plain ref | vs Madry |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        b = r["breakdown_ms"]
+        levers = [s for s, on in (("CL", r["channels_last"]), ("fold", r["fold_bn"])) if on]
+        if r["compile"]:
+            levers.append("compile")
+        ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")
+        lines.append(
+            f"| {r['method']} | {r['width']} | {r['precision']} | {'+'.join(levers) or '-'} "
+            f"| {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {b['attack']:.0f} "
+            f"| {b['g_update']:.0f} | {b['f_update']:.0f} | {b['data']:.1f} | {b['other']:.0f} "
+            f"| {r['overhead_ratio']:.3f} | {r['peak_mem_mb']:.0f} "
+            f"| {f'{ref:.2f}x' if ref else '-'} | {f'{mad:.2f}x' if mad else '-'} |"
+        )
+    refs = {r["width"]: r["reference_ms_per_step"] for r in rows if r.get("reference_ms_per_step")}
+    foot = "".join(
+        f"\nPlain fp32 NCHW reference ACT step, width {w}: {ms:.0f} ms/step"
+        f" ({rows[0]['batch_size'] / ms * 1000:.1f} img/s)."
+        for w, ms in refs.items()
+    )
+    return head + "\n".join(lines) + "\n" + foot.lstrip("\n") + ("\n" if foot else "")

@@ -1,0 +1,113 @@
+"""``actrain bench``: time training steps of actrain's own trainer on synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from actrain.commands import UsageError
+
+ONOFF = {"auto": None, "on": True, "off": False}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time training steps (images/s, breakdown, memory, speed-up over a plain step)",
+        description="Times Trainer.train_step on random data of the data set's shape, its"
+        " essential passes on their own, and a plain fp32 NCHW step of the same method.",
+    )
+    p.add_argument("--method", default="act", help="natural, madry, trades or act")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=16, help="resnet18 width (64 = full)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="PGD steps K per training step")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--channels-last", choices=tuple(ONOFF), default="auto")
+    p.add_argument(
+        "--fold-bn",
+        choices=tuple(ONOFF),
+        default="auto",
+        help="fold BN into convs for the eval-mode attack passes (auto: on unless fp32)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
+    p.add_argument("--dataset", default="cifar10", help="shape and augmentation of the data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reference-iters", type=int, default=2)
+    p.add_argument("--no-reference", dest="reference", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object (list for --all)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every method at widths 16 and 64 plus a plain-levers ACT row; writes a table",
+    )
+    p.add_argument("--widths", default="16,64", help="widths for --all")
+    p.add_argument("--out", default="benchmarks/results.md", help="Markdown table of --all")
+    p.set_defaults(func=run)
+
+
+def _spec(ns: argparse.Namespace):
+    from actrain.bench import BenchSpec
+
+    for name in ("batch_size", "iters", "reference_iters"):
+        if getattr(ns, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+    if ns.steps < 0 or ns.warmup < 0:
+        raise UsageError("--steps/--warmup: must be >= 0")
+    if ns.width is not None and ns.width < 1:
+        raise UsageError(f"--width: must be >= 1, got {ns.width}")
+    if ns.threads is not None and ns.threads < 1:
+        raise UsageError(f"--threads: must be >= 1, got {ns.threads}")
+    return BenchSpec(
+        method=ns.method,
+        arch=ns.arch,
+        width=ns.width,
+        batch_size=ns.batch_size,
+        steps=ns.steps,
+        precision=ns.precision,
+        channels_last=ONOFF[ns.channels_last],
+        fold_bn=ONOFF[ns.fold_bn],
+        compile=ns.compile,
+        dataset=ns.dataset,
+        device=ns.device,
+        threads=ns.threads,
+        iters=ns.iters,
+        warmup=ns.warmup,
+        reference=ns.reference,
+        reference_iters=ns.reference_iters,
+        seed=ns.seed,
+    )
+
+
+def run(ns: argparse.Namespace) -> int:
+    from actrain import bench
+
+    spec = _spec(ns)
+    spec.train_config()  # validates method, arch, precision, ... before any time is spent
+    if not ns.all:
+        result = bench.run_bench(spec)
+        print(json.dumps(result) if ns.json else bench.format_line(result))
+        return 0
+    try:
+        widths = tuple(int(w) for w in ns.widths.replace(",", " ").split())
+    except ValueError:
+        raise UsageError(f"--widths: expected integers such as 16,64, got {ns.widths!r}") from None
+    if not widths or min(widths) < 1:
+        raise UsageError(f"--widths: expected positive integers, got {ns.widths!r}")
+    rows = bench.run_all(spec, widths, log=lambda line: print(line, file=sys.stderr, flush=True))
+    table = bench.markdown_table(rows)
+    out = Path(ns.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write {out} ({exc.strerror})") from None
+    print(json.dumps(rows) if ns.json else table)
+    print(f"table written to {out}", file=sys.stderr)
+    return 0

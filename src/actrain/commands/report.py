@@ -1,0 +1,68 @@
+"""``actrain report``: Markdown + self-contained HTML report over runs, seeds as repeats."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="report.md + report.html with curves, tables (mean ± std over seeds) and analyses",
+        description=(
+            "Group runs by configuration (seeds as repeats) and write DIR/report.md, a "
+            "self-contained DIR/report.html (figures embedded), DIR/report.json and the PNGs. "
+            "RUN may be a run folder, a sweep folder or a folder of runs."
+        ),
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--title", default="actrain report")
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="run `actrain analyze` (default settings) on runs that have no analysis yet",
+    )
+    p.add_argument("--max-samples", type=int, help="with --analyze: training images per analysis")
+    p.add_argument("--probe-epochs", type=int, default=30, help="with --analyze: MLP epochs")
+    p.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from actrain.analysis.runs import expand_run_args
+    from actrain.report import build_report
+
+    argv = ["actrain", "report", *ns.runs, "--out", ns.out]
+    if ns.title != "actrain report":
+        argv += ["--title", ns.title]
+    runs = expand_run_args(ns.runs)
+    if ns.analyze:
+        from actrain.analysis.analyze import analyze_run
+        from actrain.runtime import resolve_device
+
+        argv.append("--analyze")
+        acmd = ["actrain", "analyze"]
+        if ns.max_samples:
+            argv += ["--max-samples", str(ns.max_samples)]
+            acmd_extra = ["--max-samples", str(ns.max_samples)]
+        else:
+            acmd_extra = []
+        if ns.probe_epochs != 30:
+            argv += ["--probe-epochs", str(ns.probe_epochs)]
+            acmd_extra += ["--probe-epochs", str(ns.probe_epochs)]
+        for r in runs:
+            if r.analysis is None:
+                print(f"analyzing {r.path} ...")
+                cmd = shlex.join([*acmd, str(r.path), *acmd_extra])
+                analyze_run(
+                    r.path,
+                    device=resolve_device("auto"),
+                    max_samples=ns.max_samples,
+                    probe_epochs=ns.probe_epochs,
+                    command=cmd,
+                )
+        runs = expand_run_args(ns.runs)
+    files = build_report(runs, ns.out, title=ns.title, command=shlex.join(argv))
+    print(f"report: {files['markdown']}  {files['html']}  ({len(files['figures'])} figures)")
+    return 0

@@ -1,0 +1,209 @@
+"""Markdown tables laid out like the ACT paper's, and mean +- std over several runs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+# Keys whose values are bookkeeping, not measurements: never averaged.
+_SKIP = {
+    "attack",
+    "settings",
+    "indices",
+    "robust_examples",
+    "correct_examples",
+    "per_example",
+    "seconds",
+    "flags",
+    "checks",
+    "n",
+    "n_correct",
+    "eps",
+    "eps_255",
+    "step_size",
+    "attack_passes",
+    "attack_passes_without_early_stop",
+    "forward_passes",
+    "tolerance_pct",
+}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """For every measurement present in all results: {"mean", "std", "values"} (sample std,
+    ddof=1; 0 for a single run). Lists of rows (the eps sweep) are aligned by position."""
+
+    def walk(items: list[Any]) -> Any:
+        first = items[0]
+        if all(_is_num(v) for v in items):
+            vals = [float(v) for v in items]
+            finite = [v for v in vals if math.isfinite(v)]
+            mean = statistics.fmean(finite) if finite else float("nan")
+            std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+            return {"mean": mean, "std": std, "values": vals}
+        if all(isinstance(v, dict) for v in items):
+            out = {}
+            for k in first:
+                if k in _SKIP or not all(k in v for v in items):
+                    continue
+                sub = walk([v[k] for v in items])
+                if sub is not None:
+                    out[k] = sub
+            for k in ("eps_255",):
+                if k in first:
+                    out[k] = first[k]
+            return out or None
+        if all(isinstance(v, list) for v in items) and len({len(v) for v in items}) == 1:
+            if first and isinstance(first[0], dict):
+                rows = [walk([v[i] for v in items]) for i in range(len(first))]
+                return rows
+        return None
+
+    return walk(results) or {}
+
+
+def pm(stat: Any, digits: int = 2) -> str:
+    """'mean±std' for an aggregate entry, or the plain number."""
+    if stat is None:
+        return "–"
+    if isinstance(stat, dict):
+        if len(stat["values"]) == 1:
+            return f"{stat['mean']:.{digits}f}"
+        return f"{stat['mean']:.{digits}f}±{stat['std']:.{digits}f}"
+    if isinstance(stat, float) and math.isnan(stat):
+        return "–"
+    return f"{stat:.{digits}f}"
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if d is None:
+            return None
+        if isinstance(d, dict):
+            d = d.get(p)
+        elif isinstance(d, list) and isinstance(p, int) and p < len(d):
+            d = d[p]
+        else:
+            return None
+    return d
+
+
+def _label(result: dict[str, Any]) -> str:
+    return result.get("label") or result.get("run", "?")
+
+
+def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    """rows: (label, an example result for settings, aggregate or result for numbers)."""
+    if not rows:
+        return ""
+    _, example, _ = rows[0]
+    steps = sorted(int(k) for k in example.get("pgd", {}))
+    restarts = _get(example, "pgd", str(steps[0]), "attack", "restarts") if steps else None
+    mp = example.get("min_perturbation", {})
+    mp_methods = [m for m in ("fgsm-k", "pgd-search") if m in mp]
+    head = ["Defense", "Dataset", "A_nat"] + [f"PGD-{k}" for k in steps]
+    head += [
+        {"fgsm-k": "Min. pert. (FGSM^k)", "pgd-search": "Min. pert. (PGD search)"}[m]
+        for m in mp_methods
+    ]
+    if "autoattack" in example:
+        head.append("AutoAttack")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, ex, num in rows:
+        cells = [label, str(ex.get("dataset", "")), pm(num.get("clean_acc"))]
+        cells += [pm(_get(num, "pgd", str(k), "robust_acc")) for k in steps]
+        cells += [pm(_get(num, "min_perturbation", m, "mean"), 5) for m in mp_methods]
+        if "autoattack" in example:
+            cells.append(pm(_get(num, "autoattack", "robust_acc")))
+        lines.append("| " + " | ".join(cells) + " |")
+    eps = _get(example, "eps")
+    notes = [
+        f"A_rob: accuracy (%) under white-box PGD-k, L∞ eps {eps:.4f}, step "
+        f"{_get(example, 'pgd', str(steps[0]), 'attack', 'step_size')}, {restarts} random "
+        f"restarts, worst case per example; n = {example.get('n')} test images."
+        if steps and eps is not None
+        else ""
+    ]
+    for m in mp_methods:
+        info = mp[m]
+        notes.append(
+            f"Min. pert. ({m}): mean L∞ distance over the {info['n_found']} of "
+            f"{info['n_correct']} correctly classified images where an adversarial example "
+            f"was found."
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
+
+
+def table5(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    rows = [r for r in rows if r[1].get("eps_sweep")]
+    if not rows:
+        return ""
+    example = rows[0][1]["eps_sweep"]
+    eps = [r["eps_255"] for r in example["rows"]]
+    head = ["Defense"] + [f"{e:g}" for e in eps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, _, num in rows:
+        cells = [label] + [
+            pm(_get(num, "eps_sweep", "rows", i, "robust_acc")) for i in range(len(eps))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    a = example["attack"]
+    note = (
+        f"- Accuracy (%) under {a['name']} x{a['restarts']} at eps in units of 1/255; step "
+        f"{a['step_size_rule']}."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def table3(matrix: dict[str, Any]) -> str:
+    """Transfer success rates: rows defence (target), columns surrogate."""
+    surs = matrix["surrogates"]
+    tgts = matrix["targets"]
+    head = ["Def \\ Sur"] + [matrix["labels"][s] for s in surs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in tgts:
+        cells = [matrix["labels"][t]]
+        for s in surs:
+            cell = matrix["success_rate"].get(t, {}).get(s)
+            cells.append(pm(cell))
+        lines.append("| " + " | ".join(cells) + " |")
+    a = matrix["attack"]
+    note = (
+        f"- Success rate (%) of {a['name']} examples (eps {a['eps']:.4f}, step {a['step_size']}, "
+        f"made on the surrogate) on the defence: lower is more robust; n = {matrix['n']}."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def sanity_table(label: str, sanity: dict[str, Any]) -> str:
+    lines = [f"Sanity checks for {label}:", "", "| Check | Result | Numbers |", "|---|---|---|"]
+    for c in sanity["checks"]:
+        lines.append(f"| {c['name']} | {c['status']} | {c['detail']} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: list[dict[str, Any]], agg: dict[str, Any] | None = None) -> str:
+    """Tables 2 and 5 (one row per run, or one mean±std row when ``agg`` is given), and the
+    sanity checks of each run."""
+    if agg is not None:
+        label = results[0].get("label", "runs") + f" (mean±std of {len(results)})"
+        rows = [(label, results[0], agg)]
+    else:
+        rows = [(_label(r), r, r) for r in results]
+    parts = []
+    t2 = table2(rows)
+    if t2:
+        parts.append("### White-box robustness (Table 2)\n\n" + t2)
+    t5 = table5(rows)
+    if t5:
+        parts.append("### Accuracy vs eps, PGD-100 (Table 5)\n\n" + t5)
+    if results and results[0].get("transfer"):
+        parts.append("### Black-box transfer (Table 3)\n\n" + table3(results[0]["transfer"]))
+    for r in results:
+        if r.get("sanity"):
+            parts.append(sanity_table(_label(r), r["sanity"]))
+    return "\n".join(parts)

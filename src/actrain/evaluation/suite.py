@@ -1,0 +1,523 @@
+"""Run-folder level evaluation: the single-attack command, the paper suite, transfer matrices.
+
+Every result carries ``indices`` (the evaluated test examples, positions in the test split's
+standard order) and the exact settings of each attack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actrain import data as D
+from actrain.checkpoint import CheckpointError, load_model, run_config
+from actrain.config import ConfigError
+from actrain.evaluation import protocols as P
+from actrain.evaluation.sanity import sanity_checks
+from actrain.runtime import resolve_device
+
+SUITES = ("basic", "paper", "sanity")
+ATTACKS = ("pgd", "fgsm", "autoattack")
+
+
+@dataclass
+class EvalOptions:
+    """Everything that determines an evaluation's numbers (stored in the JSON)."""
+
+    eps: float = 8 / 255
+    step_size: float = 0.003
+    steps: int = 20
+    restarts: int = 5
+    loss: str = "ce"
+    targeted: int = 0
+    attack: str = "pgd"
+    suite: str = "basic"
+    pgd_steps: tuple[int, ...] = P.PAPER_PGD_STEPS
+    eps_sweep: tuple[float, ...] = P.PAPER_EPS_SWEEP
+    sweep_steps: int = 100
+    sweep_restarts: int = 1
+    min_pert: tuple[str, ...] = ("fgsm-k", "pgd-search")
+    min_pert_steps: int = 20
+    min_pert_search_steps: int = 10
+    autoattack: bool = True
+    square_queries: int = 1000
+    surrogates: tuple[str, ...] = ()
+    sanity: bool = False
+    test_subset: int | None = None
+    batch_size: int = 256
+    precision: str = "fp32"
+    seed: int = 0
+    save_examples: str | None = None
+    num_examples: int = 8
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def protocols(self) -> set[str]:
+        if self.suite == "paper":
+            p = {"pgd", "min_pert", "eps_sweep", "black_box", "sanity"}
+            if self.autoattack:
+                p.add("autoattack")
+            return p
+        if self.suite == "sanity" or self.sanity:
+            p = {"pgd", "eps_sweep", "black_box", "sanity"}
+            if self.autoattack:
+                p.add("autoattack")
+            return p
+        return {self.attack}
+
+
+def load_eval_data(
+    cfg: dict[str, Any], dataset: str | None, data_dir: str | None, subset: int | None, seed: int
+) -> D.ImageTensors:
+    name = dataset or cfg.get("dataset")
+    if not name:
+        raise ConfigError("--dataset: the model file names no dataset; pass --dataset")
+    ddir = data_dir if data_dir is not None else cfg.get("data_dir")
+    return D.load_split(
+        name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True)
+    )
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_model(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    opts: EvalOptions,
+    surrogates: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """All protocols ``opts`` asks for on one model; x in [0, 1] on the CPU."""
+    protos = opts.protocols()
+    res: dict[str, Any] = {"n": len(y), "eps": opts.eps}
+    t0 = time.perf_counter()
+    keep_adv: dict[str, Tensor] = {}
+    common = {"batch_size": opts.batch_size, "seed": opts.seed, "progress": opts.progress}
+
+    if "pgd" in protos and opts.suite == "basic" and not opts.sanity:
+        out = P.robust_accuracy(
+            model,
+            x,
+            y,
+            eps=opts.eps,
+            step_size=opts.step_size,
+            steps=opts.steps,
+            restarts=opts.restarts,
+            loss=opts.loss,
+            targeted=opts.targeted,
+            precision=opts.precision,
+            **common,
+        )
+        res.update(P.pgd_result(out))
+        keep_adv["pgd"] = out["x_adv"]
+    elif "pgd" in protos:
+        res["pgd"] = {}
+        for k in opts.pgd_steps:
+            out = P.robust_accuracy(
+                model,
+                x,
+                y,
+                eps=opts.eps,
+                step_size=opts.step_size,
+                steps=k,
+                restarts=opts.restarts,
+                loss=opts.loss,
+                targeted=opts.targeted,
+                precision=opts.precision,
+                **common,
+            )
+            res["pgd"][str(k)] = P.pgd_result(out)
+            res.setdefault("clean_acc", out["clean_acc"])
+            keep_adv.setdefault("pgd", out["x_adv"])
+            _log(opts.progress, f"  PGD-{k}x{opts.restarts}: {out['robust_acc']:.2f}%")
+        first = str(opts.pgd_steps[0])
+        res["robust_acc"] = res["pgd"][first]["robust_acc"]
+        res["robust_acc_attack"] = f"PGD-{first}x{opts.restarts}"
+    if "fgsm" in protos:
+        res.update(P.clean_accuracy(model, x, y, opts.batch_size))
+        res.pop("correct_examples")
+        out = P.fgsm_accuracy(model, x, y, eps=opts.eps, batch_size=opts.batch_size)
+        res.update(robust_acc=out["robust_acc"], attack=out["attack"])
+    if "autoattack" in protos:
+        out = P.autoattack_accuracy(
+            model,
+            x,
+            y,
+            eps=opts.eps,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            progress=opts.progress,
+        )
+        out.pop("_mask")
+        if opts.suite == "basic" and not opts.sanity:
+            res.update(
+                clean_acc=out["clean_acc"], robust_acc=out["robust_acc"], attack=out["attack"]
+            )
+            res["autoattack"] = out
+        else:
+            res["autoattack"] = out
+            _log(opts.progress, f"  AutoAttack: {out['robust_acc']:.2f}%")
+    if "min_pert" in protos:
+        out = P.minimum_perturbation(
+            model,
+            x,
+            y,
+            methods=opts.min_pert,
+            pgd_steps=opts.min_pert_steps,
+            search_steps=opts.min_pert_search_steps,
+            keep_examples=bool(opts.save_examples),
+            known_adv=keep_adv.get("pgd"),
+            **common,
+        )
+        for m in opts.min_pert:
+            if "_x_adv" in out[m]:
+                keep_adv[f"min_pert:{m}"] = out[m].pop("_x_adv")
+            _log(opts.progress, f"  min perturbation ({m}): {out[m]['mean']:.5f}")
+        res["min_perturbation"] = out
+    if "eps_sweep" in protos:
+        res["eps_sweep"] = P.eps_sweep(
+            model,
+            x,
+            y,
+            eps_255=opts.eps_sweep,
+            steps=opts.sweep_steps,
+            restarts=opts.sweep_restarts,
+            step_size=opts.step_size,
+            **common,
+        )
+        accs = ", ".join(
+            f"{r['eps_255']:g}: {r['robust_acc']:.2f}" for r in res["eps_sweep"]["rows"]
+        )
+        _log(opts.progress, f"  eps sweep: {accs}")
+    if "black_box" in protos:
+        bb: dict[str, Any] = {}
+        if opts.square_queries > 0:
+            bb["square"] = P.square_accuracy(
+                model, x, y, eps=opts.eps, queries=opts.square_queries, **common
+            )
+            _log(
+                opts.progress, f"  Square-{opts.square_queries}: {bb['square']['robust_acc']:.2f}%"
+            )
+        if surrogates:
+            bb["transfer"] = {}
+            for name, sur in surrogates.items():
+                x_adv = P.transfer_examples(
+                    sur, x, y, eps=opts.eps, step_size=opts.step_size, steps=20, **common
+                )
+                t = P.transfer_success(model, x, x_adv, y, opts.batch_size)
+                t["attack"] = _transfer_attack(opts)
+                bb["transfer"][name] = t
+        res["black_box"] = bb
+    if "sanity" in protos:
+        res["sanity"] = sanity_checks(res)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    res["_adv"] = keep_adv
+    return res
+
+
+def _transfer_attack(opts: EvalOptions) -> dict[str, Any]:
+    return {
+        "name": "PGD-20 transfer",
+        "norm": "Linf",
+        "eps": opts.eps,
+        "step_size": opts.step_size,
+        "steps": 20,
+        "restarts": 1,
+        "loss": "ce",
+        "start": "uniform",
+        "examples": "final PGD iterate on the surrogate",
+        "seed": opts.seed,
+    }
+
+
+def _settings(opts: EvalOptions) -> dict[str, Any]:
+    s = asdict(opts)
+    for k in ("progress", "extra", "save_examples", "num_examples"):
+        s.pop(k)
+    s["protocols"] = sorted(opts.protocols())
+    return s
+
+
+def prepare(
+    path: str,
+    *,
+    dataset: str | None,
+    data_dir: str | None,
+    test_subset: int | None,
+    seed: int,
+    role: str,
+    device: str,
+) -> tuple[nn.Module, D.ImageTensors, dict[str, Any]]:
+    if not Path(path).exists():
+        raise CheckpointError(f"no such run folder or weights file: {path}")
+    dev = resolve_device(device)
+    cfg = run_config(path)
+    test = load_eval_data(cfg, dataset, data_dir, test_subset, seed)
+    model = load_model(path, role=role, device=dev)
+    return model, test, cfg
+
+
+def evaluate_loaded(
+    path: str,
+    model: nn.Module,
+    test: D.ImageTensors,
+    cfg: dict[str, Any],
+    opts: EvalOptions,
+    *,
+    role: str = "g",
+    dataset: str | None = None,
+    surrogates: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    x = test.images.float().div(255)
+    res = evaluate_model(model, x, test.labels, opts, surrogates)
+    adv = res.pop("_adv")
+    out = {
+        "run": str(path),
+        "label": _run_label(path, cfg, role),
+        "model": role,
+        "method": cfg.get("method"),
+        "dataset": dataset or cfg.get("dataset"),
+        **res,
+        "settings": _settings(opts),
+        "indices": test.indices.tolist(),
+    }
+    if opts.save_examples:
+        out["examples_png"] = _save_examples(model, x, test, adv, opts, out["label"])
+    return out
+
+
+def _run_label(path: str, cfg: dict[str, Any], role: str) -> str:
+    name = Path(path).name if Path(path).is_dir() else Path(path).stem
+    method = cfg.get("method")
+    base = f"{method} ({name})" if method and method not in name else name
+    return base + (" [F]" if role == "f" else "")
+
+
+def _save_examples(
+    model: nn.Module,
+    x: Tensor,
+    test: D.ImageTensors,
+    adv: dict[str, Tensor],
+    opts: EvalOptions,
+    label: str,
+) -> str:
+    from actrain.evaluation.figures import pick, save_examples
+
+    key = next((k for k in ("min_pert:pgd-search", "min_pert:fgsm-k") if k in adv), None)
+    if key is None:
+        # Not computed by the chosen protocols: find minimal examples on a few images now.
+        k = min(len(x), 4 * opts.num_examples)
+        mp = P.minimum_perturbation(
+            model,
+            x[:k],
+            test.labels[:k],
+            methods=("fgsm-k", "pgd-search"),
+            pgd_steps=opts.min_pert_steps,
+            search_steps=opts.min_pert_search_steps,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            keep_examples=True,
+        )
+        x_adv_all = mp["pgd-search"]["_x_adv"]
+        found = torch.tensor([d is not None and d > 0 for d in mp["pgd-search"]["per_example"]])
+        xs = x[:k]
+        key = "min_pert:pgd-search"
+    else:
+        x_adv_all = adv[key]
+        xs = x
+        found = (x_adv_all - xs).flatten(1).abs().amax(1) > 0
+    sel = pick(found, opts.num_examples)
+    clean_pred = P.predict(model, xs[sel])
+    adv_pred = P.predict(model, x_adv_all[sel])
+    path = save_examples(
+        opts.save_examples,
+        xs[sel],
+        x_adv_all[sel],
+        clean_pred,
+        adv_pred,
+        test.classes,
+        title=f"{label}: minimal adversarial examples ({key.split(':')[1]})",
+    )
+    return str(path)
+
+
+def evaluate_run(
+    path: str,
+    *,
+    attack: str = "pgd",
+    steps: int = 20,
+    restarts: int = 5,
+    eps: float = 8 / 255,
+    step_size: float = 0.003,
+    loss: str = "ce",
+    test_subset: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "fp32",
+    role: str = "g",
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate one run folder or weights file; returns the JSON-ready result.
+
+    With the defaults this is the base command (clean and PGD-20x5 accuracy); ``suite="paper"``
+    adds every protocol of the paper (see :class:`EvalOptions` for the other options).
+    """
+    if attack not in ATTACKS:
+        raise ConfigError(f"--attack: unknown attack '{attack}' (choices: {', '.join(ATTACKS)})")
+    surrogate_paths = tuple(options.pop("surrogates", ()) or ())
+    opts = EvalOptions(
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        restarts=restarts,
+        loss=loss,
+        attack=attack,
+        test_subset=test_subset,
+        batch_size=batch_size,
+        precision=precision,
+        seed=seed,
+        progress=progress,
+        surrogates=surrogate_paths,
+        **options,
+    )
+    if opts.suite not in SUITES:
+        raise ConfigError(f"--suite: unknown suite '{opts.suite}' (choices: {', '.join(SUITES)})")
+    model, test, cfg = prepare(
+        path,
+        dataset=dataset,
+        data_dir=data_dir,
+        test_subset=test_subset,
+        seed=seed,
+        role=role,
+        device=device,
+    )
+    surrogates = {}
+    for sp in surrogate_paths:
+        sm, stest, scfg = prepare(
+            sp,
+            dataset=dataset or cfg.get("dataset"),
+            data_dir=data_dir,
+            test_subset=test_subset,
+            seed=seed,
+            role="g",
+            device=device,
+        )
+        surrogates[_run_label(sp, scfg, "g")] = sm
+    return evaluate_loaded(
+        path, model, test, cfg, opts, role=role, dataset=dataset, surrogates=surrogates
+    )
+
+
+def transfer_matrix(
+    surrogates: list[str],
+    targets: list[str],
+    *,
+    eps: float,
+    step_size: float = 0.003,
+    steps: int = 20,
+    test_subset: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    role: str = "g",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Table 3: success rate of PGD-k examples made on each surrogate against each target.
+
+    All models are evaluated on the same test examples (same data set, subset and seed).
+    """
+    paths = list(dict.fromkeys(surrogates + targets))
+    loaded: dict[str, tuple[nn.Module, D.ImageTensors, dict[str, Any]]] = {}
+    for p in paths:
+        loaded[p] = prepare(
+            p,
+            dataset=dataset,
+            data_dir=data_dir,
+            test_subset=test_subset,
+            seed=seed,
+            role=role,
+            device=device,
+        )
+    ref = loaded[paths[0]][1]
+    for p in paths[1:]:
+        t = loaded[p][1]
+        if not torch.equal(t.indices, ref.indices) or t.num_classes != ref.num_classes:
+            raise ConfigError(
+                f"--transfer: {p} is evaluated on a different test set than {paths[0]} "
+                "(datasets differ); pass --dataset"
+            )
+    x = ref.images.float().div(255)
+    y = ref.labels
+    labels = {p: _run_label(p, loaded[p][2], role) for p in paths}
+    rates: dict[str, dict[str, Any]] = {t: {} for t in targets}
+    details: dict[str, dict[str, Any]] = {t: {} for t in targets}
+    for s in surrogates:
+        x_adv = P.transfer_examples(
+            loaded[s][0],
+            x,
+            y,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        for t in targets:
+            r = P.transfer_success(loaded[t][0], x, x_adv, y, batch_size)
+            rates[t][s] = r["success_rate"]
+            details[t][s] = r
+    return {
+        "surrogates": surrogates,
+        "targets": targets,
+        "labels": labels,
+        "success_rate": rates,
+        "details": details,
+        "n": len(y),
+        "indices": ref.indices.tolist(),
+        "attack": {
+            "name": f"PGD-{steps}",
+            "norm": "Linf",
+            "eps": eps,
+            "step_size": step_size,
+            "steps": steps,
+            "restarts": 1,
+            "loss": "ce",
+            "start": "uniform",
+            "examples": "final PGD iterate on the surrogate",
+            "seed": seed,
+        },
+    }
+
+
+def _clean_json(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    return obj
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_clean_json(result), indent=2))

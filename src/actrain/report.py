@@ -1,0 +1,999 @@
+"""``actrain report``: one Markdown + self-contained HTML report for a set of runs.
+
+Runs are grouped by configuration (everything in ``config.json`` except the seed and settings
+that do not change what is trained), seeds being the repeats; every number in a table is the
+mean ± sample standard deviation (n - 1) over the seeds of a group. Sections appear for
+whatever the runs hold: training curves (``metrics.jsonl``), evaluation tables (``eval/*.json``
+from ``actrain eval``, else the last during-training evaluation), parameter sweeps (Table 1),
+transfer (Table 3), epsilon sweeps (Table 5), sanity checks and the analyses of
+``actrain analyze`` (Figures 3 and 4). Every table lists the commands behind its numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import shlex
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from actrain.analysis import evalread
+from actrain.analysis.runs import Run, eval_command, train_command
+
+METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES", "act": "ACT"}
+METHOD_ORDER = {"natural": 0, "madry": 1, "trades": 2, "act": 3}
+A_NAT = "A_nat"
+MIN_PERT = "Min. perturbation"
+
+
+# ---- numbers ----------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std of a single value is 0."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_ms(values: Sequence[float], digits: int = 2) -> str:
+    """``85.11 ± 0.19`` over repeats, the plain value for one repeat, ``–`` for none."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "–"
+    m, s = mean_std(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+# ---- document blocks --------------------------------------------------------------------------
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    commands: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+@dataclass
+class Figure:
+    file: str  # relative to the report folder
+    caption: str
+
+
+Block = Heading | Para | Table | Figure
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Para):
+            out += [b.text, ""]
+        elif isinstance(b, Table):
+            if b.caption:
+                out += [f"*{b.caption}*", ""]
+            out.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
+            out.append("|" + "|".join("---" for _ in b.headers) + "|")
+            for r in b.rows:
+                out.append("| " + " | ".join(_md_cell(c) for c in r) + " |")
+            out.append("")
+            if b.commands:
+                label = "Command" if len(b.commands) == 1 else "Commands"
+                out += [f"{label} behind these numbers:", "", "```bash", *b.commands, "```", ""]
+        elif isinstance(b, Figure):
+            out += [f"![{b.caption}]({b.file})", "", f"*{b.caption}*", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _inline_html(text: str) -> str:
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    return t
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #ddd;padding-bottom:.2em}
+h2{margin-top:1.8em;border-bottom:1px solid #eee}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+caption{caption-side:top;text-align:left;font-style:italic;padding:.3em 0;color:#444}
+code,pre{background:#f6f6f6;border-radius:3px}pre{padding:.6em;overflow-x:auto;font-size:.85em}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-style:italic;color:#444;font-size:.9em}
+details summary{cursor:pointer;color:#555;font-size:.9em}
+"""
+
+
+def render_html(blocks: list[Block], root: Path, title: str) -> str:
+    """Self-contained HTML: CSS inline, every figure embedded as a base64 PNG data URI."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+    ]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            out.append(f"<p>{_inline_html(b.text)}</p>")
+        elif isinstance(b, Table):
+            out.append("<table>")
+            if b.caption:
+                out.append(f"<caption>{_inline_html(b.caption)}</caption>")
+            out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.headers) + "</tr>")
+            for r in b.rows:
+                out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+            out.append("</table>")
+            if b.commands:
+                label = "Command" if len(b.commands) == 1 else f"Commands ({len(b.commands)})"
+                cmds = html.escape("\n".join(b.commands))
+                out.append(f"<details><summary>{label}</summary><pre>{cmds}</pre></details>")
+        elif isinstance(b, Figure):
+            data = base64.b64encode((root / b.file).read_bytes()).decode("ascii")
+            cap = _inline_html(b.caption)
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.caption)}">'
+                f"<figcaption>{cap}</figcaption></figure>"
+            )
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ---- grouping ---------------------------------------------------------------------------------
+@dataclass
+class Group:
+    runs: list[Run]
+    varying: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def method(self) -> str:
+        return self.first.method
+
+    @property
+    def dataset(self) -> str:
+        return self.first.dataset
+
+    @property
+    def arch(self) -> str:
+        return self.first.arch
+
+    @property
+    def family(self) -> tuple[str, str, str]:
+        return (self.method, self.dataset, self.arch)
+
+    @property
+    def method_name(self) -> str:
+        return METHOD_NAMES.get(self.method, self.method)
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in self.varying.items())
+        base = f"{self.method_name} · {self.dataset} · {self.arch}"
+        return f"{base} · {extra}" if extra else base
+
+    @property
+    def short(self) -> str:
+        extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in self.varying.items())
+        return f"{self.method_name} ({extra})" if extra else self.method_name
+
+    @property
+    def roles(self) -> list[str]:
+        return self.first.roles
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Group by configuration without the seed; label groups of one (method, dataset, arch)
+    family by the settings in which they differ (e.g. ``alpha=0.5``)."""
+    by_key: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps(run.semantic_config(), sort_keys=True, default=str)
+        by_key.setdefault(key, Group(runs=[])).runs.append(run)
+    groups = list(by_key.values())
+    families: dict[tuple[str, str, str], list[Group]] = {}
+    for g in groups:
+        families.setdefault(g.family, []).append(g)
+    for members in families.values():
+        if len(members) < 2:
+            continue
+        configs = [m.first.semantic_config() for m in members]
+        keys = sorted({k for c in configs for k in c})
+        differing = [
+            k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1
+        ]
+        for m, c in zip(members, configs, strict=True):
+            m.varying = {k: c.get(k) for k in differing}
+    for g in groups:
+        g.runs.sort(key=lambda r: r.seed)
+    groups.sort(
+        key=lambda g: (
+            g.dataset,
+            g.arch,
+            METHOD_ORDER.get(g.method, 9),
+            g.method,
+            [_sort_key(v) for v in g.varying.values()],
+        )
+    )
+    return groups
+
+
+def _sort_key(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v))
+
+
+# ---- scores of a run --------------------------------------------------------------------------
+_EVAL_CACHE: dict[int, evalread.EvalData] = {}
+
+
+def run_eval(run: Run) -> evalread.EvalData:
+    key = id(run)
+    if key not in _EVAL_CACHE:
+        items = [evalread.read_eval(e, e.get("_file", "")) for e in run.evals]
+        _EVAL_CACHE[key] = evalread.merge(items)
+    return _EVAL_CACHE[key]
+
+
+def _attack_order(name: str) -> tuple[int, int, str]:
+    m = re.match(r"PGD-(\d+)", name)
+    if m:
+        return (0, int(m.group(1)), name)
+    return (1, 0, name)
+
+
+def eval_scores(run: Run, role: str) -> dict[str, float]:
+    """Scores of ``actrain eval`` results: A_nat, one column per attack, minimum perturbation."""
+    ev = run_eval(run)
+    attacks = [a for a in ev.attacks if a["role"] == role]
+    scores: dict[str, float] = {}
+    if not attacks:
+        return scores
+    cleans = [a for a in attacks if a["clean_acc"] is not None]
+    if cleans:
+        best = max(cleans, key=lambda a: a["n"] or 0)
+        scores[A_NAT] = best["clean_acc"]
+    train_eps = float(run.config.get("eps", 0.031))
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for a in attacks:
+        by_name.setdefault(a["name"], []).append(a)
+    for name in sorted(by_name, key=_attack_order):
+        entries = by_name[name]
+        pick = min(entries, key=lambda a: abs((a["eps"] or train_eps) - train_eps))
+        scores[name] = pick["robust_acc"]
+    for m in ev.min_pert:
+        if m["role"] == role:
+            scores[f"{MIN_PERT} ({m['name']})" if m["name"] else MIN_PERT] = m["value"]
+    return scores
+
+
+def metric_scores(run: Run, role: str) -> dict[str, float]:
+    """Scores of the last during-training evaluation in ``metrics.jsonl``."""
+    rec = run.last_eval_record()
+    if rec is None:
+        return {}
+    scores: dict[str, float] = {}
+    for prefix in ("test", "val"):
+        if f"{prefix}_clean_acc_{role}" in rec:
+            scores[A_NAT] = rec[f"{prefix}_clean_acc_{role}"]
+            for k, v in rec.items():
+                m = re.fullmatch(rf"{prefix}_pgd(\d+)_acc_{role}", k)
+                if m:
+                    scores[f"PGD-{m.group(1)}"] = v
+            break
+    return scores
+
+
+def scores(run: Run, role: str, source: str) -> dict[str, float]:
+    return eval_scores(run, role) if source == "eval" else metric_scores(run, role)
+
+
+def _columns(dicts: list[dict[str, float]]) -> list[str]:
+    names = {k for d in dicts for k in d}
+    mins = sorted(n for n in names if n.startswith(MIN_PERT))
+    attacks = sorted((n for n in names if n != A_NAT and n not in mins), key=_attack_order)
+    return ([A_NAT] if A_NAT in names else []) + attacks + mins
+
+
+def primary_robust(columns: list[str]) -> str | None:
+    """The paper's A_rob column: PGD-20 if present, else the first robust column."""
+    robust = [c for c in columns if c != A_NAT and not c.startswith(MIN_PERT)]
+    if "PGD-20" in robust:
+        return "PGD-20"
+    return robust[0] if robust else None
+
+
+def _metrics_protocol(runs: list[Run]) -> str:
+    cfg = runs[0].config
+    split = "validation" if cfg.get("val_size") else "test"
+    step = cfg.get("eval_step_size") or cfg.get("step_size")
+    size = cfg.get("eval_size") or "all"
+    return (
+        f"last during-training evaluation in `metrics.jsonl`: PGD with 1 random start, "
+        f"eps {cfg.get('eps')}, step {step}, on {size} {split} images"
+    )
+
+
+SECTIONS = (
+    "runs",
+    "eval",
+    "examples",
+    "sweeps",
+    "transfer",
+    "eps_sweep",
+    "sanity",
+    "analyses",
+    "curves",
+)
+
+
+# ---- the report -------------------------------------------------------------------------------
+class ReportBuilder:
+    def __init__(
+        self,
+        runs: list[Run],
+        out_dir: Path,
+        title: str,
+        command: str | None,
+        sections: Sequence[str] = SECTIONS,
+    ) -> None:
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown report sections {unknown} (choices: {SECTIONS})")
+        self.sections = list(sections)
+        self.runs = runs
+        self.out = out_dir
+        self.title = title
+        self.command = command
+        self.groups = group_runs(runs)
+        self.blocks: list[Block] = []
+        self.figures: list[Path] = []
+        self.tables: dict[str, dict[str, Any]] = {}
+
+    # helpers
+    def add_table(self, table: Table) -> None:
+        self.blocks.append(table)
+        if table.name:
+            self.tables[table.name] = {"headers": table.headers, "rows": table.rows}
+
+    def add_figure(self, path: Path, caption: str) -> None:
+        self.figures.append(path)
+        self.blocks.append(Figure(path.name, caption))
+
+    def train_commands(self, runs: list[Run]) -> list[str]:
+        cmds: list[str] = []
+        for r in runs:
+            sweep_cmd = (r.sweep or {}).get("command")
+            cmd = sweep_cmd or train_command(r.config)
+            if cmd not in cmds:
+                cmds.append(cmd)
+        return cmds
+
+    def eval_commands(self, runs: list[Run]) -> list[str]:
+        cmds: list[str] = []
+        for r in runs:
+            ev = run_eval(r)
+            found = list(ev.commands)
+            if not found:
+                found = [eval_command(r, e) for e in r.evals]
+            for c in found:
+                if c not in cmds:
+                    cmds.append(c)
+        return cmds
+
+    def slug(self, group: Group) -> str:
+        s = re.sub(r"[^A-Za-z0-9._=-]+", "-", group.label.replace(" · ", "_")).strip("-")
+        return s[:80]
+
+    # sections
+    def build(self) -> list[Block]:
+        from actrain import __version__
+
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        self.blocks.append(Heading(self.title, 1))
+        self.blocks.append(
+            Para(
+                f"{len(self.runs)} runs in {len(self.groups)} configurations; generated {now} by "
+                f"actrain {__version__}. Numbers are mean ± sample standard deviation over the "
+                "seeds of a configuration (a single value where there is one seed). Accuracies "
+                "in percent."
+            )
+        )
+        if self.command:
+            self.blocks.append(Para(f"Report command: `{self.command}`"))
+        for name in self.sections:
+            getattr(self, f"section_{name}")()
+        return self.blocks
+
+    def section_runs(self) -> None:
+        self.blocks.append(Heading("Runs"))
+        rows = []
+        for g in self.groups:
+            epochs = [str(len(r.metrics)) + ("" if r.finished else " (unfinished)") for r in g.runs]
+            rows.append(
+                [
+                    g.label,
+                    "+".join(x.upper() for x in g.roles),
+                    ", ".join(str(s) for s in g.seeds),
+                    ", ".join(sorted(set(epochs))),
+                    ", ".join(str(r.path) for r in g.runs),
+                ]
+            )
+        self.add_table(
+            Table(
+                ["Configuration", "Models", "Seeds", "Epochs", "Run folders"],
+                rows,
+                commands=self.train_commands(self.runs),
+                name="runs",
+            )
+        )
+
+    def _score_table(self, source: str) -> Table | None:
+        rows_data: list[tuple[Group, str, list[dict[str, float]]]] = []
+        for g in self.groups:
+            for role in g.roles:
+                per_run = [scores(r, role, source) for r in g.runs]
+                per_run = [s for s in per_run if s]
+                if per_run:
+                    rows_data.append((g, role, per_run))
+        if not rows_data:
+            return None
+        cols = _columns([s for _, _, runs in rows_data for s in runs])
+        rows = []
+        for g, role, per_run in rows_data:
+            defense = g.short if role == "g" else f"{g.short} (F)"
+            if g.method == "act" and role == "g" and len(g.roles) > 1:
+                defense = f"{g.short} (G)"
+            cells = [g.arch, g.dataset, defense]
+            for c in cols:
+                digits = 5 if c.startswith(MIN_PERT) else 2
+                cells.append(fmt_ms([s[c] for s in per_run if c in s], digits))
+            cells.append(str(len(per_run)))
+            rows.append(cells)
+        headers = ["Architecture", "Dataset", "Defense"]
+        headers += [c if c == A_NAT or c.startswith(MIN_PERT) else f"A_rob {c}" for c in cols] + [
+            "Seeds"
+        ]
+        return Table(headers, rows)
+
+    def section_eval(self) -> None:
+        has_eval = any(r.evals for r in self.runs)
+        if has_eval:
+            t = self._score_table("eval")
+            if t is not None:
+                self.blocks.append(Heading("Evaluation (Table 2 layout)"))
+                t.caption = (
+                    "From the evaluation results in each run's `eval/` folder (`actrain eval`); "
+                    "A_rob columns are robust accuracy under each attack, minimum perturbation "
+                    "in L-inf units."
+                )
+                t.commands = self.eval_commands([r for r in self.runs if r.evals])
+                t.name = "table2_eval"
+                self.add_table(t)
+        t = self._score_table("metrics")
+        if t is not None:
+            title = "During-training evaluation" if has_eval else "Evaluation (Table 2 layout)"
+            self.blocks.append(Heading(title))
+            t.caption = f"From the {_metrics_protocol(self.runs)}."
+            t.commands = self.train_commands(self.runs)
+            t.name = "table2_metrics"
+            self.add_table(t)
+            if not has_eval:
+                self.blocks.append(
+                    Para(
+                        "No `eval/` results were found in these runs; for the paper's protocol "
+                        "(PGD-20/100/1000 with 5 restarts, step 0.003) run `actrain eval RUN "
+                        "--json RUN/eval/pgd20.json` and report again."
+                    )
+                )
+
+    def section_examples(self) -> None:
+        """Fig. 2: minimal adversarial examples, when ``actrain eval --save-examples`` made them."""
+        import shutil
+
+        found = []
+        for g in self.groups:
+            for r in g.runs:
+                for e in r.evals:
+                    png = e.get("examples_png")
+                    if isinstance(png, str):
+                        where = [Path(png), r.path / png, Path(e.get("_file", ".")).parent / png]
+                        src = next((c for c in where if c.is_file()), None)
+                        if src is not None:
+                            found.append((g, r, str(e.get("model", "g")), src))
+        if not found:
+            return
+        self.blocks.append(Heading("Minimal adversarial examples (Fig. 2)"))
+        for g, r, role, src in found:
+            dest = self.out / f"examples-{self.slug(g)}-s{r.seed}-{role}.png"
+            shutil.copyfile(src, dest)
+            self.add_figure(dest, f"{g.short} [{role.upper()}], seed {r.seed}: {src.name}")
+
+    def section_sweeps(self) -> None:
+        families: dict[tuple[str, str, str], list[Group]] = {}
+        for g in self.groups:
+            families.setdefault(g.family, []).append(g)
+        first = True
+        for fam, members in families.items():
+            if len(members) < 2 or not members[0].varying:
+                continue
+            runs = [r for m in members for r in m.runs]
+            source = "eval" if all(eval_scores(r, "g") for r in runs) else "metrics"
+            keys = list(members[0].varying)
+            roles = members[0].roles
+            all_scores = [scores(r, role, source) for r in runs for role in roles]
+            rob = primary_robust(_columns(all_scores))
+            headers = list(keys)
+            for role in roles:
+                headers += [f"{role.upper()} A_nat", f"{role.upper()} A_rob ({rob or '–'})"]
+            headers.append("Seeds")
+            rows = []
+            plot_lines: dict[str, tuple[list[float], list[float]]] = {}
+            xs: list[float] = []
+            for m in members:
+                cells = [_fmt_value(m.varying[k]) for k in keys]
+                x = m.varying[keys[0]]
+                if isinstance(x, (int, float)):
+                    xs.append(float(x))
+                for role in roles:
+                    per = [scores(r, role, source) for r in m.runs]
+                    for col, label in ((A_NAT, "A_nat"), (rob, "A_rob")):
+                        vals = [s[col] for s in per if col in s]
+                        cells.append(fmt_ms(vals))
+                        mean, std = mean_std(vals)
+                        line = plot_lines.setdefault(f"{role.upper()} {label}", ([], []))
+                        line[0].append(mean)
+                        line[1].append(std)
+                cells.append(str(len(m.runs)))
+                rows.append(cells)
+            if first:
+                self.blocks.append(Heading("Parameter sweeps (Table 1 layout)"))
+                first = False
+            method, dataset, arch = fam
+            where = "evaluation results in `eval/`" if source == "eval" else _metrics_protocol(runs)
+            self.blocks.append(
+                Heading(
+                    f"{METHOD_NAMES.get(method, method)} · {dataset} · {arch}: {', '.join(keys)}", 3
+                )
+            )
+            self.add_table(
+                Table(
+                    headers,
+                    rows,
+                    caption=f"Clean and robust accuracy of each model per {', '.join(keys)}; "
+                    f"from the {where}.",
+                    commands=(self.eval_commands(runs) if source == "eval" else [])
+                    + self.train_commands(runs),
+                    name=f"sweep_{method}_{dataset}_{arch}_{'_'.join(keys)}",
+                )
+            )
+            if len(keys) == 1 and len(xs) == len(members) and len(xs) > 1:
+                from actrain.analysis.plots import plot_sweep
+
+                path = self.out / f"sweep-{method}-{dataset}-{arch}-{keys[0]}.png"
+                lines = [(lab, ms, ss) for lab, (ms, ss) in plot_lines.items()]
+                plot_sweep(keys[0], xs, lines, path, title=f"{method} on {dataset}: {keys[0]}")
+                self.add_figure(
+                    path,
+                    f"Accuracy of {' and '.join(r.upper() for r in roles)} against {keys[0]} "
+                    f"({method}, {dataset}).",
+                )
+
+    def _label_for_path(self, p: str) -> str:
+        try:
+            rp = Path(p).resolve()
+        except OSError:
+            return Path(p).name
+        for g in self.groups:
+            for r in g.runs:
+                if r.path.resolve() == rp or rp.is_relative_to(r.path.resolve()):
+                    return g.short
+        return Path(p).name
+
+    def section_transfer(self) -> None:
+        entries = [t for r in self.runs for t in run_eval(r).transfer]
+        if not entries:
+            return
+        cells: dict[tuple[str, str], list[float]] = {}
+        targets: list[str] = []
+        surrogates: list[str] = []
+        for t in entries:
+            tgt, sur = self._label_for_path(t["target"]), self._label_for_path(t["surrogate"])
+            cells.setdefault((tgt, sur), []).append(t["rate"])
+            if tgt not in targets:
+                targets.append(tgt)
+            if sur not in surrogates:
+                surrogates.append(sur)
+        rows = [[t] + [fmt_ms(cells.get((t, s), [])) for s in surrogates] for t in targets]
+        self.blocks.append(Heading("Black-box transfer (Table 3 layout)"))
+        self.add_table(
+            Table(
+                ["Def \\ Sur", *surrogates],
+                rows,
+                caption="Success rate (%) of PGD adversarial examples made on the surrogate "
+                "(column) against the defence (row); lower = more robust.",
+                commands=self.eval_commands([r for r in self.runs if run_eval(r).transfer]),
+                name="table3_transfer",
+            )
+        )
+
+    def section_eps_sweep(self) -> None:
+        data: dict[tuple[str, str], dict[float, list[float]]] = {}
+        epss: set[float] = set()
+        for g in self.groups:
+            for r in g.runs:
+                for e in run_eval(r).eps_sweep:
+                    eps = round(e["eps"], 6)
+                    epss.add(eps)
+                    data.setdefault((g.short, e["role"]), {}).setdefault(eps, []).append(e["acc"])
+        if not data:
+            return
+        cols = sorted(epss)
+        headers = ["Defense"] + [_eps_label(e) for e in cols]
+        rows = []
+        for (label, role), by_eps in data.items():
+            name = label if role == "g" else f"{label} (F)"
+            rows.append([name] + [fmt_ms(by_eps.get(e, [])) for e in cols])
+        self.blocks.append(Heading("Accuracy against epsilon (Table 5 layout)"))
+        self.add_table(
+            Table(
+                headers,
+                rows,
+                caption="Robust accuracy (%) at each perturbation budget; it should fall "
+                "monotonically and reach 0 (section 4.5).",
+                commands=self.eval_commands([r for r in self.runs if run_eval(r).eps_sweep]),
+                name="table5_eps",
+            )
+        )
+
+    def section_sanity(self) -> None:
+        rows = []
+        for g in self.groups:
+            for r in g.runs:
+                for c in run_eval(r).sanity:
+                    verdict = {True: "pass", False: "FAIL"}.get(c["passed"], str(c["passed"]))
+                    who = f"{g.short} (seed {r.seed}, {r.name})"
+                    rows.append([who, c["role"].upper(), c["name"], verdict, c["detail"]])
+        if not rows:
+            return
+        self.blocks.append(Heading("Gradient-masking sanity checks"))
+        self.add_table(
+            Table(
+                ["Run", "Model", "Check", "Result", "Detail"],
+                rows,
+                commands=self.eval_commands([r for r in self.runs if run_eval(r).sanity]),
+                name="sanity",
+            )
+        )
+
+    def section_analyses(self) -> None:
+        from actrain.analysis.plots import plot_bars, plot_norms, plot_probe
+
+        analysed = [g for g in self.groups if any(r.analysis for r in g.runs)]
+        if not analysed:
+            self.blocks.append(Heading("Analyses"))
+            self.blocks.append(
+                Para(
+                    "No analyses in these runs: `actrain analyze RUN...` (or `actrain report "
+                    "--analyze`) adds model complexity, information compression and posterior "
+                    "entropy (Figures 3 and 4)."
+                )
+            )
+            return
+        cmds: list[str] = []
+        for g in analysed:
+            for r in g.runs:
+                c = (r.analysis or {}).get("command")
+                if c and c not in cmds:
+                    cmds.append(c)
+
+        def series(g: Group, role: str) -> str:
+            return g.short if role == "g" and len(g.roles) == 1 else f"{g.short} ({role.upper()})"
+
+        # Fig. 3 left: norms, one plot per (dataset, arch)
+        self.blocks.append(Heading("Model complexity (Fig. 3 left)"))
+        by_fam: dict[tuple[str, str], list[Group]] = {}
+        for g in analysed:
+            by_fam.setdefault((g.dataset, g.arch), []).append(g)
+        for (dataset, arch), gs in by_fam.items():
+            lines = []
+            layers: list[str] = []
+            table_cols: list[tuple[str, list[list[float]]]] = []
+            for g in gs:
+                for role in g.roles:
+                    reps = [
+                        [row["norm"] for row in r.analysis["models"][role]["norms"]]
+                        for r in g.runs
+                        if r.analysis and role in r.analysis.get("models", {})
+                    ]
+                    if not reps:
+                        continue
+                    if not layers:
+                        a = next(r.analysis for r in g.runs if r.analysis)
+                        layers = [row["layer"] for row in a["models"][role]["norms"]]
+                    lines.append((series(g, role), reps))
+                    table_cols.append((series(g, role), reps))
+            path = self.out / f"norms-{dataset}-{arch}.png"
+            plot_norms(lines, layers, path, title=f"Frobenius norms per layer: {arch} on {dataset}")
+            self.add_figure(
+                path, f"Frobenius norm of each learnable layer's weights, {arch} on {dataset}."
+            )
+            rows = []
+            for i, layer in enumerate(layers):
+                rows.append(
+                    [str(i + 1), layer]
+                    + [
+                        fmt_ms([rep[i] for rep in reps if i < len(rep)], 3)
+                        for _, reps in table_cols
+                    ]
+                )
+            rows.append(
+                ["", "sum"] + [fmt_ms([sum(rep) for rep in reps], 3) for _, reps in table_cols]
+            )
+            self.add_table(
+                Table(
+                    ["#", "Layer", *[n for n, _ in table_cols]],
+                    rows,
+                    caption=f"Frobenius norms ({arch}, {dataset}).",
+                    commands=cmds,
+                    name=f"norms_{dataset}_{arch}",
+                )
+            )
+
+        # Fig. 3 right: random-label probe, one plot per dataset
+        self.blocks.append(Heading("Information compression (Fig. 3 right)"))
+        by_ds: dict[str, list[Group]] = {}
+        for g in analysed:
+            by_ds.setdefault(g.dataset, []).append(g)
+        for dataset, gs in by_ds.items():
+            lines, rows = [], []
+            chance = None
+            settings = None
+            for g in gs:
+                for role in g.roles:
+                    probes = [
+                        r.analysis["models"][role]["probe"]
+                        for r in g.runs
+                        if r.analysis and role in r.analysis.get("models", {})
+                    ]
+                    if not probes:
+                        continue
+                    chance = probes[0]["chance_acc"]
+                    settings = probes[0]
+                    lines.append((series(g, role), [p["curve"] for p in probes]))
+                    rows.append(
+                        [
+                            series(g, role),
+                            fmt_ms([p["final_acc"] for p in probes]),
+                            fmt_ms([p["best_acc"] for p in probes]),
+                            f"{probes[0]['chance_acc']:.2f}",
+                            str(probes[0]["n"]),
+                            str(len(probes)),
+                        ]
+                    )
+            path = self.out / f"compression-{dataset}.png"
+            plot_probe(lines, path, chance=chance, title=f"Random-label probe on {dataset}")
+            self.add_figure(
+                path,
+                f"Accuracy of a 400-200 MLP on frozen penultimate features fitting fixed random "
+                f"binary labels of the {dataset} training images (lower = more compression).",
+            )
+            desc = ""
+            if settings:
+                desc = (
+                    f" MLP {settings['hidden']}, Adam lr {settings['lr']}, batch "
+                    f"{settings['batch_size']}, {settings['epochs']} epochs, "
+                    f"seed {settings['seed']}"
+                    + (", standardised features" if settings.get("standardize") else "")
+                    + "."
+                )
+            self.add_table(
+                Table(
+                    ["Model", "Final acc.", "Best acc.", "Chance", "Images", "Seeds"],
+                    rows,
+                    caption=f"Random-label fitting accuracy (%) on {dataset}.{desc}",
+                    commands=cmds,
+                    name=f"compression_{dataset}",
+                )
+            )
+
+        # Fig. 4: entropy bars per dataset
+        self.blocks.append(Heading("Posterior entropy (Fig. 4)"))
+        bars: dict[str, list[tuple[str, float, float]]] = {}
+        rows = []
+        for g in analysed:
+            for role in g.roles:
+                vals = [
+                    r.analysis["models"][role]["entropy"]
+                    for r in g.runs
+                    if r.analysis and role in r.analysis.get("models", {})
+                ]
+                if not vals:
+                    continue
+                m, s = mean_std(vals)
+                bars.setdefault(g.dataset, []).append((series(g, role), m, s))
+                rows.append(
+                    [g.dataset, f"{series(g, role)} · {g.arch}", fmt_ms(vals, 4), str(len(vals))]
+                )
+        path = self.out / "entropy.png"
+        refs = {}
+        for g in analysed:
+            spec_classes = _num_classes(g)
+            if spec_classes:
+                refs[g.dataset] = math.log(spec_classes)
+        plot_bars(
+            bars, path, "mean softmax entropy (nats)", "Average posterior entropy (Fig. 4)", refs
+        )
+        self.add_figure(path, "Average entropy of the softmax over the training images.")
+        self.add_table(
+            Table(
+                ["Dataset", "Model", "Mean entropy (nats)", "Seeds"],
+                rows,
+                caption="Mean posterior entropy over the training set; log(C) is the maximum.",
+                commands=cmds,
+                name="entropy",
+            )
+        )
+
+    def section_curves(self) -> None:
+        from actrain.analysis.plots import plot_training_curves
+
+        self.blocks.append(Heading("Training curves"))
+        for g in self.groups:
+            if not any(r.metrics for r in g.runs):
+                continue
+            roles = g.roles
+            panels = []
+            loss_lines = []
+            clean_lines = []
+            rob_lines = []
+            for role in roles:
+                R = role.upper()
+                for key, label, target in (
+                    (f"loss_{role}", f"{R} loss", loss_lines),
+                    (f"train_acc_{role}", f"{R} train", clean_lines),
+                ):
+                    reps, epochs = _series(g.runs, key)
+                    if reps:
+                        target.append((label, reps, epochs))
+                for prefix in ("test", "val"):
+                    reps, epochs = _series(g.runs, f"{prefix}_clean_acc_{role}")
+                    if reps:
+                        clean_lines.append((f"{R} {prefix} clean", reps, epochs))
+                    keys = sorted(
+                        {
+                            k
+                            for r in g.runs
+                            for rec in r.metrics
+                            for k in rec
+                            if re.fullmatch(rf"{prefix}_pgd\d+_acc_{role}", k)
+                        }
+                    )
+                    for k in keys:
+                        reps, epochs = _series(g.runs, k)
+                        steps = re.findall(r"pgd(\d+)", k)[0]
+                        rob_lines.append((f"{R} {prefix} PGD-{steps}", reps, epochs))
+            panels = [("training loss", loss_lines), ("clean accuracy (%)", clean_lines)]
+            if rob_lines:
+                panels.append(("robust accuracy (%)", rob_lines))
+            path = self.out / f"curves-{self.slug(g)}.png"
+            seeds = ", ".join(str(s) for s in g.seeds)
+            plot_training_curves(panels, path, title=f"{g.label} (seeds {seeds})")
+            self.add_figure(
+                path,
+                f"Training curves of {g.label}: mean over seeds {seeds} (band: ± std). "
+                "Train accuracy is measured on the training batches as each model trains on them "
+                "(adversarial for G, clean for F and natural training).",
+            )
+
+
+def _num_classes(g: Group) -> int | None:
+    try:
+        from actrain.data import get_dataset_info
+
+        n = getattr(get_dataset_info(g.dataset), "num_classes", None)
+        return int(n) if n else None
+    except Exception:  # noqa: BLE001 - a reference line is optional
+        return None
+
+
+def _series(runs: list[Run], key: str) -> tuple[list[list[float]], list[int]]:
+    reps: list[list[float]] = []
+    epochs: list[int] = []
+    for r in runs:
+        recs = [rec for rec in r.metrics if key in rec]
+        if recs:
+            reps.append([float(rec[key]) for rec in recs])
+            if len(recs) > len(epochs):
+                epochs = [int(rec["epoch"]) for rec in recs]
+    return reps, epochs
+
+
+def _eps_label(eps: float) -> str:
+    k = eps * 255
+    if abs(k - round(k)) < 1e-3:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
+
+
+def build_report(
+    runs: list[Run],
+    out_dir: str | Path,
+    *,
+    title: str = "actrain report",
+    command: str | None = None,
+    sections: Sequence[str] = SECTIONS,
+) -> dict[str, Any]:
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _EVAL_CACHE.clear()
+    builder = ReportBuilder(runs, out, title, command, sections)
+    blocks = builder.build()
+    stem = "report" if "runs" in sections else "analysis"
+    md = out / f"{stem}.md"
+    md.write_text(render_markdown(blocks))
+    page = out / f"{stem}.html"
+    page.write_text(render_html(blocks, out, title))
+    js = out / f"{stem}.json"
+    js.write_text(
+        json.dumps(
+            {
+                "title": title,
+                "command": command,
+                "runs": [str(r.path) for r in runs],
+                "groups": [
+                    {"label": g.label, "runs": [str(r.path) for r in g.runs], "seeds": g.seeds}
+                    for g in builder.groups
+                ],
+                "tables": builder.tables,
+                "figures": [p.name for p in builder.figures],
+            },
+            indent=2,
+        )
+    )
+    return {"markdown": md, "html": page, "json": js, "figures": builder.figures}
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["actrain", *argv])

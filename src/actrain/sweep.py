@@ -1,0 +1,199 @@
+"""``actrain sweep``: one training run per value of a parameter (Table 1's alpha sweep, seeds ...).
+
+Each run is ``python -m actrain train --config FILE --<param> VALUE --out DIR/<param>-<value>``
+in its own process (``--jobs N`` at a time), with its output in ``DIR/<param>-<value>.log``.
+``DIR/sweep.json`` lists the runs and is rewritten as they finish; a sweep that is started
+again skips finished runs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from actrain.checkpoint import atomic_write_text
+from actrain.commands import UsageError
+from actrain.config import FIELDS, build_config, load_yaml
+
+NOT_SWEEPABLE = ("out", "progress")
+BOOL_FLAGS = {
+    "download": ("--download", "--no-download"),
+    "channels_last": ("--channels-last", "--no-channels-last"),
+}
+
+
+def param_key(param: str) -> str:
+    key = param.strip().lstrip("-").replace("-", "_")
+    if key not in FIELDS or key in NOT_SWEEPABLE:
+        import difflib
+
+        close = difflib.get_close_matches(key, [k for k in FIELDS if k not in NOT_SWEEPABLE], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"--param: '{param}' is not a training option{hint}")
+    return key
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """``--set key=value`` overrides for every run of the sweep."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set: expected KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        out[param_key(k)] = v.strip()
+    return out
+
+
+def _flags(key: str, value: str) -> list[str]:
+    if key in BOOL_FLAGS:
+        on, off = BOOL_FLAGS[key]
+        return [on if str(value).lower() in ("1", "true", "yes") else off]
+    if key == "milestones":
+        return ["--milestones", *str(value).replace(",", " ").split()]
+    return ["--" + key.replace("_", "-"), str(value)]
+
+
+def _folder_value(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", value)
+
+
+def plan_sweep(
+    param: str,
+    values: list[str],
+    *,
+    config: str | None,
+    out_dir: str | Path,
+    sets: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One entry per value (``value``, ``out``, ``argv``); every config is validated first."""
+    key = param_key(param)
+    if not values:
+        raise UsageError("--param: give the parameter name and at least one value")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--param {param}: repeated values in {' '.join(values)}")
+    sets = dict(sets or {})
+    if key in sets:
+        raise UsageError(f"--set {key}=... conflicts with --param {param}")
+    file_values = load_yaml(config) if config else {}
+    out_dir = Path(out_dir)
+    plan = []
+    for v in values:
+        overrides: dict[str, Any] = {**sets, key: v}
+        if key == "milestones":
+            overrides[key] = v.replace(",", " ")
+        run_dir = out_dir / f"{key}-{_folder_value(v)}"
+        overrides["out"] = str(run_dir)
+        build_config(file_values, overrides)  # raises ConfigError naming the bad value
+        argv = [sys.executable, "-m", "actrain", "train"]
+        if config:
+            argv += ["--config", str(config)]
+        for k, sv in sets.items():
+            argv += _flags(k, sv)
+        argv += _flags(key, v)
+        argv += ["--out", str(run_dir), "--no-progress"]
+        plan.append({"value": v, "out": str(run_dir), "argv": argv})
+    return plan
+
+
+def _state(run_dir: Path) -> str:
+    final = run_dir / "final.json"
+    if final.is_file():
+        try:
+            if json.loads(final.read_text()).get("status") == "finished":
+                return "finished"
+        except (OSError, json.JSONDecodeError):
+            pass
+    if (run_dir / "checkpoint.pt").is_file():
+        return "partial"
+    return "new"
+
+
+def run_sweep(
+    plan: list[dict[str, Any]],
+    *,
+    out_dir: str | Path,
+    param: str,
+    config: str | None,
+    sets: dict[str, str],
+    jobs: int = 1,
+    command: str | None = None,
+    echo=print,
+) -> dict[str, Any]:
+    """Launch the planned runs, ``jobs`` processes at a time; write and return ``sweep.json``."""
+    if jobs < 1:
+        raise UsageError(f"--jobs: must be >= 1, got {jobs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "param": param_key(param),
+        "values": [p["value"] for p in plan],
+        "config": config,
+        "sets": sets,
+        "jobs": jobs,
+        "command": command,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "runs": [
+            {"value": p["value"], "out": p["out"], "status": "pending", "log": None} for p in plan
+        ],
+    }
+    sweep_json = out_dir / "sweep.json"
+
+    def save() -> None:
+        atomic_write_text(sweep_json, json.dumps(doc, indent=2))
+
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    queue = list(range(len(plan)))
+    running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+    save()
+    while queue or running:
+        while queue and len(running) < jobs:
+            i = queue.pop(0)
+            entry, p = doc["runs"][i], plan[i]
+            state = _state(Path(p["out"]))
+            if state == "finished":
+                entry.update(status="finished", returncode=0, note="already finished; skipped")
+                echo(f"[{i + 1}/{len(plan)}] {doc['param']}={p['value']}: already finished")
+                continue
+            argv = list(p["argv"]) + (["--resume"] if state == "partial" else [])
+            log_path = out_dir / f"{Path(p['out']).name}.log"
+            log = open(log_path, "a")  # noqa: SIM115 - closed when the process ends
+            log.write(f"$ {shlex.join(argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[i] = (proc, log, time.perf_counter())
+            entry.update(status="running", log=str(log_path), argv=argv)
+            verb = "resuming" if state == "partial" else "started"
+            echo(f"[{i + 1}/{len(plan)}] {doc['param']}={p['value']}: {verb} -> {p['out']}")
+            save()
+        time.sleep(0.2)
+        for i, (proc, log, t0) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del running[i]
+            entry = doc["runs"][i]
+            entry.update(
+                status="finished" if rc == 0 else "failed",
+                returncode=rc,
+                seconds=round(time.perf_counter() - t0, 2),
+            )
+            msg = f"finished in {entry['seconds']:.1f}s" if rc == 0 else f"FAILED (exit {rc})"
+            echo(f"[{i + 1}/{len(plan)}] {doc['param']}={plan[i]['value']}: {msg}")
+            if rc != 0:
+                tail = Path(entry["log"]).read_text().strip().splitlines()[-3:]
+                for line in tail:
+                    echo(f"    {line}")
+            save()
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save()
+    return doc

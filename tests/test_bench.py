@@ -1,0 +1,150 @@
+"""The fast training path computes what the plain path computes; the benchmark reports it.
+
+No timing is asserted anywhere: these tests check results (identical in fp32, within bf16
+tolerance otherwise) and the benchmark's output format.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from actrain import bench
+from actrain.attacks import LinfBall, pgd
+from actrain.cli import main
+from actrain.losses import act_attack_objective
+from actrain.models import create_model
+from actrain.runtime import AttackView, attack_model
+
+TINY = {"arch": "resnet18", "width": 4, "batch_size": 8, "steps": 2, "device": "cpu"}
+
+
+def _pair(method: str, **kw):
+    """A synthetic-data Trainer and a plain reference starting from the same weights."""
+    spec = bench.BenchSpec(method=method, **{**TINY, **kw})
+    cfg = spec.train_config()
+    torch.manual_seed(0)
+    trainer = bench.synthetic_trainer(cfg)
+    ref = bench.PlainReference(cfg, in_channels=3, num_classes=10)
+    ref.load_from(trainer.models)
+    x, y = next(bench.endless_batches(trainer.data.train))
+    return trainer, ref, x, y
+
+
+def _params(models) -> dict[str, torch.Tensor]:
+    return {
+        f"{r}.{k}": v.detach().clone() for r, m in models.items() for k, v in m.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("method", ["act", "madry", "trades", "natural"])
+def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
+    trainer, ref, x, y = _pair(method, precision="fp32")
+    assert trainer.precision == "fp32" and not trainer.channels_last
+    assert not bench.fold_active(trainer)  # fp32 keeps the plain attack path by default
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    for role, loss in ref_losses.items():
+        assert torch.equal(out["losses"][role].detach(), loss), role
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert torch.equal(mine[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("method", ["act", "madry"])
+def test_bf16_fast_step_matches_the_plain_step_within_tolerance(method):
+    trainer, ref, x, y = _pair(method, precision="bf16")
+    assert trainer.channels_last and bench.fold_active(trainer)
+    before = _params(trainer.models)
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=0.05, atol=0.02), role
+    # The update (gradient step incl. momentum and weight decay) points the same way; bf16
+    # rounding and the bf16 attack's slightly different x_adv move it a little.
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for role in ref_losses:
+        keys = [k for k in mine if k.startswith(f"{role}.") and "running" not in k]
+        keys = [k for k in keys if mine[k].is_floating_point()]
+        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
+        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
+        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.75, role
+
+
+def _trained_bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=4, num_classes=10)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_attack_view_folds_bn_exactly_and_leaves_the_model_alone():
+    model = _trained_bn_model().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    view = AttackView(model)
+    assert len(view.pairs) == 20  # every conv of ResNet-18 is followed by its BN
+    x = torch.rand(6, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = view.module.eval()(x)
+    model.train()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.training
+    # Shared tensors follow the model; folded ones follow it after refresh().
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    view.refresh()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(view.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+    assert attack_model(model, fold_bn=False) is model
+    assert attack_model(model, fold_bn=True) is attack_model(model, fold_bn=True)
+
+
+def test_pgd_on_the_folded_view_finds_the_same_attack_in_fp32():
+    model = _trained_bn_model()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    ref = torch.randn(16, 10)
+    objective = lambda lg: act_attack_objective(lg, ref, y, 0.9)  # noqa: E731
+    threat = LinfBall(8 / 255, 2 / 255)
+    torch.manual_seed(3)
+    plain = pgd(model, x, objective, threat, 5, "gaussian")
+    torch.manual_seed(3)
+    folded = pgd(attack_model(model, fold_bn=True), x, objective, threat, 5, "gaussian")
+    assert ((plain - folded).abs() < 1e-6).float().mean() > 0.99
+    with torch.no_grad():
+        model.eval()
+        assert abs(float(objective(model(folded))) - float(objective(model(plain)))) < 1e-2
+
+
+def test_bench_json_has_the_reported_keys(capsys):
+    argv = ["bench", "--width", "2", "--batch-size", "4", "--steps", "1", "--iters", "1"]
+    assert main([*argv, "--warmup", "0", "--reference-iters", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("images_per_s", "ms_per_step", "breakdown_ms", "peak_mem_mb", "overhead_ratio"):
+        assert key in result
+    assert set(result["breakdown_ms"]) == {"attack", "g_update", "f_update", "data", "other"}
+    assert result["images_per_s"] > 0 and result["speedup_vs_reference"] > 0
+    assert result["method"] == "act" and result["steps"] == 1
+
+
+def test_bench_rejects_bad_flags(capsys):
+    assert main(["bench", "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert main(["bench", "--method", "nope"]) == 2

@@ -1,0 +1,280 @@
+"""Faults, bad input and unsafe files: each behaviour of issue 4, on small real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actrain import cli
+from actrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from actrain.config import build_config
+from actrain.errors import TrainingStopped
+from actrain.train import run_training
+
+FAST = [
+    "--dataset", "digits", "--arch", "small_cnn", "--width", "8", "--batch-size", "64",
+    "--eps", "0.1", "--step-size", "0.025", "--steps", "3", "--precision", "fp32",
+    "--eval-every", "0", "--no-progress", "--device", "cpu", "--lr", "0.05",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _actrain(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "actrain", *args], capture_output=True, text=True, env=ENV, **kw
+    )
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "actrain", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for role in ("g", "f"):
+        for k, v in load_file(str(run / f"model_{role}.safetensors")).items():
+            out[f"{role}.{k}"] = v
+    return out
+
+
+# ---- faults -----------------------------------------------------------------------------------
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+    args = [*FAST, "--method", "act", "--epochs", "4", "--checkpoint-every", "5", "--deterministic"]
+    ref = _actrain("train", *args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+
+    run = tmp_path / "killed"
+    proc = _start("train", *args, "--out", str(run))
+    _wait_for(run / "checkpoint.pt", proc)
+    time.sleep(random.uniform(0.0, 0.8))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final.json").exists(), "the run finished before it could be killed"
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["batch"]) != (4, 0)
+
+    res = _actrain("train", "--resume", str(run), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    a, b = _weights(tmp_path / "ref"), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_sigterm_writes_checkpoint_and_exits_75(tmp_path):
+    run = tmp_path / "run"
+    proc = _start("train", *FAST, "--method", "madry", "--epochs", "6", "--checkpoint-every",
+                  "3", "--out", str(run))  # fmt: skip
+    _wait_for(run / "checkpoint.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert "Traceback" not in err
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["epoch"] * 23 + ckpt["batch"] == ckpt["global_step"]  # 23 batches per epoch
+    assert not (run / "final.json").exists()
+    res = _actrain("train", "--resume", str(run))
+    assert res.returncode == 0, res.stderr
+    assert (run / "model_g.safetensors").is_file()
+
+
+def test_atomic_checkpoint_keeps_previous_on_failed_write(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+def test_disk_full_on_save_stops_with_message(tmp_path, monkeypatch):
+    import actrain.train as T
+
+    cfg = build_config({}, _cfg_values(tmp_path, epochs=3))
+    calls = {"n": 0}
+    real = T.save_checkpoint
+
+    def flaky(path, state):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", flaky)
+    with pytest.raises(TrainingStopped, match="No space left on device.*previous checkpoint"):
+        run_training(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def _cfg_values(tmp_path: Path, **kw) -> dict:
+    return {
+        "method": "natural", "dataset": "digits", "arch": "small_cnn", "width": 8,
+        "batch_size": 64, "precision": "fp32", "eval_every": 0, "progress": False,
+        "device": "cpu", "out": str(tmp_path / "run"), **kw,
+    }  # fmt: skip
+
+
+def test_nan_loss_stops_naming_step_and_model(tmp_path):
+    cfg = build_config({}, _cfg_values(tmp_path, epochs=2, lr=1e12, momentum=0.0))
+    with pytest.raises(TrainingStopped, match=r"non-finite loss at epoch 1, step \d+, model G"):
+        run_training(cfg)
+
+
+def test_nan_policy_skip_counts_bad_batches(tmp_path):
+    cfg = build_config({}, _cfg_values(tmp_path, epochs=1, lr=1e12, momentum=0.0,
+                                       nan_policy="skip"))  # fmt: skip
+    run = run_training(cfg)
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["skipped_batches"] > 0
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *FAST, "--method", "natural", "--epochs", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    before = (out / "model_g.safetensors").read_bytes()
+    assert cli.main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model_g.safetensors").read_bytes() == before
+    assert cli.main([*args, "--overwrite", "--seed", "3"]) == 0
+    assert (out / "model_g.safetensors").read_bytes() != before
+
+
+# ---- unsafe and broken files ------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_forged_pickle_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "x": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_gives_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--method", "natural", "--epochs", "1",
+                     "--out", str(out)]) == 0  # fmt: skip
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    (out / "model_g.safetensors").write_bytes(b"garbage")
+    assert cli.main(["eval", str(out), "--no-progress"]) == 2
+    assert "cannot read weights" in capsys.readouterr().err
+
+
+def test_weights_from_another_architecture_name_the_mismatch(tmp_path, capsys):
+    from actrain.checkpoint import save_weights
+    from actrain.models import create_model
+
+    small = create_model("small_cnn", num_classes=10, in_channels=1, width=8)
+    big = create_model("small_cnn", num_classes=10, in_channels=1, width=16)
+    small.spec = big.spec  # header says width 16, tensors are width 8
+    save_weights(tmp_path / "w.safetensors", small, {"config": {"dataset": "digits"}})
+    assert cli.main(["eval", str(tmp_path / "w.safetensors"), "--no-progress"]) == 2
+    assert "does not match the architecture: shape of" in capsys.readouterr().err
+
+
+def test_resume_with_different_config_lists_differences(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *FAST, "--method", "natural", "--epochs", "1",
+                     "--out", str(out)]) == 0  # fmt: skip
+    assert cli.main(["train", "--resume", str(out), "--lr", "0.3", "--eps", "8/255"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: saved 0.05 vs given 0.3" in err and "eps: saved" in err
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0  # allowed change
+
+
+# ---- bad input: one line, exit 2, no traceback, before any data is loaded ---------------------
+BAD = [
+    (["--method", "actt"], "did you mean 'act'"),
+    (["--arch", "resnt18"], "did you mean 'resnet18'"),
+    (["--dataset", "cifar-1O"], "unknown dataset"),
+    (["--eps", "abc"], "--eps: expected a number or fraction"),
+    (["--eps", "-0.1"], "--eps: must be in [0, 1]"),
+    (["--step-size", "2"], "--step-size: must be in [0, 1]"),
+    (["--alpha", "1.5"], "--alpha: must be in [0, 1]"),
+    (["--beta", "-1"], "--beta: must be >= 0"),
+    (["--steps", "-1"], "--steps: must be >= 0"),
+    (["--milestones", "60", "30"], "--milestones: must be strictly increasing"),
+    (["--epochs", "10", "--milestones", "5", "20"], "--milestones: must lie in 1..epochs"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--data-dir", "/nonexistent/folder"], "--data-dir: folder does not exist"),
+    (["--resume", "/nonexistent/run"], "--resume: no checkpoint"),
+    (["--nan-policy", "ignore"], "--nan-policy"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_flags_exit_2_with_one_line(args, message, capsys):
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_config_files(tmp_path, capsys):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("method: act\nalpah: 0.5\n")
+    assert cli.main(["train", "--config", str(bad_key)]) == 2
+    assert "unknown keys: alpah; did you mean 'alpha'" in capsys.readouterr().err
+    bad_yaml = tmp_path / "b.yaml"
+    bad_yaml.write_text("method: act\neps: [0.1\nalpha: 0.5\n")
+    assert cli.main(["train", "--config", str(bad_yaml)]) == 2
+    assert "invalid YAML at line" in capsys.readouterr().err
+
+
+def test_wrong_data_layout_and_offline_download(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["train", "--no-progress", "--out", str(tmp_path / "r"), "--data-dir", str(empty)]
+    assert cli.main([*base, "--dataset", "cifar10", "--no-download"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10 not found" in err and "train/<class>" in err
+    assert cli.main([*base, "--dataset", "mnist", "--overwrite"]) == 2  # download fails offline
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback():
+    res = _actrain("train", "--alpha", "2")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "actrain train: error: --alpha: must be in [0, 1], got 2.0"

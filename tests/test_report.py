@@ -1,0 +1,389 @@
+"""``actrain report`` and ``actrain sweep`` on tiny real runs on sklearn's digits."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import statistics
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from actrain.analysis.analyze import analyze_run
+from actrain.cli import main
+from actrain.config import build_config
+from actrain.evaluate import evaluate_run, write_json
+from actrain.report import fmt_ms, mean_std
+from actrain.train import run_training
+
+TINY = dict(
+    dataset="digits",
+    arch="small_cnn",
+    width=16,
+    train_subset=600,
+    epochs=3,
+    batch_size=32,
+    lr=0.05,
+    eps=0.1,
+    step_size=0.05,
+    steps=2,
+    eval_every=1,
+    eval_size=100,
+    eval_steps=2,
+    precision="fp32",
+    device="cpu",
+    progress=False,
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and does not slow down on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    """Madry with seeds 0 and 1 (each with a real PGD eval JSON), ACT seed 0; all analysed."""
+    root = tmp_path_factory.mktemp("report-runs")
+    out = {}
+    for name, method, seed in (
+        ("madry-s0", "madry", 0),
+        ("madry-s1", "madry", 1),
+        ("act", "act", 0),
+    ):
+        cfg = build_config({}, {**TINY, "method": method, "seed": seed, "out": str(root / name)})
+        out[name] = run_training(cfg)
+    for name in ("madry-s0", "madry-s1"):
+        res = evaluate_run(
+            str(out[name]),
+            steps=3,
+            restarts=1,
+            eps=0.1,
+            step_size=0.05,
+            test_subset=60,
+            device="cpu",
+            progress=False,
+        )
+        write_json(res, str(out[name] / "eval" / "pgd3.json"))
+    for path in out.values():
+        analyze_run(path, max_samples=100, probe_epochs=2, command=f"actrain analyze {path}")
+    return out
+
+
+def last_eval(run: Path) -> dict:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "test_clean_acc_g" in r][-1]
+
+
+def row_of(md: str, table_header_start: str, first_cells: str) -> list[str]:
+    """Cells of the first row starting with ``first_cells`` in the table after a header line."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(table_header_start))
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if line.startswith(first_cells):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {first_cells!r} in table {table_header_start!r}")
+
+
+def test_mean_std_is_sample_std():
+    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1, 2, 4])))
+    assert fmt_ms([80.0, 82.0]) == "81.00 ± 1.41"
+    assert fmt_ms([80.0]) == "80.00"
+    assert fmt_ms([]) == "–"
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    rc = main(["report", *(str(p) for p in runs.values()), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_report_files_and_images(report):
+    md = (report / "report.md").read_text()
+    html = (report / "report.html").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == 5  # norms, probe curves, entropy bars, 2 training-curve figures
+    for name in images:
+        assert (report / name).read_bytes()[:8] == PNG_MAGIC
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(embedded) == len(images)
+    assert all(base64.b64decode(b)[:8] == PNG_MAGIC for b in embedded)
+    assert 'src="' not in html.replace('src="data:image/png;base64,', "")  # self-contained
+
+    class Check(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.tables = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("img", "meta", "br"):
+                self.stack.append(tag)
+            self.tables += tag == "table"
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+    checker = Check()
+    checker.feed(html)
+    separators = [line for line in md.splitlines() if line.startswith("|---")]
+    assert checker.stack == [] and checker.tables == len(separators) == 6
+
+
+def test_report_tables_hold_metrics_mean_and_std(runs, report):
+    md = (report / "report.md").read_text()
+    m0, m1 = last_eval(runs["madry-s0"]), last_eval(runs["madry-s1"])
+    row = row_of(
+        md,
+        "| Architecture | Dataset | Defense | A_nat | A_rob PGD-2",
+        "| small_cnn | digits | Madry |",
+    )
+    nat = [m0["test_clean_acc_g"], m1["test_clean_acc_g"]]
+    rob = [m0["test_pgd2_acc_g"], m1["test_pgd2_acc_g"]]
+    expected_nat = f"{statistics.fmean(nat):.2f} ± {statistics.stdev(nat):.2f}"
+    expected_rob = f"{statistics.fmean(rob):.2f} ± {statistics.stdev(rob):.2f}"
+    assert row[3:6] == [expected_nat, expected_rob, "2"]
+    act = last_eval(runs["act"])
+    row_f = row_of(
+        md,
+        "| Architecture | Dataset | Defense | A_nat | A_rob PGD-2",
+        "| small_cnn | digits | ACT (F) |",
+    )
+    assert row_f[3:5] == [f"{act['test_clean_acc_f']:.2f}", f"{act['test_pgd2_acc_f']:.2f}"]
+    assert "actrain train --arch small_cnn" in md and "--seed 1" in md  # commands listed
+    tables = json.loads((report / "report.json").read_text())["tables"]
+    assert tables["table2_metrics"]["rows"][0][3] == expected_nat
+
+
+def test_report_eval_table_from_eval_json(runs, report):
+    md = (report / "report.md").read_text()
+    evals = [
+        json.loads((runs[n] / "eval" / "pgd3.json").read_text()) for n in ("madry-s0", "madry-s1")
+    ]
+    row = row_of(
+        md,
+        "| Architecture | Dataset | Defense | A_nat | A_rob PGD-3",
+        "| small_cnn | digits | Madry |",
+    )
+    assert row[3] == fmt_ms([e["clean_acc"] for e in evals])
+    assert row[4] == fmt_ms([e["robust_acc"] for e in evals])
+    assert "## Evaluation (Table 2 layout)" in md and "## During-training evaluation" in md
+    assert f"actrain eval {runs['madry-s0']} --steps 3 --restarts 1" in md
+
+
+def test_report_analyses_from_analysis_json(runs, report):
+    md = (report / "report.md").read_text()
+    act = json.loads((runs["act"] / "analysis" / "analysis.json").read_text())
+    for role in ("g", "f"):
+        ent = act["models"][role]["entropy"]
+        row = row_of(md, "| Dataset | Model | Mean entropy", f"| digits | ACT ({role.upper()})")
+        assert row[2] == f"{ent:.4f}"
+        probe = row_of(md, "| Model | Final acc.", f"| ACT ({role.upper()})")
+        assert probe[1] == f"{act['models'][role]['probe']['final_acc']:.2f}"
+    ms = [
+        json.loads((runs[n] / "analysis" / "analysis.json").read_text())
+        for n in ("madry-s0", "madry-s1")
+    ]
+    classifier = [m["models"]["g"]["norms"][-1]["norm"] for m in ms]
+    row = row_of(md, "| # | Layer |", "| 4 | classifier |")
+    assert row[2] == fmt_ms(classifier, 3)
+    for heading in (
+        "Model complexity (Fig. 3 left)",
+        "Information compression (Fig. 3 right)",
+        "Posterior entropy (Fig. 4)",
+        "Training curves",
+    ):
+        assert f"## {heading}" in md
+
+
+def test_report_reads_suite_style_eval_json(runs, tmp_path):
+    """The layout of `actrain eval --suite paper` and of a transfer matrix, nested results."""
+    run = tmp_path / "act-copy"
+    shutil.copytree(runs["act"], run)
+    pgd = {"attack": {"norm": "Linf", "eps": 0.1, "restarts": 5, "loss": "ce"}, "n": 50}
+    suite = {
+        "run": str(run),
+        "model": "g",
+        "n": 50,
+        "pgd": {
+            "20": {
+                **pgd,
+                "clean_acc": 91.0,
+                "robust_acc": 60.0,
+                "attack": {**pgd["attack"], "name": "PGD-20", "steps": 20},
+            },
+            "100": {
+                **pgd,
+                "clean_acc": 91.0,
+                "robust_acc": 58.5,
+                "attack": {**pgd["attack"], "name": "PGD-100", "steps": 100},
+            },
+        },
+        "clean_acc": 91.0,
+        "robust_acc": 60.0,
+        "robust_acc_attack": "PGD-20x5",
+        "min_perturbation": {
+            "fgsm-k": {"mean": 0.0812, "n_correct": 45},
+            "pgd-search": {"mean": 0.0655},
+        },
+        "eps_sweep": {
+            "rows": [
+                {"eps_255": 1, "eps": 1 / 255, "robust_acc": 88.0},
+                {"eps_255": 5, "eps": 5 / 255, "robust_acc": 70.0},
+            ]
+        },
+        "black_box": {"square": {"robust_acc": 75.0, "n": 50}},
+        "sanity": {
+            "passed": True,
+            "checks": [
+                {
+                    "name": "white-box beats black-box",
+                    "status": "pass",
+                    "passed": True,
+                    "detail": "60.00% vs 75.00%",
+                },
+                {
+                    "name": "AutoAttack <= PGD",
+                    "status": "skipped",
+                    "passed": None,
+                    "detail": "needs AutoAttack",
+                },
+            ],
+        },
+        "settings": {"eps_sweep": [1, 5], "sanity": True},
+        "indices": list(range(50)),
+    }
+    f_result = {
+        "run": str(run),
+        "model": "f",
+        "clean_acc": 95.0,
+        "robust_acc": 40.0,
+        "n": 50,
+        "attack": {"name": "PGD-20", "steps": 20, "restarts": 5, "eps": 0.1},
+    }
+    matrix = {
+        "surrogates": [str(runs["madry-s0"]), str(run)],
+        "targets": [str(run)],
+        "success_rate": {str(run): {str(runs["madry-s0"]): 12.5, str(run): 30.0}},
+        "n": 50,
+    }
+    (run / "eval").mkdir(exist_ok=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(run / "eval" / "examples.png")
+    suite["examples_png"] = "examples.png"  # Fig. 2 grid of --save-examples, beside the JSON
+    (run / "eval" / "suite.json").write_text(json.dumps(suite))
+    (run / "eval" / "f.json").write_text(json.dumps(f_result))
+    (run / "eval" / "transfer.json").write_text(json.dumps(matrix))
+    out = tmp_path / "rep"
+    assert main(["report", str(run), str(runs["madry-s0"]), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    header = (
+        "| Architecture | Dataset | Defense | A_nat | A_rob PGD-3 | A_rob PGD-20 | A_rob PGD-100 "
+        "| A_rob Square | Min. perturbation (fgsm-k) | Min. perturbation (pgd-search)"
+    )
+    row = row_of(md, header, "| small_cnn | digits | ACT (G) |")
+    assert row[3:10] == ["91.00", "–", "60.00", "58.50", "75.00", "0.08120", "0.06550"]
+    row_f = row_of(md, header, "| small_cnn | digits | ACT (F) |")
+    assert row_f[3:7] == ["95.00", "–", "40.00", "–"]
+    assert row_of(md, "| Defense | 1/255 | 5/255", "| ACT") == ["ACT", "88.00", "70.00"]
+    assert row_of(md, "| Def \\ Sur | Madry | ACT", "| ACT") == ["ACT", "12.50", "30.00"]
+    assert (
+        "| ACT (seed 0, act-copy) | G | white-box beats black-box | pass | 60.00% vs 75.00% |" in md
+    )
+    assert "| AutoAttack <= PGD | skipped |" in md
+    assert "## Minimal adversarial examples (Fig. 2)" in md
+    assert (out / "examples-ACT_digits_small_cnn-s0-g.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_runs_one_per_value_and_report_tabulates_it(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "".join(f"{k}: {v}\n" for k, v in {**TINY, "method": "act", "epochs": 1}.items())
+    )
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--param", "alpha", "0.3", "0.7", "--config", str(cfg), "--out", str(out)]
+    assert main([*argv, "--jobs", "2"]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["param"] == "alpha" and doc["values"] == ["0.3", "0.7"]
+    assert [r["status"] for r in doc["runs"]] == ["finished", "finished"]
+    for v in ("0.3", "0.7"):
+        config = json.loads((out / f"alpha-{v}" / "config.json").read_text())
+        assert config["alpha"] == float(v) and config["method"] == "act" and config["epochs"] == 1
+    assert main([*argv, "--jobs", "1"]) == 0  # again: finished runs are skipped
+    assert "already finished" in capsys.readouterr().out
+
+    rep = tmp_path / "rep"
+    assert main(["report", str(out), "--out", str(rep)]) == 0
+    md = (rep / "report.md").read_text()
+    assert "## Parameter sweeps (Table 1 layout)" in md
+    for v in ("0.3", "0.7"):
+        m = last_eval(out / f"alpha-{v}")
+        row = row_of(
+            md, "| alpha | G A_nat | G A_rob (PGD-2) | F A_nat | F A_rob (PGD-2)", f"| {v} |"
+        )
+        assert row[1:5] == [
+            f"{m[k]:.2f}"
+            for k in ("test_clean_acc_g", "test_pgd2_acc_g", "test_clean_acc_f", "test_pgd2_acc_f")
+        ]
+    assert "actrain sweep --param alpha 0.3 0.7" in md
+    assert (rep / "sweep-act-digits-small_cnn-alpha.png").is_file()
+
+
+def test_sweep_rejects_mistakes_before_launching(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--param", "alpah", "0.1", "--out", str(out)]) == 2
+    assert "did you mean 'alpha'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "sweep",
+                "--param",
+                "alpha",
+                "0.5",
+                "1.5",
+                "--set",
+                "dataset=digits",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "--alpha" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        main(
+            [
+                "sweep",
+                "--param",
+                "seed",
+                "0",
+                "1",
+                "--set",
+                "dataset=digits",
+                "--set",
+                "epochs=2",
+                "--out",
+                str(out),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("--epochs 2" in x and "--dataset digits" in x for x in lines)
+    assert lines[1].endswith(f"--seed 1 --out {out / 'seed-1'} --no-progress")
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
