@@ -148,3 +148,28 @@ def test_bench_rejects_bad_flags(capsys):
     assert main(["bench", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
     assert main(["bench", "--method", "nope"]) == 2
+
+
+def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    argv = [
+        "bench",
+        "--all",
+        "--widths",
+        "2",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--precision",
+        "fp32",
+    ]
+    assert (
+        main([*argv, "--iters", "1", "--warmup", "0", "--reference-iters", "1", "--out", str(out)])
+        == 0
+    )
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 5  # header, four methods and the plain-levers ACT row
+    assert "Plain fp32 NCHW reference ACT step, width 2" in table
+    assert table in capsys.readouterr().out

@@ -87,18 +87,18 @@ def test_pgd_at_least_as_strong_as_torchattacks_and_fgsm(digits_model, digits_xy
     x, y = digits_xy
     kw = dict(eps=EPS, step_size=0.01, steps=20)
     ours, theirs = [], []
-    for seed in range(3):  # average out the random starts of both implementations
+    for seed in range(2):  # average out the random starts of both implementations
         ours.append(robust_accuracy(digits_model, x, y, restarts=1, seed=seed, **kw))
         torch.manual_seed(seed)
         ta_pgd = torchattacks.PGD(digits_model, eps=EPS, alpha=0.01, steps=20, random_start=True)
         x_pgd = ta_pgd(x, y)
         with torch.no_grad():
             theirs.append(100 * (digits_model(x_pgd).argmax(1) == y).float().mean().item())
-    mean_ours = sum(o["robust_acc"] for o in ours) / 3
+    mean_ours = sum(o["robust_acc"] for o in ours) / 2
     assert ours[0]["clean_acc"] > 85  # the model has learnt the task
     assert 0 < mean_ours < ours[0]["clean_acc"]
     tol = 2.0  # two examples of 100: randomness of the start points
-    assert mean_ours <= sum(theirs) / 3 + tol, (mean_ours, theirs)
+    assert mean_ours <= sum(theirs) / 2 + tol, (mean_ours, theirs)
     # the paper's protocol (5 restarts, worst case) beats every single torchattacks run
     five = robust_accuracy(digits_model, x, y, restarts=5, seed=0, **kw)
     assert five["robust_acc"] <= min(theirs)
@@ -136,9 +136,10 @@ def test_worst_case_over_restarts_and_early_stop(digits_model, digits_xy):
 
 def test_minimum_perturbation_is_below_every_attack_found(digits_model, digits_xy):
     x, y = digits_xy
+    x, y = x[:50], y[:50]
     fk = fgsm_k_minimum_perturbation(digits_model, x, y)
     ps = pgd_search_minimum_perturbation(
-        digits_model, x, y, start=fk, generator=torch.Generator().manual_seed(0)
+        digits_model, x, y, start=fk, search_steps=6, generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
         clean_ok = digits_model(x).argmax(1) == y
@@ -182,10 +183,10 @@ def _sanity_opts(**kw) -> EvalOptions:
         step_size=0.01,
         restarts=1,
         suite="sanity",
-        pgd_steps=(10, 40),
-        eps_sweep=(5, 25, 50, 100),
-        sweep_steps=20,
-        square_queries=300,
+        pgd_steps=(5, 20),
+        eps_sweep=(10, 50, 100),
+        sweep_steps=10,
+        square_queries=200,
         autoattack=False,
         progress=False,
     )
@@ -207,30 +208,40 @@ def test_sanity_checks_pass_on_sound_model_and_catch_masked_gradients(digits_mod
     assert status["white-box beats black-box"] == "FAIL"
     assert status["accuracy reaches 0 at large eps"] == "FAIL"
     # white-box PGD looks far stronger on the masked model than it is
-    assert masked["pgd"]["10"]["robust_acc"] > sound["pgd"]["10"]["robust_acc"] + 20
-    assert masked["black_box"]["square"]["robust_acc"] < masked["pgd"]["40"]["robust_acc"]
+    assert masked["pgd"]["20"]["robust_acc"] > sound["pgd"]["20"]["robust_acc"] + 20
+    assert masked["black_box"]["square"]["robust_acc"] < masked["pgd"]["20"]["robust_acc"]
 
 
 @pytest.fixture(scope="module")
 def cifar_model(cifar_dir):
-    train = load_split("cifar10", "train", cifar_dir, subset=600, seed=0)
+    """An undefended MLP fitted for a few seconds to 1000 real CIFAR-10 training images."""
+    train = load_split("cifar10", "train", cifar_dir, subset=1000, seed=0)
     torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=10, in_channels=3, width=8)
-    return _fit(model, train.images.float() / 255, train.labels, epochs=6, lr=0.05, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 256), nn.ReLU(), nn.Linear(256, 10))
+    return _fit(model, train.images.float() / 255, train.labels, epochs=30, lr=0.01, seed=0)
 
 
-def test_undefended_cifar10_goes_to_zero_and_autoattack_agrees(cifar_model, cifar_dir):
+def test_undefended_cifar10_goes_to_zero(cifar_model, cifar_dir):
     test = load_split("cifar10", "test", cifar_dir, subset=100, seed=0)
     x, y = test.images.float() / 255, test.labels
     assert len(set(y.tolist())) == 10 and test.indices.unique().numel() == 100
-    r = robust_accuracy(cifar_model, x, y, eps=8 / 255, steps=20, restarts=1)
-    assert r["clean_acc"] >= 20  # well above chance (10%) after a few seconds of training
-    assert r["robust_acc"] <= 1.0
-    aa = autoattack_accuracy(cifar_model, x, y, eps=8 / 255)
+    r = robust_accuracy(cifar_model, x, y, eps=8 / 255, steps=20, restarts=5)
+    assert r["clean_acc"] >= 30  # well above chance (10%) after a few seconds of training
+    assert r["robust_acc"] <= 3.0  # the paper's A_rob protocol: PGD-20 x 5, step 0.003
+
+
+def test_autoattack_standard_is_at_most_pgd(digits_model, digits_xy):
+    x, y = digits_xy[0][:20], digits_xy[1][:20]
+    eps = 0.15
+    r = robust_accuracy(digits_model, x, y, eps=eps, step_size=0.01, steps=20, restarts=5)
+    aa = autoattack_accuracy(digits_model, x, y, eps=eps)
     assert aa["clean_acc"] == r["clean_acc"]
-    assert aa["robust_acc"] <= r["robust_acc"]
-    assert list(aa["robust_acc_after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert aa["attack"]["version"] == "standard"
+    assert aa["robust_acc"] <= r["robust_acc"] < r["clean_acc"]
+    after = aa["robust_acc_after"]
+    assert list(after) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(after.values()) == sorted(after.values(), reverse=True)  # a cascade
+    assert after["square"] == aa["robust_acc"]
+    assert aa["attack"]["version"] == "standard" and aa["attack"]["square_queries"] == 5000
 
 
 @pytest.fixture(scope="module")

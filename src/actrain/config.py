@@ -90,6 +90,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     nan_policy: str = "stop"  # stop | skip
     deterministic: bool = False
+    # torchrun (issue 5): batch_size is per process; see docs/distributed.md
+    sync_bn: bool = False  # batch-norm statistics over the global batch
+    scale_lr: bool = False  # lr x number of processes (off: the paper keeps 0.1 at 4 x 128)
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU), nccl or gloo
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +115,11 @@ RESUMABLE_CHANGES = {
     "nan_policy",
     "data_dir",
     "deterministic",
+    # torchrun (issue 5): a run may resume on another number of processes, so the per-process
+    # batch may change with it (the position in an epoch is converted by examples seen)
+    "batch_size",
+    "sync_bn",
+    "dist_backend",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FRACTION_FIELDS = ("eps", "step_size", "eval_step_size")
@@ -329,3 +338,5 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--nan-policy: must be stop or skip, got {cfg.nan_policy}")
     if cfg.eval_every < 0:
         raise ConfigError(f"--eval-every: must be >= 0, got {cfg.eval_every}")
+    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"--dist-backend: must be auto, nccl or gloo, got {cfg.dist_backend}")

@@ -97,6 +97,9 @@ class ACT(Method):
     4. The shared loop steps both optimisers.
     """
 
+    # issue 5: this process's share of the global batch (1/N under torchrun with N processes).
+    batch_fraction: float = 1.0
+
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__("act", ("g", "f"), start="gaussian", cfg=cfg)
 
@@ -106,8 +109,16 @@ class ACT(Method):
     def attack_objective(self, ctx, y):
         ref = ctx["logits_f"].detach()
         cfg = self.cfg
-        return lambda logits_adv: L.act_attack_objective(
-            logits_adv, ref, y, cfg.alpha, cfg.attack_temperature, cfg.attack_kl_reduction
+        a, t, red = cfg.alpha, cfg.attack_temperature, cfg.attack_kl_reduction
+        s = self.batch_fraction
+        if s == 1.0 or red != "sum":
+            return lambda logits_adv: L.act_attack_objective(logits_adv, ref, y, a, t, red)
+        # Under torchrun each process attacks its own shard. With the summed KL the CE mean
+        # sets the balance of the two terms, so it is taken over the global batch (x s), as
+        # one process with the whole batch would: the same attack whatever the process count.
+        return lambda logits_adv: (
+            (1.0 - a) * s * L.act_attack_objective(logits_adv, ref, y, 0.0, t, red)
+            + a * L.act_attack_objective(logits_adv, ref, y, 1.0, t, red)
         )
 
     def losses(self, models, x, x_adv, y, ctx):

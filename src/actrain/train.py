@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from actrain import data as D
+from actrain import distributed
 from actrain.attacks import LinfBall, pgd, pgd_robustness
 from actrain.checkpoint import (
     CHECKPOINT,
@@ -37,7 +38,8 @@ from actrain.checkpoint import (
     save_weights,
 )
 from actrain.config import ConfigError, TrainConfig
-from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped
+from actrain.data.sampling import mix_seed
+from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
 from actrain.methods import Method, build_method
 from actrain.models import create_model
 from actrain.runtime import (
@@ -106,10 +108,18 @@ class RunData:
     classes: list[str] = field(default_factory=list)
 
 
-def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> RunData:
+def build_data(
+    cfg: TrainConfig,
+    device: torch.device,
+    channels_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RunData:
+    """Training batches of this process's shard (``rank`` of ``world_size``; batch size per
+    process) and the full evaluation set (every process holds it; evaluation splits it)."""
     info = D.get_dataset_info(cfg.dataset)
     if not info.in_memory:
-        return build_folder_data(cfg, device, channels_last)
+        return build_folder_data(cfg, device, channels_last, rank, world_size)
     train = D.load_split(
         cfg.dataset,
         "train",
@@ -144,6 +154,8 @@ def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> R
         augment=info.augment,
         drop_last=False,
         seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
         channels_last=channels_last,
     )
     ex = evalset.images.to(device).float().div_(255)
@@ -154,7 +166,13 @@ def build_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> R
     )
 
 
-def build_folder_data(cfg: TrainConfig, device: torch.device, channels_last: bool) -> RunData:
+def build_folder_data(
+    cfg: TrainConfig,
+    device: torch.device,
+    channels_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RunData:
     """ImageNet-style folders: streamed training batches, a fixed balanced evaluation subset."""
     if cfg.data_dir is None:
         raise ConfigError("--data-dir: required for --dataset imagefolder (train/ and val/ inside)")
@@ -164,6 +182,8 @@ def build_folder_data(cfg: TrainConfig, device: torch.device, channels_last: boo
         device=device,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
         channels_last=channels_last,
     )
     targets = torch.tensor(evaluation.folder.targets)
@@ -188,7 +208,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.device = resolve_device(cfg.device)
+        # Under torchrun (issue 5): this process's device and place in the job; SINGLE otherwise.
+        self.device = resolve_device(distributed.device_name(cfg.device))
+        self.dist = distributed.init(self.device, cfg.dist_backend)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.channels_last = (
             cfg.channels_last if cfg.channels_last is not None else self.precision != "fp32"
@@ -199,7 +221,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
-        self.data = build_data(cfg, self.device, self.channels_last)
+        if self.dist.enabled and hasattr(self.method, "batch_fraction"):
+            self.method.batch_fraction = 1.0 / self.dist.world_size  # ACT's attack (issue 5)
+        self.data = build_data(
+            cfg, self.device, self.channels_last, self.dist.rank, self.dist.world_size
+        )
         self.threat = LinfBall(cfg.eps, cfg.step_size)
         self.models: dict[str, nn.Module] = {}
         self.specs: dict[str, dict] = {}
@@ -208,11 +234,31 @@ class Trainer:
             model = create_model(**kw).to(self.device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
+            if cfg.sync_bn and self.dist.enabled:
+                model = distributed.convert_sync_batchnorm(model, self.device)
             self.models[role] = model
             self.specs[role] = model.spec
+        # The modules the training forwards go through: DistributedDataParallel wrappers under
+        # torchrun (gradients averaged over processes), the models themselves otherwise. The
+        # attack, evaluation and checkpoints use the plain models (self.models).
+        self.train_models: dict[str, nn.Module] = self.models
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            # Buffers (BN running statistics) are broadcast from rank 0 once per step, before
+            # the attack, instead of at every forward (see _sync_buffers).
+            self.train_models = {
+                r: DDP(m, device_ids=ids, forward_sync_buffers=False)
+                for r, m in self.models.items()
+            }
+        self.lr_scale = self.dist.world_size if cfg.scale_lr else 1
         self.optimizers = {
             r: torch.optim.SGD(
-                m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                m.parameters(),
+                lr=cfg.lr * self.lr_scale,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
             )
             for r, m in self.models.items()
         }
@@ -228,6 +274,9 @@ class Trainer:
         self.stop_signal: str | None = None
         if resume:
             self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
+        if self.dist.rank > 0:
+            # Attack starts: every process draws its own noise for its own shard.
+            torch.manual_seed(mix_seed(cfg.seed, self.dist.rank, self.global_step))
 
     def _fresh_partial(self) -> dict[str, Any]:
         roles = self.method.roles
@@ -242,7 +291,10 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         """Algorithm 1 for ACT (and the same shape for every other method)."""
-        method, models = self.method, self.models
+        # Training forwards go through the DDP wrappers under torchrun (issue 5).
+        method, models = self.method, self.train_models
+        if self.dist.enabled:
+            self._sync_buffers()
         for m in models.values():
             m.train()
         with self.autocast():
@@ -250,14 +302,18 @@ class Trainer:
         if method.adversarial and self.cfg.steps > 0:
             objective = method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
             # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
-            g = attack_model(models["g"], getattr(self, "fold_bn", None), self.precision)
+            # The attack runs on the plain G: input gradients only, no gradient all-reduce.
+            g = attack_model(self.models["g"], getattr(self, "fold_bn", None), self.precision)
             x_adv = pgd(g, x, objective, self.threat, self.cfg.steps, method.start, self.autocast)
         else:
             x_adv = x
         with self.autocast():
             out = method.losses(models, x, x_adv, y, ctx)  # ACT: L_G(delta*), L_F(delta*)
         total = sum(out.losses.values())
-        if not bool(torch.isfinite(total)):
+        finite = bool(torch.isfinite(total))
+        if self.dist.enabled:  # every process skips, or none does (else DDP would hang)
+            finite = not bool(distributed.all_reduce_(torch.tensor([float(not finite)]), "max"))
+        if not finite:
             return {"losses": out.losses, "logits": out.logits, "finite": False}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -276,7 +332,7 @@ class Trainer:
             initial=self.batch,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             unit="batch",
-            disable=not self.cfg.progress,
+            disable=not (self.cfg.progress and self.dist.is_main),
             leave=False,
             file=sys.stderr,
         )
@@ -294,6 +350,7 @@ class Trainer:
                     acc["correct"][r] += (out["logits"][r].detach().argmax(1) == y).sum()
             self.batch += 1
             self.global_step += 1
+            distributed.inject_fault(self.global_step)
             bar.update(1)
             if self.cfg.progress and (self.batch % 10 == 0 or self.batch == len(loader)):
                 seen = max(acc["seen"], 1)
@@ -304,27 +361,57 @@ class Trainer:
                     | {"img/s": f"{rate:.0f}"}
                 )
             every = self.cfg.checkpoint_every
-            if self.stop_signal or (every and self.global_step % every == 0):
+            stop = self._stop_requested()
+            if stop or (every and self.global_step % every == 0):
                 acc["seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if self.batch < len(loader):
                     self.save_checkpoint()
-                if self.stop_signal and self.batch < len(loader):
+                if stop and self.batch < len(loader):
                     bar.close()
                     self._stop_for_signal()
         bar.close()
         acc["seconds"] += time.perf_counter() - t0
-        seen = max(acc["seen"], 1)
+        tot = self._global_partial()  # summed over processes under torchrun
+        seen = max(tot["seen"], 1)
         stats: dict[str, float] = {
             "train_seconds": acc["seconds"],
-            "images_per_s": acc["seen"] / max(acc["seconds"], 1e-9),
+            "images_per_s": tot["seen"] / max(acc["seconds"], 1e-9),
         }
         for r in roles:
-            stats[f"loss_{r}"] = acc["loss"][r].item() / seen
-            stats[f"train_acc_{r}"] = 100.0 * acc["correct"][r].item() / seen
-        if acc["skipped"]:
-            stats["skipped_batches"] = acc["skipped"]
+            stats[f"loss_{r}"] = tot[f"loss_{r}"] / seen
+            stats[f"train_acc_{r}"] = 100.0 * tot[f"correct_{r}"] / seen
+        if tot["skipped"]:
+            stats["skipped_batches"] = int(tot["skipped"])
         return stats
+
+    # ---- several processes (issue 5) --------------------------------------------------------
+    def _global_partial(self) -> dict[str, float]:
+        """This epoch's metric sums so far, over all processes (this process's alone otherwise)."""
+        acc = self.partial
+        sums: dict[str, Any] = {"seen": acc["seen"], "skipped": acc["skipped"]}
+        for r in self.method.roles:
+            sums[f"loss_{r}"] = acc["loss"][r]
+            sums[f"correct_{r}"] = acc["correct"][r]
+        if not self.dist.enabled:
+            return {
+                k: float(v.item()) if isinstance(v, Tensor) else float(v) for k, v in sums.items()
+            }
+        return distributed.reduce_sums(sums, self.device)
+
+    def _stop_requested(self) -> bool:
+        """A signal was received: by this process, or under torchrun by any (all agree)."""
+        if not self.dist.enabled:
+            return bool(self.stop_signal)
+        flag = torch.tensor([float(self.stop_signal is not None)])
+        if bool(distributed.all_reduce_(flag, "max")) and self.stop_signal is None:
+            self.stop_signal = "a signal to another process"
+        return self.stop_signal is not None
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's batch-norm running statistics on every process (DDP's convention)."""
+        for m in self.models.values():
+            distributed.broadcast_buffers(m)
 
     def _non_finite(self, losses: dict[str, Tensor]) -> None:
         bad = [r.upper() for r, v in losses.items() if not bool(torch.isfinite(v))]
@@ -352,12 +439,17 @@ class Trainer:
             return {}
         cfg = self.cfg
         step = cfg.eval_step_size if cfg.eval_step_size is not None else cfg.step_size
-        # Its own generator: evaluating must not change the training run's random stream.
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.epoch)
+        # Its own generators: evaluating must not change the training run's random stream. One
+        # per chunk of EVAL_BATCH examples (the first seeded as before), so that under torchrun
+        # the chunks can be split over processes and the numbers stay the same.
+        base = cfg.seed * 1000 + self.epoch
+        starts = distributed.shard_starts(len(y), EVAL_BATCH)
         stats: dict[str, float] = {}
         for role, model in self.models.items():
             clean = robust = 0
-            for s in range(0, len(y), EVAL_BATCH):
+            for s in starts:
+                seed = base if s == 0 else mix_seed(base, s)
+                gen = torch.Generator(device=self.device).manual_seed(seed)
                 res = pgd_robustness(
                     model,
                     x[s : s + EVAL_BATCH],
@@ -371,19 +463,25 @@ class Trainer:
                 )
                 clean += int(res.clean_correct.sum())
                 robust += int(res.robust.sum())
+            if self.dist.enabled:
+                tot = distributed.reduce_sums({"c": clean, "r": robust}, self.device)
+                clean, robust = int(tot["c"]), int(tot["r"])
             stats[f"{self.data.eval_name}_clean_acc_{role}"] = 100.0 * clean / len(y)
             stats[f"{self.data.eval_name}_pgd{cfg.eval_steps}_acc_{role}"] = 100.0 * robust / len(y)
         return stats
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.epoch >= cfg.epochs:
+        main = self.dist.is_main
+        if self.epoch >= cfg.epochs and main:
             print(f"run already finished ({self.epoch}/{cfg.epochs} epochs)", file=sys.stderr)
         with self._signals():
             while self.epoch < cfg.epochs:
                 epoch = self.epoch
                 lr = self.optimizers["g"].param_groups[0]["lr"]
                 record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
+                if self.dist.enabled:
+                    self._sync_buffers()  # evaluate and save rank 0's BN statistics
                 last = epoch + 1 == cfg.epochs
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
                     t0 = time.perf_counter()
@@ -395,13 +493,15 @@ class Trainer:
                 self.epoch, self.batch = epoch + 1, 0
                 self.partial = self._fresh_partial()
                 self.save_checkpoint()
-                with open(self.run_dir / METRICS, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                print(format_record(record), file=sys.stderr, flush=True)
-                if self.stop_signal and self.epoch < cfg.epochs:
+                if main:
+                    with open(self.run_dir / METRICS, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    print(format_record(record), file=sys.stderr, flush=True)
+                if self._stop_requested() and self.epoch < cfg.epochs:
                     self._stop_for_signal()
         record = self.history[-1] if self.history else {}
-        self.save_final(record)
+        if main:
+            self.save_final(record)
         return record
 
     @contextlib.contextmanager
@@ -433,21 +533,41 @@ class Trainer:
 
     # ---- persistence ----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Every process calls this (metric sums are reduced); only rank 0 writes."""
         acc = self.partial
+        part: dict[str, Any] = {
+            "loss": {r: v.detach().cpu() for r, v in acc["loss"].items()},
+            "correct": {r: v.detach().cpu() for r, v in acc["correct"].items()},
+            "seen": acc["seen"],
+            "skipped": acc["skipped"],
+            "seconds": acc["seconds"],
+        }
+        if self.dist.enabled:
+            tot = self._global_partial()
+            part["loss"] = {r: torch.tensor(tot[f"loss_{r}"]) for r in self.method.roles}
+            part["correct"] = {r: torch.tensor(int(tot[f"correct_{r}"])) for r in self.method.roles}
+            part["seen"], part["skipped"] = int(tot["seen"]), int(tot["skipped"])
+        error = None
+        if self.dist.is_main:
+            error = self._write_checkpoint(part)
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise TrainingStopped(error, EXIT_FAILED)
+
+    def _write_checkpoint(self, part: dict[str, Any]) -> str | None:
         state = {
             "epoch": self.epoch,
             "batch": self.batch,
             "global_step": self.global_step,
+            # issue 5: what the position and the lr refer to, for resuming on another
+            # number of processes
+            "world_size": self.dist.world_size,
+            "global_batch": self.cfg.batch_size * self.dist.world_size,
+            "lr_scale": self.lr_scale,
             "models": {r: m.state_dict() for r, m in self.models.items()},
             "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
             "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
-            "partial": {
-                "loss": {r: v.detach().cpu() for r, v in acc["loss"].items()},
-                "correct": {r: v.detach().cpu() for r, v in acc["correct"].items()},
-                "seen": acc["seen"],
-                "skipped": acc["skipped"],
-                "seconds": acc["seconds"],
-            },
+            "partial": part,
             "history": json.dumps(self.history),
             "rng": rng_state(),
             "specs": json.dumps(self.specs),
@@ -456,11 +576,11 @@ class Trainer:
         try:
             save_checkpoint(self.run_dir / CHECKPOINT, state)
         except OSError as exc:
-            raise TrainingStopped(
+            return (
                 f"cannot write the checkpoint in {self.run_dir} ({exc.strerror or exc});"
-                " the previous checkpoint is kept",
-                EXIT_FAILED,
-            ) from None
+                " the previous checkpoint is kept"
+            )
+        return None
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         for r, m in self.models.items():
@@ -476,7 +596,10 @@ class Trainer:
         self.batch = int(ckpt.get("batch", 0))
         self.global_step = int(ckpt.get("global_step", 0))
         self.history = json.loads(ckpt.get("history", "[]"))
+        self._adapt_to_world(ckpt)
         part = ckpt.get("partial")
+        if part is not None and self.batch and not self.dist.is_main:
+            part = None  # the saved sums are over all processes: rank 0 carries them on
         if part is not None and self.batch:
             self.partial = {
                 "loss": {r: v.to(self.device) for r, v in part["loss"].items()},
@@ -487,9 +610,39 @@ class Trainer:
             }
         # metrics.jsonl is rewritten from the checkpoint so a kill between the two never
         # leaves a duplicated or missing epoch line.
-        atomic_write_text(
-            self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
-        )
+        if self.dist.is_main:
+            atomic_write_text(
+                self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
+            )
+
+    def _adapt_to_world(self, ckpt: dict[str, Any]) -> None:
+        """A checkpoint from another number of processes (or per-process batch): the position
+        in the epoch is converted through the examples already seen, and with --scale-lr the
+        learning rate follows the new number of processes."""
+        global_batch = self.cfg.batch_size * self.dist.world_size
+        saved_batch = int(ckpt.get("global_batch", global_batch))
+        if self.batch and saved_batch != global_batch:
+            seen = self.batch * saved_batch
+            if seen % global_batch:
+                raise ConfigError(
+                    f"--resume: the checkpoint is {self.batch} steps of {saved_batch} examples"
+                    f" into epoch {self.epoch + 1}, which is not a whole number of steps of the"
+                    f" new global batch ({self.cfg.batch_size} x {self.dist.world_size}"
+                    f" processes = {global_batch}); resume with a global batch dividing"
+                    f" {seen}, or from an end-of-epoch checkpoint"
+                )
+            self.batch = seen // global_batch
+        saved_scale = float(ckpt.get("lr_scale", 1))
+        if saved_scale != self.lr_scale:
+            ratio = self.lr_scale / saved_scale
+            for r, opt in self.optimizers.items():
+                for group in opt.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+                sched = self.schedulers[r]
+                sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+                sched._last_lr = [g["lr"] for g in opt.param_groups]
 
     def save_final(self, record: dict[str, Any]) -> None:
         meta = {
@@ -570,17 +723,64 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, overwrite)
+    """Train ``cfg``; under torchrun every process calls this and rank 0 writes the run folder."""
+    if not distributed.launched():
+        return _run_training(cfg, resume, overwrite, distributed.SINGLE)
+    device = resolve_device(distributed.device_name(cfg.device))
+    try:
+        d = distributed.init(device, cfg.dist_backend)
+        run_dir = _run_training(cfg, resume, overwrite, d)
+    except (UserError, TrainingStopped) as exc:
+        # Same message, naming the process (every process may report the same problem).
+        env = distributed.env_info()
+        msg = f"{exc} [rank {env.rank}/{env.world_size}]"
+        if isinstance(exc, TrainingStopped):
+            raise TrainingStopped(msg, exc.exit_code) from None
+        raise type(exc)(msg) from None
+    except BaseException as exc:
+        distributed.report_failure(exc)
+        raise
+    distributed.cleanup()
+    return run_dir
+
+
+def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distributed.DistInfo) -> Path:
+    if resume:
+        run_dir = Path(cfg.out)
+    else:
+        # Rank 0 chooses and prepares the folder; the others learn its name (or its error).
+        answer: tuple[str | None, str | None] = (None, None)
+        if d.is_main:
+            try:
+                answer = (str(prepare_run_dir(cfg, overwrite)), None)
+            except ConfigError as exc:
+                answer = (None, str(exc))
+        answer = distributed.broadcast_object(answer)
+        if answer[1] is not None:
+            raise ConfigError(answer[1])
+        run_dir = Path(answer[0])
+        cfg.out = str(run_dir)
     trainer = Trainer(cfg, run_dir, resume=resume)
-    # Written once data and models are built, so a run that failed to start blocks nothing;
-    # on resume it records the allowed changes (such as more epochs).
-    atomic_write_text(run_dir / CONFIG, cfg.to_json())
     roles = "+".join(r.upper() for r in trainer.method.roles)
-    print(
-        f"actrain: {cfg.method} on {cfg.dataset} ({trainer.data.train.num_examples} train images),"
-        f" {cfg.arch} [{roles}], device {trainer.device}, precision {trainer.precision},"
-        f" batch {cfg.batch_size}, epochs {trainer.epoch + 1}..{cfg.epochs} -> {run_dir}",
-        file=sys.stderr,
-    )
+    if d.is_main:
+        # Written once data and models are built, so a run that failed to start blocks
+        # nothing; on resume it records the allowed changes (such as more epochs).
+        atomic_write_text(run_dir / CONFIG, cfg.to_json())
+        distributed.mark_run_dir(run_dir)
+        batch = f"batch {cfg.batch_size}"
+        if d.enabled:
+            batch = (
+                f"batch {cfg.batch_size} per process x {d.world_size} processes"
+                f" = global batch {cfg.batch_size * d.world_size} ({d.backend},"
+                f" lr {cfg.lr * trainer.lr_scale:g}{' scaled' if cfg.scale_lr else ''},"
+                f" {'sync' if cfg.sync_bn else 'per-process'} BN)"
+            )
+        print(
+            f"actrain: {cfg.method} on {cfg.dataset}"
+            f" ({trainer.data.train.num_examples} train images), {cfg.arch} [{roles}],"
+            f" device {trainer.device}, precision {trainer.precision}, {batch},"
+            f" epochs {trainer.epoch + 1}..{cfg.epochs} -> {run_dir}",
+            file=sys.stderr,
+        )
     trainer.fit()
     return run_dir

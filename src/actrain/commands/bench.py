@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-iters", type=int, default=2)
     p.add_argument("--no-reference", dest="reference", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time, robust to other load when --threads 1",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (list for --all)")
     p.add_argument(
         "--all",
@@ -82,6 +88,7 @@ def _spec(ns: argparse.Namespace):
         reference=ns.reference,
         reference_iters=ns.reference_iters,
         seed=ns.seed,
+        clock=ns.clock,
     )
 
 

@@ -148,6 +148,11 @@ def _default_eps(path: str) -> float:
 
 
 def run(ns: argparse.Namespace) -> int:
+    # ---- issue 5: under torchrun, PGD batches are split over processes; rank 0 reports ----
+    from actrain.distributed import eval_setup
+
+    ns = eval_setup(ns)
+    # ---- end issue 5 ----
     from actrain.config import parse_fraction
     from actrain.evaluation import aggregate, markdown, table3
     from actrain.evaluation.sanity import format_checks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-workers", type=int, help="DataLoader workers for image folders")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="per process (128)")
+    g.add_argument("--batch-size", type=int, help="per process (128); global = this x processes")
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float, help="5e-4 (TRADES: 2e-4)")
@@ -69,6 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (0)")
     g.add_argument("--nan-policy", help="stop (default) or skip batches with a non-finite loss")
     g.add_argument("--deterministic", action="store_true", help="bitwise-reproducible resume")
+    g = p.add_argument_group("several processes (torchrun -m actrain train ...)")
+    g.add_argument(
+        "--sync-bn", action="store_true", help="batch-norm statistics over the global batch"
+    )
+    g.add_argument(
+        "--scale-lr", action="store_true", help="multiply --lr by the number of processes"
+    )
+    g.add_argument("--dist-backend", help="auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     p.set_defaults(func=run)
 
 
@@ -94,6 +103,16 @@ def run(ns: argparse.Namespace) -> int:
         cfg = resume_config(run_dir, overrides)
     else:
         cfg = build_config(file_values, given)
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and cfg.out:
+            # torchrun --max-restarts restarted this job: continue its own run folder.
+            from actrain.distributed import restart_plan
+
+            plan = restart_plan(Path(cfg.out))
+            if plan == "resume":
+                resume = True
+                cfg = resume_config(Path(cfg.out), {**file_values, **given})
+            elif plan == "overwrite":
+                overwrite = True
     from actrain.train import run_training  # torch is imported only once the input is valid
 
     run_training(cfg, resume=bool(resume), overwrite=overwrite)

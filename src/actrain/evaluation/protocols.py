@@ -107,7 +107,13 @@ def robust_accuracy(
     name = f"PGD-{steps}x{restarts}" + (f" targeted-{targeted}" if targeted else "")
     bar = _bar(len(y), name, progress)
     t0 = time.perf_counter()
-    for s in range(0, len(y), batch_size):
+    # ---- issue 5 (torchrun): each process takes every N-th batch; one generator per batch ----
+    from actrain import distributed
+
+    starts = distributed.shard_starts(len(y), batch_size)
+    for s in starts:
+        gen = distributed.batch_generator(device, seed, s)
+        # ---- end issue 5 ----
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         ranks = range(1, targeted + 1) if targeted else [0]
         alive = None
@@ -146,6 +152,16 @@ def robust_accuracy(
         done = s + len(yb)
         bar.set_postfix(clean=f"{_pct(clean, done):.1f}", robust=f"{_pct(robust, done):.1f}")
     bar.close()
+    # ---- issue 5 (torchrun): counts and per-example results of all processes ----
+    tot, whole = distributed.combine_eval(
+        {"clean": clean, "robust": robust, "passes": passes},
+        {"robust": robust_mask, "clean": clean_mask, "x_adv": x_adv_all},
+        starts,
+        batch_size,
+    )
+    clean, robust, passes = int(tot["clean"]), int(tot["robust"]), int(tot["passes"])
+    robust_mask, clean_mask, x_adv_all = whole["robust"], whole["clean"], whole["x_adv"]
+    # ---- end issue 5 ----
     n = len(y)
     full_cost = n * (1 + max(targeted, 1) * restarts * (steps + 1))
     return {

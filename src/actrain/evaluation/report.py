@@ -200,7 +200,8 @@ def markdown(results: list[dict[str, Any]], agg: dict[str, Any] | None = None) -
         parts.append("### White-box robustness (Table 2)\n\n" + t2)
     t5 = table5(rows)
     if t5:
-        parts.append("### Accuracy vs eps, PGD-100 (Table 5)\n\n" + t5)
+        k = rows[0][1]["eps_sweep"]["attack"]["name"]
+        parts.append(f"### Accuracy vs eps, {k} (Table 5)\n\n" + t5)
     if results and results[0].get("transfer"):
         parts.append("### Black-box transfer (Table 3)\n\n" + table3(results[0]["transfer"]))
     for r in results:
