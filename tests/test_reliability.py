@@ -278,3 +278,34 @@ def test_bad_input_in_a_subprocess_has_no_traceback():
     res = _actrain("train", "--alpha", "2")
     assert res.returncode == 2
     assert res.stderr.strip() == "actrain train: error: --alpha: must be in [0, 1], got 2.0"
+
+
+def test_unwritable_output_folder_is_caught_at_start(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["train", *FAST, "--epochs", "1", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot write to" in err and len(err.strip().splitlines()) == 1
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    run = tmp_path / "run"
+    # a slow step (wide model, many attack steps) so both signals land inside one step
+    proc = _start("train", *FAST, "--method", "act", "--epochs", "50", "--width", "96",
+                  "--steps", "200", "--batch-size", "512", "--out", str(run))  # fmt: skip
+    _wait_for(run / "config.json", proc)  # written once data and models are built
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    # Two signals of one kind that arrive before Python runs its handler count as one, so the
+    # second is sent only once the first has been handled (its message is on stderr).
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "SIGINT received" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (run / "checkpoint.pt").exists()  # no waiting for the step to finish

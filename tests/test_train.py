@@ -182,7 +182,7 @@ def test_resume_continues_from_saved_epoch_bitwise(tmp_path):
 
 
 def test_cifar10_subset_every_method_learns(cifar_dir, tmp_path):
-    """A few hundred real CIFAR-10 images: loss falls and clean accuracy beats chance."""
+    """600 real CIFAR-10 images: loss falls and clean accuracy beats chance."""
     for method in ("natural", "madry", "trades", "act"):
         cfg = build_config(
             {},
@@ -192,11 +192,11 @@ def test_cifar10_subset_every_method_learns(cifar_dir, tmp_path):
                 "data_dir": cifar_dir,
                 "arch": "resnet18",
                 "width": 8,
-                "train_subset": 400,
+                "train_subset": 600,
                 "test_subset": 200,
                 "eval_size": 200,
                 "eval_steps": 3,
-                "epochs": 6,
+                "epochs": 8,
                 "milestones": [],
                 "batch_size": 50,
                 "lr": 0.05,

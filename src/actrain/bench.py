@@ -312,7 +312,7 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
     models, precision and attack model: the attack (K passes with input gradients only; TRADES
     adds its eval-mode forward), G's forward/backward and F's."""
     method, models, cfg, device = trainer.method, trainer.models, trainer.cfg, trainer.device
-    fold = getattr(trainer, "fold_bn", None)
+    fold = trainer.fold_bn
     for m in models.values():
         m.train()
     with trainer.autocast(), torch.no_grad():
@@ -357,12 +357,12 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
 def fold_active(trainer: T.Trainer) -> bool:
     """Whether the trainer's attack passes run on a BN-folded view of G."""
     g = trainer.models["g"]
-    return attack_model(g, getattr(trainer, "fold_bn", None), trainer.precision) is not g
+    return attack_model(g, trainer.fold_bn, trainer.precision) is not g
 
 
 def _compile(trainer: T.Trainer) -> None:
     """torch.compile every model and G's attack model (BN-folded view when folding is on)."""
-    fold = getattr(trainer, "fold_bn", None)
+    fold = trainer.fold_bn
     g = trainer.models["g"]
     view = AttackView(g) if attack_model(g, fold, trainer.precision) is not g else None
     train_models = getattr(trainer, "train_models", trainer.models)

@@ -272,6 +272,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.partial = self._fresh_partial()
         self.stop_signal: str | None = None
+        self.fold_bn: bool | None = None  # None: fold BN for attack passes unless fp32 (issue 7)
         if resume:
             self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
         if self.dist.rank > 0:
@@ -303,7 +304,7 @@ class Trainer:
             objective = method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
             # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
             # The attack runs on the plain G: input gradients only, no gradient all-reduce.
-            g = attack_model(self.models["g"], getattr(self, "fold_bn", None), self.precision)
+            g = attack_model(self.models["g"], self.fold_bn, self.precision)
             x_adv = pgd(g, x, objective, self.threat, self.cfg.steps, method.start, self.autocast)
         else:
             x_adv = x
