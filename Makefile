@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean repro-cpu repro-alpha
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest tests
+
+# CPU-scale reproduction of the paper (docs/reproduction.md); resumable.
+repro-cpu: $(STAMP)
+	scripts/repro.sh table2
+
+repro-alpha: $(STAMP)
+	scripts/repro.sh alpha
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -37,9 +37,11 @@ TIMEOUT = 240  # a hang would fail here instead of blocking the suite
 
 def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = (), env=None):
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra, "-m", "actrain", *args]
+    # stdin from /dev/null: with pytest's stdin, workers that torchrun restarts never connect
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=env or ENV, timeout=TIMEOUT, check=False
-    )
+        cmd, capture_output=True, text=True, env=env or ENV, timeout=TIMEOUT, check=False,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -98,6 +100,20 @@ def test_dying_rank_fails_the_job_naming_it(tmp_path):
     assert r.returncode != 0
     assert "rank 1/2 (local rank 1) failed: injected failure after step 2" in r.stderr
     assert not (out / "final.json").exists()
+
+
+def test_max_restarts_resumes_from_the_last_checkpoint(runs, tmp_path):
+    """A rank dies after step 3; torchrun restarts the job, which resumes from the checkpoint
+    written at step 2 and ends where the uninterrupted 2-process run ended."""
+    out = tmp_path / "run"
+    env = {**ENV, "ACTRAIN_FAULT_AT": "1:3"}
+    args = ("train", *ACT, "--batch-size", "16", "--checkpoint-every", "2", "--out", str(out))
+    r = _torchrun(*args, extra=("--max-restarts", "1"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "injected failure after step 3" in r.stderr  # it did fail once ...
+    assert (out / "final.json").exists()  # ... and the restarted job finished the run
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    _assert_close(runs["two"], out)
 
 
 def test_distributed_eval_equals_single_process(tmp_path):
