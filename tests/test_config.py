@@ -51,7 +51,8 @@ def test_defaults_are_the_paper_setup():
 
 def test_every_preset_parses():
     files = sorted((ROOT / "configs").rglob("*.yaml"))
-    assert len(files) >= 16
+    assert len(files) >= 24
+    assert len([f for f in files if f.parent.name == "fast"]) == 8  # issue 8's presets
     for f in files:
         values = load_yaml(f)
         values.pop("data_dir", None)  # placeholders for the user's own folders

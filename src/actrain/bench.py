@@ -10,6 +10,9 @@ time, augmentation included, is part of what is measured. Next to it the benchma
 * a *plain reference*: the same step written the straightforward way, fp32, NCHW, PyTorch
   defaults, as the authors' released code does it (:class:`PlainReference`). The test suite
   checks that it and the fp32 trainer step give identical losses and updates.
+
+``--train-attack`` (issue 8) times FGSM-RS and Free-AT steps the same way; a Free-AT step is one
+mini-batch, i.e. its m replays (``ms_per_update`` is the time of one of them).
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from torch import Tensor, nn
 from actrain import data as D
 from actrain import losses as L
 from actrain import train as T
-from actrain.attacks import pgd
 from actrain.config import TrainConfig, build_config
-from actrain.methods import build_method
+from actrain.methods import build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import AttackView, attack_model, configure_threads, use_attack_view
 
@@ -50,6 +52,8 @@ class BenchSpec:
     width: int | None = 16
     batch_size: int = 128
     steps: int = 10  # K, PGD steps per training step
+    train_attack: str = "pgd"  # pgd, fgsm-rs or free (issue 8)
+    replays: int | None = None  # Free-AT's m (None: the config default, 4)
     precision: str = "auto"
     channels_last: bool | None = None  # None: on with bf16/fp16 (the Trainer's default)
     fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
@@ -73,6 +77,9 @@ class BenchSpec:
             "width": self.width,
             "batch_size": self.batch_size,
             "steps": self.steps,
+            "train_attack": self.train_attack,
+            "replays": self.replays,
+            "overfit_guard": False,  # synthetic data has no held-out batch; fit() is not run
             "precision": self.precision,
             "channels_last": self.channels_last,
             "device": self.device,
@@ -150,13 +157,20 @@ class PlainReference:
 
     ACT: F(x) once (train mode); K PGD steps on G in eval mode with ``torch.autograd.grad``
     w.r.t. the input; G(x + delta) in train mode; both losses; backward and step for G, then
-    for F. Madry, TRADES and natural training are written the same way.
+    for F. Madry, TRADES and natural training are written the same way. FGSM-RS is the same
+    with one step from a uniform start; Free-AT is Shafahi et al.'s loop written out
+    (:meth:`free_step`).
     """
 
     def __init__(self, cfg: TrainConfig, in_channels: int, num_classes: int) -> None:
         self.cfg = cfg
         self.device = T.resolve_device(cfg.device)
         self.method = build_method(cfg)
+        self.start = self.method.start
+        if cfg.train_attack == "fgsm-rs" and cfg.attack_start == "auto":
+            self.start = "uniform"
+        self.attack_steps = 1 if cfg.train_attack == "fgsm-rs" else cfg.steps
+        self.delta: Tensor | None = None  # Free-AT's perturbation, carried between batches
         info = D.DatasetInfo("synthetic", num_classes, in_channels, None, "none", True)
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -172,7 +186,7 @@ class PlainReference:
             model.load_state_dict(models[role].state_dict())
 
     def _start(self, x: Tensor) -> Tensor:
-        cfg, start = self.cfg, self.method.start
+        cfg, start = self.cfg, self.start
         if start == "uniform":
             noise = (2 * torch.rand(x.shape, device=x.device, dtype=x.dtype) - 1) * cfg.eps
         elif start == "gaussian":
@@ -188,7 +202,7 @@ class PlainReference:
     def _attack(self, g: nn.Module, x: Tensor, objective) -> Tensor:
         x_adv = self._start(x.detach())
         g.eval()
-        for _ in range(self.cfg.steps):
+        for _ in range(self.attack_steps):
             x_adv.requires_grad_(True)
             loss = objective(g(x_adv))
             (grad,) = torch.autograd.grad(loss, [x_adv])
@@ -207,6 +221,8 @@ class PlainReference:
         g = self.models["g"]
         for m in self.models.values():
             m.train()
+        if cfg.train_attack == "free" and name != "natural":
+            return self.free_step(x, y)
         if name == "natural":
             loss = L.natural_loss(g(x), y)
             self._update("g", loss)
@@ -238,6 +254,38 @@ class PlainReference:
         self._update("g", loss_g)
         self._update("f", loss_f)
         return {"g": loss_g.detach(), "f": loss_f.detach()}
+
+    def free_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Shafahi et al.'s Algorithm 1: m replays of the batch, each one backward giving the
+        weight gradients and grad_x; delta <- clip(delta + step sign(grad_x)) carries over."""
+        cfg, name = self.cfg, self.method.name
+        g = self.models["g"]
+        n = x.shape[0]
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
+            self.delta = torch.zeros_like(x)
+        if self.delta.shape[0] < n:
+            self.delta = torch.cat([self.delta, torch.zeros_like(x[self.delta.shape[0] :])])
+        losses: dict[str, Tensor] = {}
+        for _ in range(cfg.replays):
+            x_adv = self._project(x + self.delta[:n], x).requires_grad_(True)
+            if name == "madry":
+                loss = L.madry_loss(g(x_adv), y)
+                self._update("g", loss)
+                losses = {"g": loss.detach()}
+            elif name == "trades":
+                loss = L.trades_loss(g(x), g(x_adv), y, cfg.beta)
+                self._update("g", loss)
+                losses = {"g": loss.detach()}
+            else:
+                logits_f = self.models["f"](x)
+                logits_g = g(x_adv)
+                loss_g, loss_f = L.act_losses(logits_g, logits_f, y, cfg.alpha, cfg.temperature)
+                self._update("g", loss_g)  # grad_x comes from L_G (L_F detaches G's output)
+                self._update("f", loss_f)
+                losses = {"g": loss_g.detach(), "f": loss_f.detach()}
+            step = x_adv.detach() + cfg.step_size * x_adv.grad.sign()
+            self.delta[:n] = self._project(step, x) - x
+        return losses
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -320,7 +368,8 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
     ctx = {k: v.detach() for k, v in ctx.items()}
     out: dict[str, float] = {"attack": 0.0, "g": 0.0, "f": 0.0}
     x_adv = x
-    if method.adversarial and cfg.steps > 0:
+    attack_obj = build_train_attack(cfg, method)
+    if attack_obj is not None and attack_obj.uses_objective and attack_obj.attack_passes > 0:
         objective = method.attack_objective(ctx, y)
 
         def attack() -> Tensor:
@@ -328,10 +377,12 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
                 with trainer.autocast():
                     method.prepare(models, x, y)
             g = attack_model(models["g"], fold, trainer.precision)
-            return pgd(g, x, objective, trainer.threat, cfg.steps, method.start, trainer.autocast)
+            return attack_obj.perturb(g, x, objective, trainer.autocast)
 
         out["attack"] = _timed(attack, reps, device, warm=False)
         x_adv = attack()
+    elif attack_obj is not None and not attack_obj.uses_objective:
+        x_adv = x.clone()  # Free-AT: its G pass on x + delta also yields grad_x (below)
 
     def pass_of(role: str, inputs: tuple[Tensor, ...]):
         model = models[role]
@@ -348,14 +399,19 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
     g_inputs = (x,) if not method.adversarial else (x_adv,)
     if method.name == "trades":
         g_inputs = (x, x_adv)
-    out["g"] = _timed(pass_of("g", g_inputs), reps, device, warm=False)
+    # Free-AT: each of the m replays is one G (and F) update; the attack has no passes of its own
+    replays = trainer.replays
+    out["g"] = replays * _timed(pass_of("g", g_inputs), reps, device, warm=False)
     if "f" in models:
-        out["f"] = _timed(pass_of("f", (x,)), reps, device, warm=False)
+        out["f"] = replays * _timed(pass_of("f", (x,)), reps, device, warm=False)
     return out
 
 
 def fold_active(trainer: T.Trainer) -> bool:
-    """Whether the trainer's attack passes run on a BN-folded view of G."""
+    """Whether the trainer's attack passes run on a BN-folded view of G (Free-AT has none)."""
+    attack = trainer.train_attack
+    if attack is not None and not attack.uses_objective:
+        return False
     g = trainer.models["g"]
     return attack_model(g, trainer.fold_bn, trainer.precision) is not g
 
@@ -448,6 +504,9 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "width": cfg.width,
         "batch_size": bs,
         "steps": cfg.steps,
+        "train_attack": cfg.train_attack,
+        "replays": trainer.replays,
+        "attack_passes": trainer.train_attack.attack_passes if trainer.train_attack else 0,
         "precision": trainer.precision,
         "channels_last": trainer.channels_last,
         "fold_bn": fold_active(trainer),
@@ -456,6 +515,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "images_per_s": bs / (step + data_t),
         "ms_per_step": 1000 * (step + data_t),
         "train_step_ms": 1000 * step,
+        "ms_per_update": 1000 * (step + data_t) / trainer.replays,
         "breakdown_ms": {
             "attack": 1000 * essential["attack"],
             "g_update": 1000 * essential["g"],
@@ -550,13 +610,24 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
     return rows
 
 
+def attack_label(r: dict[str, Any]) -> str:
+    """``K=10`` for PGD training, ``fgsm-rs``, ``free m=4``."""
+    attack = r.get("train_attack", "pgd")
+    if r["method"] == "natural" or attack == "pgd":
+        return f"K={r['steps']}"
+    return f"free m={r['replays']}" if attack == "free" else attack
+
+
 def format_line(r: dict[str, Any]) -> str:
     b = r["breakdown_ms"]
+    per_update = ""
+    if r.get("replays", 1) > 1:
+        per_update = f" ({r['ms_per_update']:.0f} ms/update)"
     text = (
-        f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} K={r['steps']}"
+        f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} {attack_label(r)}"
         f" {r['precision']}{' CL' if r['channels_last'] else ''}"
         f"{' fold' if r['fold_bn'] else ''}{' compile' if r['compile'] else ''}:"
-        f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step"
+        f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
         f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
         f" data {b['data']:.1f}, other {b['other']:.0f} ms; step/essential"
         f" {r['overhead_ratio']:.3f}), peak {r['peak_mem_mb']:.0f} MiB"
@@ -582,8 +653,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")
+        attack = attack_label(r)
+        label = r["method"] if attack.startswith("K=") else f"{r['method']} {attack}"
         lines.append(
-            f"| {r['method']} | {r['width']} | {r['precision']} | {'+'.join(levers) or '-'} "
+            f"| {label} | {r['width']} | {r['precision']} | {'+'.join(levers) or '-'} "
             f"| {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {b['attack']:.0f} "
             f"| {b['g_update']:.0f} | {b['f_update']:.0f} | {b['data']:.1f} | {b['other']:.0f} "
             f"| {r['overhead_ratio']:.3f} | {r['peak_mem_mb']:.0f} "

@@ -20,6 +20,9 @@ METHODS = ("natural", "madry", "trades", "act")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTACK_KL_REDUCTIONS = ("sum", "mean")
 ATTACK_STARTS = ("auto", "gaussian", "uniform", "zero")
+TRAIN_ATTACKS = ("pgd", "fgsm-rs", "free")  # issue 8; see actrain.attacks.training
+FREE_REPLAYS = 4  # Free-AT's m when --replays is not given (Shafahi et al.'s ImageNet choice)
+FGSM_RS_STEP = 1.25  # FGSM-RS step as a multiple of eps (Wong et al.)
 
 
 from actrain.errors import ConfigError  # noqa: E402  (re-exported: actrain.config.ConfigError)
@@ -71,8 +74,21 @@ class TrainConfig:
     attack_kl_reduction: str = "sum"
     attack_start: str = "auto"
     eps: float = 0.031
+    # Not given: 0.007 for PGD, 1.25 eps for FGSM-RS, eps for Free-AT (resolved by build_config)
     step_size: float = 0.007
-    steps: int = 10
+    steps: int = 10  # PGD's K (FGSM-RS takes one step, Free-AT none of its own)
+    # issue 8: the attack of every adversarial method, and Free-AT's replays of a mini-batch.
+    # With --replays m the trainer runs ceil(epochs / m) passes over the data and each
+    # milestone M becomes ceil(M / m): `epochs` stays the budget in epochs of cost.
+    train_attack: str = "pgd"
+    replays: int = 1  # not given with --train-attack free: 4
+    # Catastrophic-overfitting guard (Wong et al.): PGD accuracy of G on a fixed held-out batch
+    # after each epoch; a drop of more than `threshold` points below the best stops the run
+    # and keeps the best weights. None: on for fgsm-rs, off otherwise.
+    overfit_guard: bool | None = None
+    overfit_guard_threshold: float = 20.0  # percentage points
+    overfit_guard_size: int = 256  # images of the evaluation set (class-balanced, fixed)
+    overfit_guard_steps: int = 10  # PGD steps (step 2.5 eps / steps, one fixed random start)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -156,6 +172,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
     values: dict[str, Any] = {}
     values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("train_attack"), str):
+        values["train_attack"] = values["train_attack"].strip().lower().replace("_", "-")
     for key in FRACTION_FIELDS:
         if values.get(key) is not None:
             values[key] = parse_fraction(values[key], "--" + key.replace("_", "-"))
@@ -166,8 +184,53 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
         cfg.weight_decay = default_weight_decay(cfg.method)
     if cfg.milestones is None and isinstance(cfg.epochs, int) and cfg.epochs > 0:
         cfg.milestones = paper_milestones(cfg.epochs)
+    _attack_defaults(cfg, given=set(values))
     validate(cfg)
     return cfg
+
+
+def _attack_defaults(cfg: TrainConfig, given: set[str]) -> None:
+    """Defaults that depend on the training attack, for the options the user did not give.
+
+    The resolved values are what the run folder's config.json records, so a resumed run (whose
+    saved config gives every option) keeps them.
+    """
+    if cfg.train_attack == "free" and "replays" not in given:
+        cfg.replays = FREE_REPLAYS
+    if "step_size" not in given:
+        if cfg.train_attack == "fgsm-rs":
+            cfg.step_size = FGSM_RS_STEP * cfg.eps
+        elif cfg.train_attack == "free":
+            cfg.step_size = cfg.eps
+    if cfg.train_attack != "pgd" and cfg.eval_step_size is None and cfg.eval_steps > 0:
+        # The training step (1.25 eps, eps) would make a poor PGD-K; use Madry's 2.5 eps / K.
+        cfg.eval_step_size = 2.5 * cfg.eps / cfg.eval_steps
+
+
+def scheduled_epochs(cfg: TrainConfig) -> int:
+    """Passes over the data the trainer runs: ``epochs`` divided by Free-AT's replays (each
+    pass costs m epochs of updates), rounded up; ``epochs`` itself for the other attacks."""
+    return -(-cfg.epochs // max(cfg.replays, 1))
+
+
+def scheduled_milestones(cfg: TrainConfig) -> list[int]:
+    """The learning-rate milestones in passes: ceil(M / replays) for each milestone M, as
+    Shafahi et al. scale their schedule. Two that fall on one pass both apply there."""
+    m = max(cfg.replays, 1)
+    return [-(-int(ms) // m) for ms in (cfg.milestones or [])]
+
+
+def overfit_guard_on(cfg: TrainConfig) -> bool:
+    """Whether the catastrophic-overfitting guard runs (auto: with FGSM-RS training)."""
+    if cfg.overfit_guard is None:
+        return cfg.train_attack == "fgsm-rs"
+    return bool(cfg.overfit_guard)
+
+
+def eval_step(cfg: TrainConfig) -> float:
+    """Step of the PGD evaluations during training (``--eval-step-size``, else the training
+    step as it always was for PGD training)."""
+    return cfg.eval_step_size if cfg.eval_step_size is not None else cfg.step_size
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -340,3 +403,40 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--eval-every: must be >= 0, got {cfg.eval_every}")
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"--dist-backend: must be auto, nccl or gloo, got {cfg.dist_backend}")
+    _validate_attack(cfg)
+
+
+def _validate_attack(cfg: TrainConfig) -> None:
+    """The training attack, Free-AT's replays and the overfitting guard (issue 8)."""
+    if cfg.train_attack not in TRAIN_ATTACKS:
+        raise ConfigError(
+            f"--train-attack: unknown attack '{cfg.train_attack}'"
+            f"{_did_you_mean(cfg.train_attack, TRAIN_ATTACKS)}"
+            f" (choices: {', '.join(TRAIN_ATTACKS)})"
+        )
+    if cfg.method == "natural" and cfg.train_attack != "pgd":
+        raise ConfigError(
+            f"--train-attack {cfg.train_attack}: natural training uses no adversarial examples"
+            " (use --method madry, trades or act)"
+        )
+    if cfg.replays < 1:
+        raise ConfigError(f"--replays: must be >= 1, got {cfg.replays}")
+    if cfg.replays != 1 and cfg.train_attack != "free":
+        raise ConfigError(
+            f"--replays: only --train-attack free replays mini-batches"
+            f" (got --train-attack {cfg.train_attack})"
+        )
+    if cfg.train_attack == "free" and cfg.attack_start != "auto":
+        raise ConfigError(
+            f"--attack-start {cfg.attack_start}: does not apply to --train-attack free (its"
+            " perturbation starts at zero and is carried over between mini-batches)"
+        )
+    if not 0 < cfg.overfit_guard_threshold <= 100:
+        raise ConfigError(
+            "--overfit-guard-threshold: must be in (0, 100] percentage points,"
+            f" got {cfg.overfit_guard_threshold}"
+        )
+    if cfg.overfit_guard_size < 1:
+        raise ConfigError(f"--overfit-guard-size: must be >= 1, got {cfg.overfit_guard_size}")
+    if cfg.overfit_guard_steps < 1:
+        raise ConfigError(f"--overfit-guard-steps: must be >= 1, got {cfg.overfit_guard_steps}")

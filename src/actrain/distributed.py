@@ -110,6 +110,24 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0)
     kw: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kw["device_id"] = device
+    attempt = restart_count()
+    if attempt > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agent's store outlives a restart and still holds the dead workers' addresses
+        # under the same keys: a new worker could read one and connect to a process that is
+        # gone. Keys of this attempt get their own prefix.
+        d = env_info()
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            d.world_size,
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        kw |= {
+            "store": dist.PrefixStore(f"actrain/attempt_{attempt}", store),
+            "rank": d.rank,
+            "world_size": d.world_size,
+        }
     dist.init_process_group(**kw)
     return info()
 
@@ -165,6 +183,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank ([obj] when not distributed)."""
+    if not info().enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 @torch.no_grad()

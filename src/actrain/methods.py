@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from actrain import losses as L
-from actrain.attacks import Objective, eval_mode
+from actrain.attacks import LinfBall, Objective, TrainingAttack, build_training_attack, eval_mode
 from actrain.config import TrainConfig
 
 Models = dict[str, nn.Module]
@@ -34,8 +34,14 @@ class Method:
     start: str = "uniform"
     cfg: TrainConfig = field(default_factory=TrainConfig)
 
-    def prepare(self, models: Models, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Forward passes needed by both the attack and the losses, computed once."""
+    def prepare(
+        self, models: Models, x: Tensor, y: Tensor, for_attack: bool = True
+    ) -> dict[str, Tensor]:
+        """Forward passes needed by both the attack and the losses, computed once.
+
+        ``for_attack`` False (Free-AT, whose attack is the update's own backward) lets a method
+        skip forwards that only its attack objective needs.
+        """
         return {}
 
     def attack_objective(self, ctx: dict[str, Tensor], y: Tensor) -> Objective:
@@ -72,7 +78,9 @@ class Trades(Method):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__("trades", ("g",), start="gaussian", cfg=cfg)
 
-    def prepare(self, models, x, y):
+    def prepare(self, models, x, y, for_attack=True):
+        if not for_attack:
+            return {}
         # TRADES' reference distribution for the attack comes from the model in eval mode.
         with eval_mode(models["g"]), torch.no_grad():
             return {"ref": models["g"](x)}
@@ -95,6 +103,9 @@ class ACT(Method):
     2. delta* = argmax_delta L_G(theta, phi, delta) by PGD on G in eval mode.
     3. L_G on G(x + delta*) and L_F on F(x), each detaching the other model's output.
     4. The shared loop steps both optimisers.
+
+    Step 2 is whichever ``--train-attack`` is chosen: PGD-K, FGSM-RS (one step on the same L_G)
+    or Free-AT (the input gradient of the L_G backward of each replay; F trains on x as always).
     """
 
     # issue 5: this process's share of the global batch (1/N under torchrun with N processes).
@@ -103,7 +114,7 @@ class ACT(Method):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__("act", ("g", "f"), start="gaussian", cfg=cfg)
 
-    def prepare(self, models, x, y):
+    def prepare(self, models, x, y, for_attack=True):
         return {"logits_f": models["f"](x)}
 
     def attack_objective(self, ctx, y):
@@ -141,3 +152,19 @@ def build_method(cfg: TrainConfig) -> Method:
     if cfg.attack_start != "auto" and method.adversarial:
         method.start = cfg.attack_start
     return method
+
+
+def build_train_attack(cfg: TrainConfig, method: Method) -> TrainingAttack | None:
+    """The ``--train-attack`` of ``method`` (None for natural training).
+
+    PGD starts where the method's recipe does (``method.start``: uniform for Madry, x + 0.001 N
+    for TRADES and ACT, or ``--attack-start``); FGSM-RS starts uniformly in the ball as Wong et
+    al. prescribe unless ``--attack-start`` says otherwise; Free-AT starts from zero.
+    """
+    if not method.adversarial:
+        return None
+    threat = LinfBall(cfg.eps, cfg.step_size)
+    start = method.start
+    if cfg.train_attack == "fgsm-rs" and cfg.attack_start == "auto":
+        start = "uniform"
+    return build_training_attack(cfg.train_attack, threat, cfg.steps, start, cfg.replays)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from actrain import data as D
 from actrain import distributed
-from actrain.attacks import LinfBall, pgd, pgd_robustness
+from actrain.attacks import LinfBall, pgd_robustness
 from actrain.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -37,10 +37,18 @@ from actrain.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from actrain.config import ConfigError, TrainConfig
+from actrain.config import (
+    ConfigError,
+    TrainConfig,
+    eval_step,
+    overfit_guard_on,
+    scheduled_epochs,
+    scheduled_milestones,
+)
 from actrain.data.sampling import mix_seed
 from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
-from actrain.methods import Method, build_method
+from actrain.guard import OverfitGuard
+from actrain.methods import Method, build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import (
     attack_model,
@@ -227,6 +235,11 @@ class Trainer:
             cfg, self.device, self.channels_last, self.dist.rank, self.dist.world_size
         )
         self.threat = LinfBall(cfg.eps, cfg.step_size)
+        # issue 8: PGD, FGSM-RS or Free-AT; Free-AT replays each batch and divides the epochs
+        self.train_attack = build_train_attack(cfg, self.method)
+        self.replays = self.train_attack.replays if self.train_attack is not None else 1
+        self.num_epochs = scheduled_epochs(cfg)
+        self.milestones = scheduled_milestones(cfg)
         self.models: dict[str, nn.Module] = {}
         self.specs: dict[str, dict] = {}
         for role in self.method.roles:
@@ -263,9 +276,22 @@ class Trainer:
             for r, m in self.models.items()
         }
         self.schedulers = {
-            r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=cfg.milestones, gamma=cfg.gamma)
+            r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=self.milestones, gamma=cfg.gamma)
             for r, o in self.optimizers.items()
         }
+        self.guard: OverfitGuard | None = None
+        if overfit_guard_on(cfg):
+            if self.data.eval_x is None or len(self.data.eval_y) == 0:
+                raise ConfigError("--overfit-guard: needs held-out images (the evaluation set)")
+            self.guard = OverfitGuard(
+                self.data.eval_x,
+                self.data.eval_y,
+                cfg.eps,
+                cfg.overfit_guard_steps,
+                cfg.overfit_guard_threshold,
+                cfg.overfit_guard_size,
+                seed=cfg.seed,
+            )
         self.epoch = 0  # current (0-based) epoch
         self.batch = 0  # batches of the current epoch already trained
         self.global_step = 0
@@ -289,25 +315,33 @@ class Trainer:
             "seconds": 0.0,
         }
 
-    # ---- one step -------------------------------------------------------------------------
+    # ---- one step ----------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
-        """Algorithm 1 for ACT (and the same shape for every other method)."""
+        """Algorithm 1 for ACT (and the same shape for every other method and attack).
+
+        One mini-batch: ``self.replays`` updates of the weights (1, or Free-AT's m), each with
+        its own adversarial input. Loss and logits of the last update feed the metrics: under
+        Free-AT that is the perturbation refined m - 1 times on this very batch.
+        """
         # Training forwards go through the DDP wrappers under torchrun (issue 5).
-        method, models = self.method, self.train_models
         if self.dist.enabled:
             self._sync_buffers()
+        out: dict[str, Any] = {}
+        for _ in range(self.replays):
+            out = self._update(x, y)
+            if not out["finite"]:
+                break
+        return out
+
+    def _update(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """One weight update: method context, attack, losses, one backward, optimiser steps."""
+        method, models, attack = self.method, self.train_models, self.train_attack
         for m in models.values():
             m.train()
+        for_attack = attack is not None and attack.uses_objective
         with self.autocast():
-            ctx = method.prepare(models, x, y)  # ACT: F(x), computed once
-        if method.adversarial and self.cfg.steps > 0:
-            objective = method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
-            # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
-            # The attack runs on the plain G: input gradients only, no gradient all-reduce.
-            g = attack_model(self.models["g"], self.fold_bn, self.precision)
-            x_adv = pgd(g, x, objective, self.threat, self.cfg.steps, method.start, self.autocast)
-        else:
-            x_adv = x
+            ctx = method.prepare(models, x, y, for_attack)  # ACT: F(x), computed once
+        x_adv = self._attack(x, y, ctx)
         with self.autocast():
             out = method.losses(models, x, x_adv, y, ctx)  # ACT: L_G(delta*), L_F(delta*)
         total = sum(out.losses.values())
@@ -319,9 +353,24 @@ class Trainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         total.backward()  # each loss reaches only its own model (see actrain.losses)
+        if attack is not None and x_adv is not x:
+            attack.after_backward(x, x_adv)  # Free-AT: delta from this backward's input grad
         for opt in self.optimizers.values():
             opt.step()
         return {"losses": out.losses, "logits": out.logits, "finite": True}
+
+    def _attack(self, x: Tensor, y: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        """The adversarial input of this update (x itself for natural training)."""
+        attack = self.train_attack
+        if attack is None:
+            return x
+        if not attack.uses_objective:  # Free-AT: x + delta, whose gradient the update yields
+            return attack.perturb(None, x, None, self.autocast)
+        objective = self.method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
+        # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
+        # The attack runs on the plain G: input gradients only, no gradient all-reduce.
+        g = attack_model(self.models["g"], self.fold_bn, self.precision)
+        return attack.perturb(g, x, objective, self.autocast)
 
     # ---- epochs ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -331,7 +380,7 @@ class Trainer:
         bar = tqdm(
             total=len(loader),
             initial=self.batch,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{self.num_epochs}",
             unit="batch",
             disable=not (self.cfg.progress and self.dist.is_main),
             leave=False,
@@ -439,7 +488,7 @@ class Trainer:
         if x is None or len(y) == 0:
             return {}
         cfg = self.cfg
-        step = cfg.eval_step_size if cfg.eval_step_size is not None else cfg.step_size
+        step = eval_step(cfg)
         # Its own generators: evaluating must not change the training run's random stream. One
         # per chunk of EVAL_BATCH examples (the first seeded as before), so that under torchrun
         # the chunks can be split over processes and the numbers stay the same.
@@ -474,20 +523,28 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         main = self.dist.is_main
-        if self.epoch >= cfg.epochs and main:
-            print(f"run already finished ({self.epoch}/{cfg.epochs} epochs)", file=sys.stderr)
+        total = self.num_epochs
+        stopped = self.guard is not None and self.guard.triggered is not None
+        if main and (self.epoch >= total or stopped):
+            why = " (stopped by the overfitting guard)" if stopped else ""
+            print(f"run already finished ({self.epoch}/{total} epochs){why}", file=sys.stderr)
         with self._signals():
-            while self.epoch < cfg.epochs:
+            while self.epoch < total and not stopped:
                 epoch = self.epoch
                 lr = self.optimizers["g"].param_groups[0]["lr"]
                 record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
+                if self.replays > 1:  # Free-AT: this pass cost `replays` epochs of updates
+                    record["epochs_equivalent"] = (epoch + 1) * self.replays
                 if self.dist.enabled:
                     self._sync_buffers()  # evaluate and save rank 0's BN statistics
-                last = epoch + 1 == cfg.epochs
+                last = epoch + 1 == total
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
                     t0 = time.perf_counter()
                     record.update(self.evaluate())
                     record["eval_seconds"] = time.perf_counter() - t0
+                if self.guard is not None:  # after the evaluation: it reports the collapse
+                    record.update(self.guard.check(epoch + 1, self.models, self.autocast))
+                    stopped = self.guard.triggered is not None
                 for s in self.schedulers.values():
                     s.step()
                 self.history.append(record)
@@ -498,7 +555,9 @@ class Trainer:
                     with open(self.run_dir / METRICS, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
                     print(format_record(record), file=sys.stderr, flush=True)
-                if self._stop_requested() and self.epoch < cfg.epochs:
+                    if stopped:
+                        print(self.guard.message(), file=sys.stderr, flush=True)
+                if self._stop_requested() and self.epoch < total and not stopped:
                     self._stop_for_signal()
         record = self.history[-1] if self.history else {}
         if main:
@@ -548,14 +607,18 @@ class Trainer:
             part["loss"] = {r: torch.tensor(tot[f"loss_{r}"]) for r in self.method.roles}
             part["correct"] = {r: torch.tensor(int(tot[f"correct_{r}"])) for r in self.method.roles}
             part["seen"], part["skipped"] = int(tot["seen"]), int(tot["skipped"])
+        # Free-AT's perturbation is per process (each attacks its own shard): rank 0 saves all.
+        attack_state = self.train_attack.state_dict() if self.train_attack is not None else {}
+        if self.dist.enabled and attack_state:
+            attack_state = {"per_rank": distributed.gather_object(attack_state)}
         error = None
         if self.dist.is_main:
-            error = self._write_checkpoint(part)
+            error = self._write_checkpoint(part, attack_state)
         error = distributed.broadcast_object(error)
         if error is not None:
             raise TrainingStopped(error, EXIT_FAILED)
 
-    def _write_checkpoint(self, part: dict[str, Any]) -> str | None:
+    def _write_checkpoint(self, part: dict[str, Any], attack_state: Any = None) -> str | None:
         state = {
             "epoch": self.epoch,
             "batch": self.batch,
@@ -573,6 +636,8 @@ class Trainer:
             "rng": rng_state(),
             "specs": json.dumps(self.specs),
             "config": self.cfg.to_json(),
+            "train_attack": attack_state,
+            "guard": self.guard.state_dict() if self.guard is not None else None,
         }
         try:
             save_checkpoint(self.run_dir / CHECKPOINT, state)
@@ -590,9 +655,20 @@ class Trainer:
             _load_state_checked(m, ckpt["models"][r], r)
             self.optimizers[r].load_state_dict(ckpt["optimizers"][r])
             sched = ckpt["schedulers"][r]
-            sched["milestones"] = collections.Counter(self.cfg.milestones)
+            sched["milestones"] = collections.Counter(self.milestones)
             self.schedulers[r].load_state_dict(sched)
         set_rng_state(ckpt["rng"])
+        if self.train_attack is not None and ckpt.get("train_attack"):
+            state = ckpt["train_attack"]
+            if "per_rank" in state:  # saved under torchrun: this rank's own, if it had one
+                ranks = state["per_rank"]
+                same = len(ranks) == self.dist.world_size
+                state = ranks[self.dist.rank] if same else {}
+            elif self.dist.rank > 0:
+                state = {}
+            self.train_attack.load_state_dict(state)
+        if self.guard is not None and ckpt.get("guard"):
+            self.guard.load_state_dict(ckpt["guard"])
         self.epoch = int(ckpt["epoch"])
         self.batch = int(ckpt.get("batch", 0))
         self.global_step = int(ckpt.get("global_step", 0))
@@ -653,7 +729,17 @@ class Trainer:
         }
         for role, model in self.models.items():
             save_weights(self.run_dir / f"model_{role}.safetensors", model, {**meta, "role": role})
-        summary = {"status": "finished", "epochs": self.epoch, "last": record}
+        summary: dict[str, Any] = {"status": "finished", "epochs": self.epoch, "last": record}
+        if self.train_attack is not None:
+            summary["train_attack"] = self.train_attack.name
+            if self.replays > 1:
+                summary["replays"] = self.replays
+                summary["epochs_equivalent"] = self.epoch * self.replays
+        if self.guard is not None:
+            summary["overfit_guard"] = self.guard.summary()
+            if self.guard.triggered:
+                # the weights written are the best epoch's, not the last record's
+                summary["final_weights_epoch"] = self.guard.best_epoch
         atomic_write_text(self.run_dir / "final.json", json.dumps(summary, indent=2))
 
 
@@ -668,6 +754,26 @@ def _load_state_checked(model: nn.Module, state: dict[str, Tensor], role: str) -
             f" architecture ({what})"
         )
     model.load_state_dict(state)
+
+
+def attack_note(cfg: TrainConfig, trainer: Trainer) -> str:
+    """The start line's account of the training attack (issue 8)."""
+    attack = trainer.train_attack
+    if attack is None:
+        return ""
+    eps = f"eps {cfg.eps:.4g} step {cfg.step_size:.4g}"
+    if attack.name == "pgd":
+        what = f"PGD-{cfg.steps} {eps}"
+    elif attack.name == "fgsm-rs":
+        what = f"FGSM-RS {eps}"
+    else:
+        n = trainer.num_epochs
+        what = (
+            f"Free-AT m={trainer.replays} {eps} ({cfg.epochs} epochs of cost ="
+            f" {n} pass{'es' if n != 1 else ''} over the data)"
+        )
+    guard = ", overfitting guard on" if trainer.guard is not None else ""
+    return f" attack {what}{guard},"
 
 
 def format_record(r: dict[str, Any]) -> str:
@@ -780,7 +886,8 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
             f"actrain: {cfg.method} on {cfg.dataset}"
             f" ({trainer.data.train.num_examples} train images), {cfg.arch} [{roles}],"
             f" device {trainer.device}, precision {trainer.precision}, {batch},"
-            f" epochs {trainer.epoch + 1}..{cfg.epochs} -> {run_dir}",
+            f"{attack_note(cfg, trainer)} epochs {trainer.epoch + 1}..{trainer.num_epochs}"
+            f" -> {run_dir}",
             file=sys.stderr,
         )
     trainer.fit()

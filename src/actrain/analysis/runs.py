@@ -197,8 +197,8 @@ def train_command(config: dict[str, Any]) -> str:
             if not value:
                 args.append("--no-download")
             continue
-        if key == "channels_last":
-            args.append("--channels-last" if value else "--no-channels-last")
+        if key in ("channels_last", "overfit_guard"):  # --flag / --no-flag options
+            args.append(_flag(key) if value else "--no-" + _flag(key)[2:])
             continue
         if isinstance(value, list):
             args += [_flag(key), *(str(v) for v in value)]

@@ -63,3 +63,46 @@ class LinfBall:
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
         return x_adv.clamp(self.lower, self.upper)
+
+
+class TrainingAttack:
+    """How the training loop gets the adversarial input of one weight update.
+
+    The loop (``actrain.train.Trainer.train_step``) replays each mini-batch ``replays`` times;
+    each replay is one update. An attack with ``uses_objective`` runs before the update, on G in
+    eval mode, against the method's own objective (CE for Madry, KL for TRADES, L_G for ACT).
+    Without it (Free-AT) the update's own backward supplies the input gradient:
+    :meth:`perturb` returns a leaf that requires grad and :meth:`after_backward` reads its
+    ``.grad``. State carried between mini-batches goes through ``state_dict`` into checkpoints,
+    so resume stays exact.
+    """
+
+    name: str = "base"
+    replays: int = 1
+    uses_objective: bool = True
+
+    def __init__(self, threat: LinfBall) -> None:
+        self.threat = threat
+
+    @property
+    def attack_passes(self) -> int:
+        """Forward+backward passes on G spent by the attack per update (for cost reports)."""
+        return 0
+
+    def perturb(
+        self,
+        model: nn.Module | None,
+        x: Tensor,
+        objective: Objective | None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def after_backward(self, x: Tensor, x_adv: Tensor) -> None:
+        """Called after each update's backward, before the optimiser step."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        del state

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actrain.attacks.base import LinfBall, Objective, eval_mode
+from actrain.attacks.base import LinfBall, Objective, TrainingAttack, eval_mode
 from actrain.losses import margin_loss
 
 
@@ -49,6 +49,26 @@ def pgd(
             grad, _ = _input_grad(model, x_adv, objective, autocast)
             x_adv = threat.project(threat.step(x_adv, grad), x).detach()
     return x_adv
+
+
+class PGDTraining(TrainingAttack):
+    """``--train-attack pgd``: K steps of :func:`pgd` from the method's starting point."""
+
+    name = "pgd"
+
+    def __init__(self, threat: LinfBall, steps: int, start: str = "uniform") -> None:
+        super().__init__(threat)
+        self.steps = steps
+        self.start = start
+
+    @property
+    def attack_passes(self) -> int:
+        return self.steps
+
+    def perturb(self, model, x, objective, autocast=contextlib.nullcontext):
+        if self.steps == 0:
+            return x  # K = 0: the clean batch (no random start either)
+        return pgd(model, x, objective, self.threat, self.steps, self.start, autocast)
 
 
 @dataclass

@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=16, help="resnet18 width (64 = full)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="PGD steps K per training step")
+    p.add_argument(
+        "--train-attack",
+        default="pgd",
+        help="pgd (K steps), fgsm-rs (one step) or free (Free-AT, --replays updates per step)",
+    )
+    p.add_argument("--replays", type=int, help="Free-AT's m (4)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--channels-last", choices=tuple(ONOFF), default="auto")
     p.add_argument(
@@ -76,6 +82,8 @@ def _spec(ns: argparse.Namespace):
         width=ns.width,
         batch_size=ns.batch_size,
         steps=ns.steps,
+        train_attack=ns.train_attack,
+        replays=ns.replays,
         precision=ns.precision,
         channels_last=ONOFF[ns.channels_last],
         fold_bn=ONOFF[ns.fold_bn],

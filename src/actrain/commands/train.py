@@ -29,8 +29,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--attack-start", help="auto, gaussian, uniform or zero")
     g.add_argument("--eps", help="L-inf radius, number or fraction such as 8/255 (0.031)")
-    g.add_argument("--step-size", help="PGD step in training (0.007)")
+    g.add_argument(
+        "--step-size",
+        help="training attack step (PGD 0.007; FGSM-RS 1.25 x eps; Free-AT eps)",
+    )
     g.add_argument("--steps", type=int, help="PGD steps in training (10)")
+    g = p.add_argument_group("fast adversarial training (docs/fast_training.md)")
+    g.add_argument(
+        "--train-attack",
+        help="attack of madry/trades/act: pgd (K steps, default), fgsm-rs (one step from a"
+        " random start) or free (Free-AT: --replays updates per mini-batch, epochs / m)",
+    )
+    g.add_argument("--replays", type=int, help="Free-AT: replays m of each mini-batch (4)")
+    g.add_argument(
+        "--overfit-guard",
+        action=argparse.BooleanOptionalAction,
+        help="stop when PGD accuracy on a held-out batch collapses; keep the best weights"
+        " (default: on with fgsm-rs)",
+    )
+    g.add_argument(
+        "--overfit-guard-threshold", type=float, help="drop in points that stops the run (20)"
+    )
+    g.add_argument("--overfit-guard-size", type=int, help="held-out images it attacks (256)")
+    g.add_argument("--overfit-guard-steps", type=int, help="its PGD steps (10)")
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", help="digits, mnist, fashion_mnist, cifar10, cifar100, imagefolder")
     g.add_argument("--data-dir", help="local data folder (else downloaded when online)")
