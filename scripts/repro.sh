@@ -45,7 +45,8 @@ case $protocol in
     wait
     evaluate "$out/act" f pgd20-f 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003
     echo "training + evaluation: ${SECONDS}s"
-    "$ACTRAIN" report "$out/madry" "$out/trades" "$out/act" --out "$out/report"
+    "$ACTRAIN" report "$out/madry" "$out/trades" "$out/act" --out "$out/report" --analyze \
+      --max-samples 5000
     ;;
   alpha)
     out=${2:-runs/repro-alpha}
@@ -60,7 +61,7 @@ case $protocol in
       wait
     done
     echo "training + evaluation: ${SECONDS}s"
-    "$ACTRAIN" report "$out" --out "$out/report"
+    "$ACTRAIN" report "$out" --out "$out/report" --analyze --max-samples 5000
     ;;
   *) echo "scripts/repro.sh: unknown protocol '$protocol' (table2, alpha)" >&2; exit 2 ;;
 esac

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from actrain.attacks.base import LinfBall, Objective, TrainingAttack, eval_mode
-from actrain.attacks.pgd import _input_grad
+from actrain.attacks.base import LinfBall, Objective, TrainingAttack
+from actrain.attacks.pgd import pgd
 
 
 def fgsm_rs(
@@ -28,17 +28,9 @@ def fgsm_rs(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One step of ``threat.step_size`` from a random point of the ball, on ``objective``.
-
-    As with :func:`actrain.attacks.pgd` the model runs in eval mode during the attack (batch
-    statistics neither used nor updated) and is returned in its own mode; only the input gets
-    a gradient.
-    """
-    x = x.detach()
-    x_adv = threat.random_perturb(x, start, generator)
-    with eval_mode(model):
-        grad, _ = _input_grad(model, x_adv, objective, autocast)
-    return threat.project(threat.step(x_adv, grad), x).detach()
+    """One step of ``threat.step_size`` from a random point of the ball, on ``objective``:
+    PGD with K = 1 (eval mode, input gradient only), named for what training calls it."""
+    return pgd(model, x, objective, threat, 1, start, autocast, generator)
 
 
 class FGSMRSTraining(TrainingAttack):
