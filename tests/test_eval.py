@@ -291,6 +291,11 @@ def test_cli_paper_suite_writes_json_markdown_and_figure(run_files, capsys):
     assert "| Defense | Dataset | A_nat | PGD-5 | PGD-20 |" in md and "Table 5" in md
     assert (out / "examples.png").stat().st_size > 1000
     assert "Sanity checks" in capsys.readouterr().out
+    # the exact command is recorded, so that a report can list what produced its numbers
+    assert res["command"].startswith(f"actrain eval {a} --suite paper --eps 0.25")
+    from actrain.analysis.runs import eval_command
+
+    assert eval_command(None, res) == res["command"]  # what the report shows
 
 
 def test_cli_several_runs_and_transfer(run_files, tmp_path):

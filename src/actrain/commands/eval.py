@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def run(ns: argparse.Namespace) -> int:
         result = transfer_matrix(surs, tgts, eps=eps, step_size=step, steps=20, **common)
         md = "### Black-box transfer (Table 3)\n\n" + table3(result)
         print(md)
-        _write(result, md, json_path, md_path)
+        _write(result, md, json_path, md_path, getattr(ns, "argv", None))
         return 0
 
     png = ns.save_examples
@@ -257,7 +258,7 @@ def run(ns: argparse.Namespace) -> int:
         print()
         print(md)
     if json_path:
-        _write(result, md, json_path, md_path)
+        _write(result, md, json_path, md_path, getattr(ns, "argv", None))
     else:
         _write(result, md, None, md_path)
         if ns.suite == "basic" and not ns.sanity:
@@ -278,10 +279,18 @@ def _print_summary(r: dict, ns: argparse.Namespace, eps: float) -> None:
     )
 
 
-def _write(result: dict, md: str, json_path: str | None, md_path: str | None) -> None:
+def _write(
+    result: dict, md: str, json_path: str | None, md_path: str | None, argv: list | None = None
+) -> None:
     from actrain.evaluation import write_json
 
     if json_path:
+        if argv:  # the exact command, so that reports can show what produced each number
+            command = shlex.join(["actrain", *map(str, argv)])
+            result["command"] = command
+            for r in result.get("runs", []):
+                if isinstance(r, dict):
+                    r["command"] = command
         write_json(result, json_path)
     if md_path:
         Path(md_path).parent.mkdir(parents=True, exist_ok=True)
