@@ -106,7 +106,7 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.config import build_config, load_yaml, resume_config
 
     given: dict[str, Any] = {
-        k: v for k, v in vars(ns).items() if k not in ("command", "version", "func")
+        k: v for k, v in vars(ns).items() if k not in ("command", "version", "func", "argv")
     }
     config_path = given.pop("config", None)
     resume = given.pop("resume", None)
