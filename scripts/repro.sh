@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU-scale reproduction of the ACT paper (issue 9); `make repro-cpu` / `make repro-alpha`.
 #   scripts/repro.sh table2 [OUT]   Madry, TRADES, ACT on 10k CIFAR-10 images (Table 2)
-#   scripts/repro.sh alpha  [OUT]   ACT's alpha sweep on Fashion-MNIST (Table 1)
+#   scripts/repro.sh alpha  [OUT]   ACT's alpha sweep on Fashion-MNIST, 3 seeds (Table 1)
 # The runs of one protocol train side by side, one thread each (on 2 cores this beats running
 # them one after another with 2 threads), then each is evaluated and one report is written.
 # Running it again resumes unfinished runs and skips finished evaluations.
@@ -50,20 +50,24 @@ case $protocol in
     "$ACTRAIN" report "$out/madry" "$out/trades" "$out/act" --out "$out/report" --analyze \
       --max-samples 5000
     ;;
-  alpha)
+  alpha)  # three seeds: seed 0 in OUT, seeds 1 and 2 in OUT-s1, OUT-s2
     out=${2:-runs/repro-alpha}
-    "$ACTRAIN" sweep --param alpha 0.1 0.5 0.9 1.0 --config configs/repro/alpha_fmnist_act.yaml \
-      --out "$out" --jobs 2
-    echo "training: ${SECONDS}s"
-    for a in 0.1 0.5 0.9 1.0; do
-      for model in g f; do
-        evaluate "$out/alpha-$a" "$model" "pgd20-$model" 2000 --attack pgd --steps 20 \
-          --restarts 5 --step-size 0.01 &
+    folders=()
+    for seed in 0 1 2; do
+      dir=$out; [ "$seed" = 0 ] || dir=$out-s$seed
+      folders+=("$dir")
+      "$ACTRAIN" sweep --param alpha 0.1 0.5 0.9 1.0 \
+        --config configs/repro/alpha_fmnist_act.yaml --set seed=$seed --out "$dir" --jobs 2
+      for a in 0.1 0.5 0.9 1.0; do
+        for model in g f; do
+          evaluate "$dir/alpha-$a" "$model" "pgd20-$model" 2000 --attack pgd --steps 20 \
+            --restarts 5 --step-size 0.01 &
+        done
+        wait
       done
-      wait
     done
     echo "training + evaluation: ${SECONDS}s"
-    "$ACTRAIN" report "$out" --out "$out/report" --analyze --max-samples 5000
+    "$ACTRAIN" report "${folders[@]}" --out "$out/report" --analyze --max-samples 5000
     ;;
   *) echo "scripts/repro.sh: unknown protocol '$protocol' (table2, alpha)" >&2; exit 2 ;;
 esac
