@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean repro-cpu repro-alpha
+.PHONY: install demo test lint clean repro-cpu repro-cpu-seeds repro-alpha
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 # CPU-scale reproduction of the paper (docs/reproduction.md); resumable.
 repro-cpu: $(STAMP)
 	scripts/repro.sh table2
+
+# Seeds 1 and 2 of the Table 2 runs (after repro-cpu), and a report over the three seeds.
+repro-cpu-seeds: $(STAMP)
+	scripts/repro.sh table2-seeds
 
 repro-alpha: $(STAMP)
 	scripts/repro.sh alpha

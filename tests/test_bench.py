@@ -173,3 +173,23 @@ def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
     assert len(rows) == 1 + 5  # header, four methods and the plain-levers ACT row
     assert "Plain fp32 NCHW reference ACT step, width 2" in table
     assert table in capsys.readouterr().out
+
+
+def test_folded_weights_stored_in_bf16_give_the_per_pass_cast_bit_for_bit():
+    """Autocast re-casts fp32 tensors that need no gradient in every pass; the view stores
+    them rounded once, which must not change a single attack step."""
+    model = _trained_bn_model()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    ref = torch.randn(16, 10)
+    objective = lambda lg: act_attack_objective(lg, ref, y, 0.9)  # noqa: E731
+    threat = LinfBall(8 / 255, 2 / 255)
+    views = {dt: AttackView(model, dt).module.eval() for dt in (None, torch.bfloat16)}
+    conv = next(m for m in views[torch.bfloat16].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.dtype == conv.bias.dtype == torch.bfloat16
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    found = {}
+    for dt, view in views.items():
+        torch.manual_seed(5)
+        found[dt] = pgd(view, x, objective, threat, 3, "gaussian", autocast=bf16)
+    assert torch.equal(found[None], found[torch.bfloat16])
+    assert attack_model(model, fold_bn=True, precision="bf16").conv1.weight.dtype == torch.bfloat16

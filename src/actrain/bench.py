@@ -38,7 +38,13 @@ from actrain import train as T
 from actrain.config import TrainConfig, build_config
 from actrain.methods import build_method, build_train_attack
 from actrain.models import create_model
-from actrain.runtime import AttackView, attack_model, configure_threads, use_attack_view
+from actrain.runtime import (
+    AttackView,
+    attack_model,
+    autocast_dtype,
+    configure_threads,
+    use_attack_view,
+)
 
 SYNTHETIC_BATCHES = 4  # distinct batches of synthetic images the loader cycles through
 
@@ -420,7 +426,9 @@ def _compile(trainer: T.Trainer) -> None:
     """torch.compile every model and G's attack model (BN-folded view when folding is on)."""
     fold = trainer.fold_bn
     g = trainer.models["g"]
-    view = AttackView(g) if attack_model(g, fold, trainer.precision) is not g else None
+    view = None
+    if attack_model(g, fold, trainer.precision) is not g:
+        view = AttackView(g, autocast_dtype(trainer.precision))
     train_models = getattr(trainer, "train_models", trainer.models)
     for role, model in list(trainer.models.items()):
         compiled = torch.compile(model)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -40,14 +42,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The reduced dtype autocast computes in for ``precision`` (None for fp32)."""
+    return _AUTOCAST_DTYPES.get(precision)
+
+
 def autocast_factory(
     precision: str, device: torch.device
 ) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument factory so hot loops can open the same autocast context cheaply."""
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+    return functools.partial(
+        torch.autocast, device_type=device.type, dtype=_AUTOCAST_DTYPES[precision]
+    )
 
 
 # ---- attack passes with batch norm folded into the convolutions (issue 7) -----------------------
@@ -68,9 +76,14 @@ class AttackView:
     :meth:`refresh` (call it after each optimiser step; it returns ``module``). Nothing of the
     model itself is changed. Folded tensors do not require gradients; attacks take gradients
     w.r.t. the input only.
+
+    ``dtype`` (the autocast dtype of the attack passes) stores the folded tensors already
+    rounded to it: autocast caches its casts only for tensors that require gradients, so fp32
+    folded weights would be cast again in every one of the K passes. Rounding once per refresh
+    gives the same values the per-pass cast would.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         import copy
 
         import torch.fx
@@ -78,6 +91,7 @@ class AttackView:
         traced = torch.fx.symbolic_trace(model)
         mods = dict(model.named_modules())
         self.pairs: list[tuple[str, str]] = []
+        self.dtype = dtype
         for node in traced.graph.nodes:
             if node.op != "call_module" or not isinstance(mods.get(node.target), _BN_TYPES):
                 continue
@@ -100,11 +114,11 @@ class AttackView:
             parent, _, attr = bn_name.rpartition(".")
             setattr(view_mods[parent] if parent else self.module, attr, torch.nn.Identity())
             conv, folded = mods[conv_name], view_mods[conv_name]
-            folded.weight = torch.nn.Parameter(torch.empty_like(conv.weight), requires_grad=False)
-            folded.bias = torch.nn.Parameter(
-                torch.empty(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype),
-                requires_grad=False,
+            folded.weight = torch.nn.Parameter(
+                torch.empty_like(conv.weight, dtype=self.dtype), requires_grad=False
             )
+            bias = folded.weight.new_empty(conv.out_channels)
+            folded.bias = torch.nn.Parameter(bias, requires_grad=False)
             self._folds.append((conv, mods[bn_name], folded))
         self.refresh()
 
@@ -140,10 +154,11 @@ def attack_model(
         fold_bn = fold_bn_default(precision)
     if not fold_bn:
         return model
+    dtype = autocast_dtype(precision)
     view = _VIEWS.get(model)
-    if view is None:
+    if view is None or (view and view.dtype != dtype):
         try:
-            view = AttackView(model)
+            view = AttackView(model, dtype)
         except Exception:  # untraceable model (data-dependent control flow): use it as it is
             view = False
         if view and not view.pairs:

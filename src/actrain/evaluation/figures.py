@@ -44,9 +44,11 @@ def save_examples(
 
     for i in range(n):
         show(axes[0, i], x[i], f"{name(int(clean_pred[i]))}")
-        show(axes[1, i], x_adv[i], f"{name(int(adv_pred[i]))}\nL∞ {float(dist[i]):.4f}")
-        show(axes[2, i], 0.5 + scale * (x_adv[i] - x[i]), f"x{scale:g}")
-    for row, text in enumerate(("clean", "adversarial", "perturbation")):
+        show(axes[1, i], x_adv[i], name(int(adv_pred[i])))
+        # Below the image, not in a two-line title that would reach into the row above.
+        axes[1, i].set_xlabel(f"L∞ {float(dist[i]):.4f}", fontsize=7)
+        show(axes[2, i], 0.5 + scale * (x_adv[i] - x[i]), "")
+    for row, text in enumerate(("clean", "adversarial", f"perturbation x{scale:g}")):
         axes[row, 0].set_ylabel(text, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
