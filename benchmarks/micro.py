@@ -1,0 +1,143 @@
+"""Micro-benchmarks behind the notes in benchmarks/README.md (one thread, process CPU time).
+
+python benchmarks/micro.py profile 16   # op breakdown of a bf16 channels_last train pass
+python benchmarks/micro.py compile 16   # train fwd/bwd, eager vs torch.compile
+python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, per shape
+python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from actrain.models import create_model
+from actrain.runtime import AttackView
+
+BATCH = 128
+
+
+def cpu_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    """Median process CPU time of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return 1000 * sorted(times)[reps // 2]
+
+
+def resnet(width: int) -> torch.nn.Module:
+    model = create_model("resnet18", num_classes=10, width=width)
+    return model.to(memory_format=torch.channels_last)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(BATCH, 3, 32, 32).to(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (BATCH,))
+
+
+def train_pass(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    x, y = batch()
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+
+    return run
+
+
+def profile(width: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = train_pass(resnet(width))
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def compiled(width: int) -> None:
+    model = resnet(width)
+    print(f"width {width} eager: {cpu_ms(train_pass(model)):.0f} ms per train fwd/bwd")
+    fast = train_pass(torch.compile(model))
+    t = time.perf_counter()
+    fast()
+    print(f"compile: {time.perf_counter() - t:.0f} s; compiled: {cpu_ms(fast):.0f} ms")
+
+
+def _cols(x: torch.Tensor) -> torch.Tensor:
+    """3x3, padding 1 patches of an NHWC view, as rows of (i, j, c)."""
+    size = x.shape[-1]
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    patches = [xp[:, i : i + size, j : j + size, :] for i in range(3) for j in range(3)]
+    return torch.stack(patches, dim=3).reshape(-1, 9 * x.shape[1])
+
+
+def conv() -> None:
+    for c, s in [(64, 32), (128, 16), (256, 8), (512, 4)]:
+        opts = {"dtype": torch.bfloat16}
+        x = torch.randn(BATCH, c, s, s, **opts).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 3, 3, **opts).contiguous(memory_format=torch.channels_last)
+        go = torch.randn(BATCH, c, s, s, **opts).contiguous(memory_format=torch.channels_last)
+        wm = w.permute(0, 2, 3, 1).reshape(c, 9 * c)
+
+        def backward(mask: list[bool]) -> Callable[[], object]:
+            args = (go, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+            return lambda: torch.ops.aten.convolution_backward(*args)
+
+        def mm_backward() -> None:
+            g = go.permute(0, 2, 3, 1).reshape(-1, c)
+            g.t().contiguous() @ _cols(x)  # weight gradient
+            gc = (g @ wm).view(BATCH, s, s, 3, 3, c)
+            gxp = torch.zeros(BATCH, s + 2, s + 2, c, dtype=x.dtype)
+            for i in range(3):
+                for j in range(3):
+                    gxp[:, i : i + s, j : j + s, :] += gc[:, :, :, i, j, :]
+
+        print(
+            f"{c} channels {s}x{s}: oneDNN fwd {cpu_ms(lambda: F.conv2d(x, w, padding=1)):.1f}"
+            f" bwd-input {cpu_ms(backward([True, False, False])):.1f}"
+            f" bwd-weight {cpu_ms(backward([False, True, False])):.1f}"
+            f" bwd {cpu_ms(backward([True, True, False])):.1f} ms |"
+            f" im2col+mm fwd {cpu_ms(lambda: _cols(x) @ wm.t()):.1f} bwd {cpu_ms(mm_backward):.1f}"
+        )
+
+
+def fold(width: int, rounds: int = 15) -> None:
+    model = resnet(width).eval()
+    x, _ = batch()
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    views = {k: AttackView(model, dt).module.eval() for k, dt in dtypes.items()}
+
+    def attack_pass(view: torch.nn.Module) -> None:
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = view(xx)
+        torch.autograd.grad(out.float().sum(), xx)
+
+    times: dict[str, list[float]] = {k: [] for k in views}
+    for view in views.values():
+        attack_pass(view)
+    for _ in range(rounds):  # interleaved, so load changes hit both alike
+        for k, view in views.items():
+            t = time.process_time()
+            attack_pass(view)
+            times[k].append(time.process_time() - t)
+    for k, ts in times.items():
+        print(f"width {width}, folded weights {k}: {1000 * sorted(ts)[rounds // 2]:.1f} ms/pass")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    what, *rest = sys.argv[1:] or ["profile"]
+    width = int(rest[0]) if rest else 16
+    {"profile": profile, "compile": compiled, "fold": fold}.get(what, lambda _: conv())(width)
