@@ -112,6 +112,42 @@ def conv() -> None:
         )
 
 
+def shapes() -> None:
+    from actrain.im2col import im2col_conv3x3
+
+    fmt = torch.channels_last
+    for c, s, n in [
+        (128, 4, 128),
+        (256, 4, 128),
+        (384, 4, 128),
+        (512, 4, 128),
+        (512, 4, 32),
+        (512, 7, 32),
+        (512, 8, 128),
+        (640, 8, 128),
+        (320, 16, 128),
+        (160, 32, 128),
+    ]:
+        x = torch.randn(n, c, s, s, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        w = torch.randn(c, c, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+
+        def fwd_bwd(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+            def once() -> None:
+                out = conv(x, w)
+                torch.autograd.grad(out, (x, w), torch.ones_like(out))
+
+            return cpu_ms(once, 3)
+
+        ref = fwd_bwd(lambda a, b: F.conv2d(a, b, padding=1))
+        ours = fwd_bwd(im2col_conv3x3)
+        print(
+            f"{c} ch {s}x{s} batch {n}: oneDNN {ref:.1f} ms, im2col {ours:.1f} ms, "
+            f"ratio {ours / ref:.2f}"
+        )
+
+
 def fold(width: int, rounds: int = 15) -> None:
     model = resnet(width).eval()
     x, _ = batch()
@@ -140,4 +176,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
     width = int(rest[0]) if rest else 16
-    {"profile": profile, "compile": compiled, "fold": fold}.get(what, lambda _: conv())(width)
+    if what in ("conv", "shapes"):
+        {"conv": conv, "shapes": shapes}[what]()
+    else:
+        {"profile": profile, "compile": compiled, "fold": fold}[what](width)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CPU-scale reproduction of the ACT paper (issue 9); `make repro-cpu` / `make repro-alpha`.
 #   scripts/repro.sh table2 [OUT]   Madry, TRADES, ACT on 10k CIFAR-10 images (Table 2)
-#   scripts/repro.sh table2-seeds [OUT]  seeds 1 and 2 of Table 2 into OUT-s1, OUT-s2 (PGD only),
-#                                         then one report over the three seeds in OUT/report-3seeds
+#   scripts/repro.sh table2-seeds [OUT]  seeds 1 and 2 (or SEEDS="1") of Table 2 into OUT-s1,
+#                                         OUT-s2 (PGD only), then one report over seed 0 and
+#                                         these in OUT/report-seeds
 #   scripts/repro.sh alpha  [OUT]   ACT's alpha sweep on Fashion-MNIST, 3 seeds (Table 1)
 # The runs of one protocol train side by side, one thread each (on 2 cores this beats running
 # them one after another with 2 threads), then each is evaluated and one report is written.
@@ -57,7 +58,8 @@ case $protocol in
     for m in madry trades act; do
       [ -f "$out/$m/final.json" ] || { echo "scripts/repro.sh: run 'table2' first ($out/$m is not finished)" >&2; exit 2; }
     done
-    for seed in 1 2; do
+    seeds=${SEEDS:-1 2}
+    for seed in $seeds; do
       mkdir -p "$out-s$seed"
       for m in madry trades act; do
         train "configs/repro/cifar10_w16_$m.yaml" "$out-s$seed/$m" --seed "$seed" &
@@ -65,7 +67,7 @@ case $protocol in
     done
     wait
     echo "training: ${SECONDS}s"
-    for seed in 1 2; do
+    for seed in $seeds; do
       for m in madry trades act; do
         evaluate "$out-s$seed/$m" g pgd20 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003 &
       done
@@ -74,9 +76,11 @@ case $protocol in
     wait
     echo "training + evaluation: ${SECONDS}s"
     runs=()
-    for dir in "$out" "$out-s1" "$out-s2"; do runs+=("$dir/madry" "$dir/trades" "$dir/act"); done
-    "$ACTRAIN" report "${runs[@]}" --out "$out/report-3seeds" --analyze --max-samples 5000
-    report=$out/report-3seeds
+    for dir in "$out" $(for s in $seeds; do echo "$out-s$s"; done); do
+      runs+=("$dir/madry" "$dir/trades" "$dir/act")
+    done
+    "$ACTRAIN" report "${runs[@]}" --out "$out/report-seeds" --analyze --max-samples 5000
+    report=$out/report-seeds
     ;;
   alpha)  # three seeds: seed 0 in OUT, seeds 1 and 2 in OUT-s1, OUT-s2
     out=${2:-runs/repro-alpha}

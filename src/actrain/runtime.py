@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.fx
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +65,13 @@ _BN_TYPES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 _CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
+class _ConvLeafTracer(torch.fx.Tracer):
+    """Convolutions stay leaves even when subclassed (``actrain.im2col.Im2colConv2d``)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, _CONV_TYPES) or super().is_leaf_module(m, qualname)
+
+
 class AttackView:
     """An eval-mode stand-in for ``model`` in attack passes, with every conv -> BN pair folded.
 
@@ -86,9 +94,7 @@ class AttackView:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         import copy
 
-        import torch.fx
-
-        traced = torch.fx.symbolic_trace(model)
+        traced = torch.fx.GraphModule(model, _ConvLeafTracer().trace(model))
         mods = dict(model.named_modules())
         self.pairs: list[tuple[str, str]] = []
         self.dtype = dtype

@@ -48,6 +48,7 @@ from actrain.config import (
 from actrain.data.sampling import mix_seed
 from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
 from actrain.guard import OverfitGuard
+from actrain.im2col import use_im2col_convs
 from actrain.methods import Method, build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import (
@@ -247,6 +248,8 @@ class Trainer:
             model = create_model(**kw).to(self.device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
+            if self.device.type == "cpu" and self.precision == "bf16":
+                use_im2col_convs(model)  # issue 7: oneDNN is slow at 512 channels, 4x4
             if cfg.sync_bn and self.dist.enabled:
                 model = distributed.convert_sync_batchnorm(model, self.device)
             self.models[role] = model

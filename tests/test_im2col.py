@@ -1,0 +1,76 @@
+"""The im2col + matmul convolution computes what oneDNN's does (issue 7's full-width path)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from actrain import im2col
+from actrain.im2col import Im2colConv2d, im2col_conv3x3, im2col_pays, use_im2col_convs
+from actrain.models import create_model
+from actrain.runtime import AttackView
+
+
+def test_matches_conv2d_and_its_gradients_in_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 5, 3, 3), torch.randn(4)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    ours, ref = im2col_conv3x3(x, w, b), F.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(ref)
+    got_grads = torch.autograd.grad(ours, (x, w, b), go)
+    want_grads = torch.autograd.grad(ref, (x, w, b), go)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    args = [
+        torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True),
+        torch.randn(5, 3, 3, 3, dtype=torch.double, requires_grad=True),
+        torch.randn(5, dtype=torch.double, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(im2col_conv3x3, args)
+
+
+def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(monkeypatch):
+    assert im2col_pays(512, 4, 4) and not im2col_pays(128, 4, 4) and not im2col_pays(512, 8, 8)
+    torch.manual_seed(0)
+    plain = create_model("resnet18", width=64, num_classes=10)
+    plain = plain.to(memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain)
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    assert use_im2col_convs(fast) == 14  # the stem and the 13 stride-1 convs of the blocks
+    assert sum(isinstance(m, Im2colConv2d) for m in fast.modules()) == 14
+    assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+
+    calls = []
+
+    def spy(x, w, b=None):
+        calls.append(tuple(x.shape[1:]))
+        return im2col_conv3x3(x, w, b)
+
+    monkeypatch.setattr(im2col, "im2col_conv3x3", spy)
+    x = torch.rand(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():  # outside autocast (fp32) it is the plain conv, bit for bit
+        assert torch.equal(fast.eval()(x), plain.eval()(x))
+    plain.train(), fast.train()
+    grads, logits = [], []
+    for model in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        logits.append(out.float())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert calls == [(512, 4, 4)] * 3  # layer4's three 512 -> 512 convs, nothing else
+    torch.testing.assert_close(logits[1], logits[0], rtol=0.05, atol=0.02)
+    cos = F.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.99  # same gradient up to bf16 rounding of the summation order
+
+
+def test_batch_norm_folding_still_sees_the_subclassed_convs():
+    model = create_model("resnet18", width=4, num_classes=10)
+    use_im2col_convs(model)
+    assert len(AttackView(model).pairs) == 20
