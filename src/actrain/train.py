@@ -275,6 +275,9 @@ class Trainer:
                 lr=cfg.lr * self.lr_scale,
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
+                # One kernel over all parameters: the same update bit for bit, in half the
+                # time of the default multi-tensor loop on the CPU (issue 7).
+                fused=self.device.type in ("cpu", "cuda"),
             )
             for r, m in self.models.items()
         }
