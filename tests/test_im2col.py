@@ -74,3 +74,18 @@ def test_batch_norm_folding_still_sees_the_subclassed_convs():
     model = create_model("resnet18", width=4, num_classes=10)
     use_im2col_convs(model)
     assert len(AttackView(model).pairs) == 20
+
+
+def test_the_trainer_takes_the_path_at_full_width_in_bf16_and_the_benchmark_says_so():
+    from actrain import bench
+
+    base = {"method": "madry", "arch": "resnet18", "batch_size": 2, "steps": 1, "device": "cpu"}
+    fast = {"iters": 1, "warmup": 0, "reference": False, "threads": 1}
+
+    def run(width: int, precision: str) -> dict:
+        return bench.run_bench(bench.BenchSpec(width=width, precision=precision, **base, **fast))
+
+    full = run(64, "bf16")
+    assert full["im2col"] and "im2col" in bench.format_line(full)
+    assert not run(64, "fp32")["im2col"]
+    assert not run(16, "bf16")["im2col"]

@@ -413,6 +413,13 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
     return out
 
 
+def _all_modules(trainer: T.Trainer) -> list[torch.nn.Module]:
+    """Every module of the trainer's models and of G's attack view (where it has one)."""
+    models = list(trainer.models.values())
+    g = attack_model(trainer.models["g"], trainer.fold_bn, trainer.precision)
+    return [m for model in [*models, g] for m in model.modules()]
+
+
 def fold_active(trainer: T.Trainer) -> bool:
     """Whether the trainer's attack passes run on a BN-folded view of G (Free-AT has none)."""
     attack = trainer.train_attack
@@ -518,6 +525,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "precision": trainer.precision,
         "channels_last": trainer.channels_last,
         "fold_bn": fold_active(trainer),
+        "im2col": any(getattr(m, "im2col_used", False) for m in _all_modules(trainer)),
         "compile": spec.compile,
         "compile_s": round(compile_s, 2),
         "images_per_s": bs / (step + data_t),
@@ -634,7 +642,8 @@ def format_line(r: dict[str, Any]) -> str:
     text = (
         f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} {attack_label(r)}"
         f" {r['precision']}{' CL' if r['channels_last'] else ''}"
-        f"{' fold' if r['fold_bn'] else ''}{' compile' if r['compile'] else ''}:"
+        f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
+        f"{' compile' if r['compile'] else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
         f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
         f" data {b['data']:.1f}, other {b['other']:.0f} ms; step/essential"
@@ -658,6 +667,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         b = r["breakdown_ms"]
         levers = [s for s, on in (("CL", r["channels_last"]), ("fold", r["fold_bn"])) if on]
+        if r.get("im2col"):
+            levers.append("im2col")
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")

@@ -87,6 +87,7 @@ class Im2colConv2d(nn.Conv2d):
             return super().forward(x)
         if not im2col_pays(x.shape[1], x.shape[2], x.shape[3]):
             return super().forward(x)
+        self.im2col_used = True  # reported by `actrain bench`
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
             return im2col_conv3x3(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), bias)
