@@ -35,6 +35,11 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
 
 
+def cpu_has_amx() -> bool:
+    """AMX tiles: the only CPU ``actrain.im2col``'s shape rule was measured on."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision

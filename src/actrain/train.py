@@ -54,6 +54,7 @@ from actrain.models import create_model
 from actrain.runtime import (
     attack_model,
     autocast_factory,
+    cpu_has_amx,
     resolve_device,
     resolve_precision,
 )
@@ -248,7 +249,7 @@ class Trainer:
             model = create_model(**kw).to(self.device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            if self.device.type == "cpu" and self.precision == "bf16":
+            if self.device.type == "cpu" and self.precision == "bf16" and cpu_has_amx():
                 use_im2col_convs(model)  # issue 7: oneDNN is slow at 512 channels, 4x4
             if cfg.sync_bn and self.dist.enabled:
                 model = distributed.convert_sync_batchnorm(model, self.device)
