@@ -276,10 +276,6 @@ class Trainer:
                 lr=cfg.lr * self.lr_scale,
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
-                # One kernel over all parameters, in half the time of the default multi-tensor
-                # loop on the CPU (issue 7); it rounds differently, so fp32 keeps the default
-                # and stays bit-identical to the plainly written step (as with BN folding).
-                fused=self.device.type in ("cpu", "cuda") and self.precision != "fp32",
             )
             for r, m in self.models.items()
         }
