@@ -74,41 +74,30 @@ def compiled(width: int) -> None:
     print(f"compile: {time.perf_counter() - t:.0f} s; compiled: {cpu_ms(fast):.0f} ms")
 
 
-def _cols(x: torch.Tensor) -> torch.Tensor:
-    """3x3, padding 1 patches of an NHWC view, as rows of (i, j, c)."""
-    size = x.shape[-1]
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    patches = [xp[:, i : i + size, j : j + size, :] for i in range(3) for j in range(3)]
-    return torch.stack(patches, dim=3).reshape(-1, 9 * x.shape[1])
-
-
 def conv() -> None:
+    from actrain.im2col import im2col_conv3x3
+
+    fmt = torch.channels_last
     for c, s in [(64, 32), (128, 16), (256, 8), (512, 4)]:
-        opts = {"dtype": torch.bfloat16}
-        x = torch.randn(BATCH, c, s, s, **opts).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c, c, 3, 3, **opts).contiguous(memory_format=torch.channels_last)
-        go = torch.randn(BATCH, c, s, s, **opts).contiguous(memory_format=torch.channels_last)
-        wm = w.permute(0, 2, 3, 1).reshape(c, 9 * c)
+        x = torch.randn(BATCH, c, s, s, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        w = torch.randn(c, c, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        go = torch.randn(BATCH, c, s, s, dtype=torch.bfloat16).contiguous(memory_format=fmt)
 
         def backward(mask: list[bool]) -> Callable[[], object]:
             args = (go, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
             return lambda: torch.ops.aten.convolution_backward(*args)
 
-        def mm_backward() -> None:
-            g = go.permute(0, 2, 3, 1).reshape(-1, c)
-            g.t().contiguous() @ _cols(x)  # weight gradient
-            gc = (g @ wm).view(BATCH, s, s, 3, 3, c)
-            gxp = torch.zeros(BATCH, s + 2, s + 2, c, dtype=x.dtype)
-            for i in range(3):
-                for j in range(3):
-                    gxp[:, i : i + s, j : j + s, :] += gc[:, :, :, i, j, :]
+        def ours_fwd_bwd() -> None:
+            xs, ws = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+            torch.autograd.grad(im2col_conv3x3(xs, ws), (xs, ws), go)
 
+        fwd = cpu_ms(lambda: im2col_conv3x3(x, w))
         print(
             f"{c} channels {s}x{s}: oneDNN fwd {cpu_ms(lambda: F.conv2d(x, w, padding=1)):.1f}"
             f" bwd-input {cpu_ms(backward([True, False, False])):.1f}"
             f" bwd-weight {cpu_ms(backward([False, True, False])):.1f}"
             f" bwd {cpu_ms(backward([True, True, False])):.1f} ms |"
-            f" im2col+mm fwd {cpu_ms(lambda: _cols(x) @ wm.t()):.1f} bwd {cpu_ms(mm_backward):.1f}"
+            f" im2col+mm fwd {fwd:.1f} bwd {cpu_ms(ours_fwd_bwd) - fwd:.1f}"
         )
 
 
