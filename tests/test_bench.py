@@ -14,6 +14,7 @@ import torch
 from actrain import bench
 from actrain.attacks import LinfBall, pgd
 from actrain.cli import main
+from actrain.fused import fused_bn_active
 from actrain.losses import act_attack_objective
 from actrain.models import create_model
 from actrain.runtime import AttackView, attack_model
@@ -44,6 +45,7 @@ def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
     trainer, ref, x, y = _pair(method, precision="fp32")
     assert trainer.precision == "fp32" and not trainer.channels_last
     assert not bench.fold_active(trainer)  # fp32 keeps the plain attack path by default
+    assert not any(fused_bn_active(m) for m in trainer.models.values())
     torch.manual_seed(1)
     out = trainer.train_step(x, y)
     torch.manual_seed(1)
@@ -58,8 +60,10 @@ def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
 
 @pytest.mark.parametrize("method", ["act", "madry"])
 def test_bf16_fast_step_matches_the_plain_step_within_tolerance(method):
-    trainer, ref, x, y = _pair(method, precision="bf16")
+    # width 16: every BN layer has a multiple of 16 channels, so all take the fused kernels
+    trainer, ref, x, y = _pair(method, precision="bf16", width=16)
     assert trainer.channels_last and bench.fold_active(trainer)
+    assert all(fused_bn_active(m) for m in trainer.models.values())
     before = _params(trainer.models)
     torch.manual_seed(1)
     out = trainer.train_step(x, y)

@@ -36,6 +36,7 @@ from actrain import data as D
 from actrain import losses as L
 from actrain import train as T
 from actrain.config import TrainConfig, build_config
+from actrain.fused import fused_bn_active
 from actrain.methods import build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import (
@@ -63,6 +64,7 @@ class BenchSpec:
     precision: str = "auto"
     channels_last: bool | None = None  # None: on with bf16/fp16 (the Trainer's default)
     fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
+    fused_bn: bool | None = None  # None: the Trainer's default (actrain.fused)
     compile: bool = False
     dataset: str = "cifar10"  # only its shape (channels, size, classes) and augmentation
     device: str = "auto"
@@ -88,6 +90,7 @@ class BenchSpec:
             "overfit_guard": False,  # synthetic data has no held-out batch; fit() is not run
             "precision": self.precision,
             "channels_last": self.channels_last,
+            "fused_bn": self.fused_bn,
             "device": self.device,
             "seed": self.seed,
             "epochs": 1,
@@ -526,6 +529,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "channels_last": trainer.channels_last,
         "fold_bn": fold_active(trainer),
         "im2col": any(getattr(m, "im2col_used", False) for m in _all_modules(trainer)),
+        "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
         "compile": spec.compile,
         "compile_s": round(compile_s, 2),
         "images_per_s": bs / (step + data_t),
@@ -612,6 +616,7 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
         if width < 32:  # at full width the plain reference row says the same, faster
             plain = BenchSpec(**{**asdict(base), "width": width, "precision": "fp32"})
             plain.channels_last, plain.fold_bn, plain.reference = False, False, False
+            plain.fused_bn = False
             row = run_bench(plain)
             log(format_line(row))
             rows.append(row)
@@ -643,6 +648,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} {attack_label(r)}"
         f" {r['precision']}{' CL' if r['channels_last'] else ''}"
         f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
+        f"{' fusedBN' if r.get('fused_bn') else ''}"
         f"{' compile' if r['compile'] else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
         f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
@@ -669,6 +675,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         levers = [s for s, on in (("CL", r["channels_last"]), ("fold", r["fold_bn"])) if on]
         if r.get("im2col"):
             levers.append("im2col")
+        if r.get("fused_bn"):
+            levers.append("fusedBN")
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")

@@ -26,6 +26,7 @@ NOT_SWEEPABLE = ("out", "progress")
 BOOL_FLAGS = {
     "download": ("--download", "--no-download"),
     "channels_last": ("--channels-last", "--no-channels-last"),
+    "fused_bn": ("--fused-bn", "--no-fused-bn"),
 }
 
 

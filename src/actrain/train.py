@@ -47,6 +47,7 @@ from actrain.config import (
 )
 from actrain.data.sampling import mix_seed
 from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
+from actrain.fused import use_fused_bn
 from actrain.guard import OverfitGuard
 from actrain.im2col import use_im2col_convs
 from actrain.methods import Method, build_method, build_train_attack
@@ -226,6 +227,12 @@ class Trainer:
             cfg.channels_last if cfg.channels_last is not None else self.precision != "fp32"
         )
         self.autocast = autocast_factory(self.precision, self.device)
+        # issue 7: BN + add + ReLU fused for train-mode passes (bf16 channels_last on a CPU)
+        self.fused_bn = (
+            cfg.fused_bn
+            if cfg.fused_bn is not None
+            else self.device.type == "cpu" and self.precision == "bf16" and self.channels_last
+        )
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -251,6 +258,8 @@ class Trainer:
                 model = model.to(memory_format=torch.channels_last)
             if self.device.type == "cpu" and self.precision == "bf16" and cpu_has_amx():
                 use_im2col_convs(model)  # issue 7: oneDNN is slow at 512 channels, 4x4
+            if self.fused_bn:
+                use_fused_bn(model)
             if cfg.sync_bn and self.dist.enabled:
                 model = distributed.convert_sync_batchnorm(model, self.device)
             self.models[role] = model

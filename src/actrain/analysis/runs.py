@@ -25,6 +25,7 @@ NON_SEMANTIC = (
     "download",
     "num_workers",
     "channels_last",
+    "fused_bn",
     "precision",
 )
 
@@ -197,7 +198,7 @@ def train_command(config: dict[str, Any]) -> str:
             if not value:
                 args.append("--no-download")
             continue
-        if key in ("channels_last", "overfit_guard"):  # --flag / --no-flag options
+        if key in ("channels_last", "fused_bn", "overfit_guard"):  # --flag / --no-flag options
             args.append(_flag(key) if value else "--no-" + _flag(key)[2:])
             continue
         if isinstance(value, list):

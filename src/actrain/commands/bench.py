@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="fold BN into convs for the eval-mode attack passes (auto: on unless fp32)",
     )
+    p.add_argument(
+        "--fused-bn",
+        choices=tuple(ONOFF),
+        default="auto",
+        help="fused BN + ReLU kernels for train-mode passes (auto: on with bf16 on a CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
     p.add_argument("--dataset", default="cifar10", help="shape and augmentation of the data")
     p.add_argument("--device", default="auto")
@@ -87,6 +93,7 @@ def _spec(ns: argparse.Namespace):
         precision=ns.precision,
         channels_last=ONOFF[ns.channels_last],
         fold_bn=ONOFF[ns.fold_bn],
+        fused_bn=ONOFF[ns.fused_bn],
         compile=ns.compile,
         dataset=ns.dataset,
         device=ns.device,

@@ -84,6 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--precision", help="auto, fp32, bf16, fp16")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    g.add_argument(
+        "--fused-bn",
+        action=argparse.BooleanOptionalAction,
+        help="fused batch norm + ReLU kernels on the CPU (default: on with bf16)",
+    )
     g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")

@@ -5,8 +5,9 @@ robust_overfitting; ``width`` scales all channels so small CPU-sized versions sh
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from actrain.fused import bn_act
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -38,9 +39,8 @@ class BasicBlock(nn.Module):
         self.shortcut = _projection(in_planes, planes, stride, bn=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = bn_act(self.bn1, self.conv1(x))
+        return bn_act(self.bn2, self.conv2(out), self.shortcut(x))
 
 
 class PreActBlock(nn.Module):
@@ -58,10 +58,10 @@ class PreActBlock(nn.Module):
         self.shortcut = _projection(in_planes, planes, stride, bn=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
+        out = bn_act(self.bn1, x)
         shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(bn_act(self.bn2, out))
         return out + shortcut
 
 
@@ -103,7 +103,7 @@ class CifarResNet(ImageClassifier):
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = bn_act(self.bn1, self.conv1(x))
         out = self.layers(out)
         return torch.flatten(self.pool(out), 1)
 
@@ -130,7 +130,7 @@ class PreActResNet(ImageClassifier):
 
     def features(self, x: Tensor) -> Tensor:
         out = self.layers(self.conv1(x))
-        out = F.relu(self.bn(out))
+        out = bn_act(self.bn, out)
         return torch.flatten(self.pool(out), 1)
 
 

@@ -5,8 +5,9 @@ in TRADES / Madry-style benchmarks).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from actrain.fused import bn_act
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -35,10 +36,10 @@ class WideBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        act = F.relu(self.bn1(x))
+        act = bn_act(self.bn1, x)
         shortcut = x if self.equal_in_out else self.shortcut(act)
         out = self.conv1(act)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        out = self.conv2(self.dropout(bn_act(self.bn2, out)))
         return out + shortcut
 
 
@@ -96,7 +97,7 @@ class WideResNet(ImageClassifier):
 
     def features(self, x: Tensor) -> Tensor:
         out = self.layers(self.conv1(x))
-        out = F.relu(self.bn(out))
+        out = bn_act(self.bn, out)
         return torch.flatten(self.pool(out), 1)
 
 

@@ -1,0 +1,206 @@
+/* Training-mode batch norm fused with the residual add and ReLU that follow it (issue 7).
+ *
+ * Tensors are bf16 in channels_last layout, i.e. M x C row-major matrices (M = N*H*W) with C a
+ * multiple of 16 (one AVX-512 register of fp32). Statistics and gradients are accumulated in
+ * fp32 over blocks of rows and in double across blocks and threads; every output element is
+ * rounded to bf16 once. Built at run time by actrain/fused.py with the system's C compiler
+ * (-O3 -march=native -fopenmp) and called through ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define BLOCK 64 /* rows per fp32 partial sum */
+#define V 16     /* channels per chunk */
+
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef uint32_t vu __attribute__((vector_size(V * 4)));
+typedef int32_t vi __attribute__((vector_size(V * 4)));
+typedef uint16_t vh __attribute__((vector_size(V * 2)));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even; NaN stays a (quiet) NaN. */
+static inline void store_bf16(uint16_t *p, vf f) {
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    vu out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    vh h = __builtin_convertvector(out, vh);
+    memcpy(p, &h, sizeof h);
+}
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* max(v, 0) that keeps NaN (as F.relu does), so a diverging run still shows a NaN loss. */
+static inline vf relu_v(vf v) {
+    vf zero = {0};
+    vi keep = (v > zero) | (v != v);
+    vu bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= (vu)keep;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Two per-channel sums over all rows: a(row) and b(row) as chosen by `kind`, into double.
+ * kind 0: a = x - shift, b = a^2 (statistics). kind 1: a = dz, b = dz * (x - shift), with
+ * dz = dy masked by y > 0 if relu, written to `dz` (the backward reduction). */
+static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restrict dy,
+                   const uint16_t *restrict y, uint16_t *restrict dz, int relu, int64_t M,
+                   int64_t C, const float *restrict shift, double *restrict out_a,
+                   double *restrict out_b, int nthreads) {
+    int64_t nblocks = (M + BLOCK - 1) / BLOCK;
+    double *acc = calloc((size_t)nthreads * 2 * C, sizeof(double));
+    if (!acc) return -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        double *sa = acc + (size_t)omp_get_thread_num() * 2 * C, *sb = sa + C;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t end = (b + 1) * BLOCK < M ? (b + 1) * BLOCK : M;
+            for (int64_t c0 = 0; c0 < C; c0 += V) {
+                vf a = {0}, s = {0}, sh = vload(shift + c0);
+                for (int64_t r = b * BLOCK; r < end; r++) {
+                    int64_t i = r * C + c0;
+                    vf d = load_bf16(x + i) - sh;
+                    if (kind == 0) {
+                        a += d;
+                        s += d * d;
+                    } else {
+                        vf g = load_bf16(dy + i);
+                        if (relu) {
+                            vf zero = {0};
+                            vu keep = (vu)(load_bf16(y + i) > zero);
+                            vu bits;
+                            memcpy(&bits, &g, sizeof bits);
+                            bits &= keep;
+                            memcpy(&g, &bits, sizeof g);
+                        }
+                        store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
+                        a += g;
+                        s += g * d;
+                    }
+                }
+                for (int j = 0; j < V; j++) {
+                    sa[c0 + j] += a[j];
+                    sb[c0 + j] += s[j];
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) out_a[c] = out_b[c] = 0.0;
+    for (int t = 0; t < nthreads; t++)
+        for (int64_t c = 0; c < C; c++) {
+            out_a[c] += acc[(size_t)t * 2 * C + c];
+            out_b[c] += acc[(size_t)t * 2 * C + C + c];
+        }
+    free(acc);
+    return 0;
+}
+
+/* out = p * u + q * v + r (per channel), ReLU'd if relu; v, and the q term, optional. */
+static void affine(const uint16_t *restrict u, const uint16_t *restrict v, int64_t M, int64_t C,
+                   const float *restrict p, const float *restrict q, const float *restrict r,
+                   int relu, uint16_t *restrict out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf o = load_bf16(u + i) * vload(p + c0) + vload(r + c0);
+            if (v) o += q ? load_bf16(v + i) * vload(q + c0) : load_bf16(v + i);
+            store_bf16(out + i, relu ? relu_v(o) : o);
+        }
+    }
+}
+
+/* Forward: batch statistics, running-statistics update, y = relu?(bn(x) + res?).
+ * save_mean / save_invstd receive what the backward needs. Returns 0, or -1 (no memory). */
+int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
+               const float *weight, const float *bias, float *running_mean,
+               float *running_var, double momentum, double eps, int relu, uint16_t *y,
+               float *save_mean, float *save_invstd, int nthreads) {
+    float *buf = calloc(3 * (size_t)C, sizeof(float));
+    double *sums = malloc(sizeof(double) * 2 * C);
+    if (!buf || !sums) {
+        free(buf);
+        free(sums);
+        return -1;
+    }
+    float *shift = buf, *scale = buf + C, *offset = buf + 2 * C;
+    for (int64_t c = 0; c < C; c++) {
+        uint32_t u = (uint32_t)x[c] << 16;
+        memcpy(shift + c, &u, 4); /* first row: a sample of each channel, against cancellation */
+    }
+    if (reduce2(0, x, NULL, NULL, NULL, 0, M, C, shift, sums, sums + C, nthreads)) {
+        free(buf);
+        free(sums);
+        return -1;
+    }
+    for (int64_t c = 0; c < C; c++) {
+        double d = sums[c] / M;
+        double var = sums[C + c] / M - d * d;
+        if (var < 0) var = 0;
+        double mean = shift[c] + d;
+        double invstd = 1.0 / sqrt(var + eps);
+        save_mean[c] = (float)mean;
+        save_invstd[c] = (float)invstd;
+        running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * (float)mean);
+        running_var[c] = (float)((1 - momentum) * running_var[c] +
+                                 momentum * (float)(var * M / (M - 1)));
+        scale[c] = (float)(weight[c] * invstd);
+        offset[c] = (float)(bias[c] - mean * weight[c] * invstd);
+    }
+    affine(x, res, M, C, scale, NULL, offset, relu, y, nthreads);
+    free(buf);
+    free(sums);
+    return 0;
+}
+
+/* Backward: dz = dy (masked by y > 0 if relu; it is also the residual's gradient),
+ * dx = batch-norm input gradient, dweight, dbias. Returns 0, or -1 (no memory). */
+int bn_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x, int64_t M, int64_t C,
+                const float *weight, const float *mean, const float *invstd, int relu,
+                uint16_t *dz, uint16_t *dx, float *dweight, float *dbias, int nthreads) {
+    float *buf = calloc(3 * (size_t)C, sizeof(float));
+    double *sums = malloc(sizeof(double) * 2 * C);
+    if (!buf || !sums) {
+        free(buf);
+        free(sums);
+        return -1;
+    }
+    if (reduce2(1, x, dy, y, dz, relu, M, C, mean, sums, sums + C, nthreads)) {
+        free(buf);
+        free(sums);
+        return -1;
+    }
+    float *k = buf, *p = buf + C, *q = buf + 2 * C;
+    for (int64_t c = 0; c < C; c++) {
+        double is = invstd[c], kc = weight[c] * is;
+        double total = sums[c], dot = sums[C + c];
+        dweight[c] = (float)(dot * is);
+        dbias[c] = (float)total;
+        double pc = -kc * is * is * dot / M;
+        k[c] = (float)kc;
+        p[c] = (float)pc;
+        q[c] = (float)(-kc * total / M - mean[c] * pc);
+    }
+    affine(dz, x, M, C, k, p, q, 0, dx, nthreads); /* dx = k dz + p x + q */
+    free(buf);
+    free(sums);
+    return 0;
+}

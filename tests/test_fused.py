@@ -1,0 +1,182 @@
+"""The fused batch norm + add + ReLU kernels compute what nn.BatchNorm2d, + and F.relu do
+(issue 7's train-mode fast path on the CPU), and stay out of the way everywhere else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actrain import fused
+from actrain.fused import bn_act, fused_bn_active, use_fused_bn
+from actrain.models import create_model
+from actrain.runtime import AttackView
+
+CL = torch.channels_last
+
+
+def test_the_kernels_build_here():
+    # CI runs on a machine like the development one (gcc, OpenMP): the fast path must exist.
+    assert fused.available(), "fused_bn.c did not compile: is a C compiler with OpenMP there?"
+
+
+def _bn(c: int, seed: int = 0) -> torch.nn.BatchNorm2d:
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    bn.running_mean.uniform_(-0.1, 0.1)
+    return bn
+
+
+def _run(bn, x, res, grad, relu, dtype=torch.bfloat16):
+    """Output, input/residual/weight/bias gradients and buffers of one training-mode call."""
+    x = x.to(dtype).detach().requires_grad_(True)
+    res = None if res is None else res.to(dtype).detach().requires_grad_(True)
+    y = bn_act(bn, x, res, relu)
+    y.backward(grad.to(dtype))
+    grads = [x.grad, None if res is None else res.grad, bn.weight.grad, bn.bias.grad]
+    return y.float(), [None if g is None else g.float() for g in grads], bn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_matches_batch_norm_add_relu_within_bf16_rounding(residual, relu):
+    torch.manual_seed(1)
+    # bf16 values, so that the fp32 reference sees exactly the same inputs
+    x = (torch.randn(16, 32, 6, 6) * 2 + 0.7).contiguous(memory_format=CL).bfloat16().float()
+    res = torch.randn_like(x).bfloat16().float() if residual else None
+    grad = torch.randn_like(x).bfloat16().float()
+    fast = _bn(32)
+    use_fused_bn(fast)
+    calls = []
+    real = fused._BatchNormAct.apply
+    fused._BatchNormAct.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        y_fast, g_fast, bn_fast = _run(fast, x, res, grad, relu)
+    finally:
+        fused._BatchNormAct.apply = real
+    assert calls, "the fused kernels were not used"
+    y_bf16, g_bf16, bn_bf16 = _run(_bn(32), x, res, grad, relu)  # the plain ops, in bf16
+    y_ref, g_ref, bn_ref = _run(_bn(32), x, res, grad, relu, torch.float32)  # and in fp32
+
+    # Each output is rounded to bf16 once, so the fused path is at least as close to fp32 as
+    # the plain bf16 ops are, and close in absolute terms.
+    assert _rel(y_fast, y_ref) < 4e-3
+    assert _rel(y_fast, y_ref) <= _rel(y_bf16, y_ref) * 1.25
+    for got, plain, want in zip(g_fast, g_bf16, g_ref, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert _rel(got, want) < 1e-2
+        assert _rel(got, want) <= max(_rel(plain, want) * 1.25, 4e-3)
+    # Buffers: the batch mean and the unbiased batch variance enter the running averages.
+    torch.testing.assert_close(bn_fast.running_mean, bn_ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn_fast.running_var, bn_ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn_fast.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 1
+
+
+def test_statistics_survive_a_large_mean():
+    # Sums of squares around a large mean cancel; the kernels shift by a sample first.
+    x = (torch.randn(32, 16, 8, 8) * 0.5 + 300.0).contiguous(memory_format=CL)
+    fast, ref = _bn(16), _bn(16)
+    use_fused_bn(fast)
+    bn_act(fast, x.to(torch.bfloat16))
+    bn_act(ref, x.to(torch.bfloat16).float())
+    torch.testing.assert_close(fast.running_var, ref.running_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.running_mean, ref.running_mean, rtol=1e-6, atol=1e-4)
+
+
+def test_a_nan_stays_a_nan():
+    x = torch.randn(4, 16, 4, 4).contiguous(memory_format=CL).to(torch.bfloat16)
+    x[0, 3, 1, 1] = float("nan")
+    bn = _bn(16)
+    use_fused_bn(bn)
+    y = bn_act(bn, x)
+    assert torch.isnan(y[:, 3]).all() and not torch.isnan(y[:, :3]).any()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["eval mode", "fp32", "NCHW", "channels not a multiple of 16", "switched off", "residual fp32"],
+)
+def test_everywhere_else_it_is_the_plain_ops_bit_for_bit(case):
+    c = 24 if case == "channels not a multiple of 16" else 32
+    x = torch.randn(8, c, 5, 5).contiguous(memory_format=CL).to(torch.bfloat16)
+    res = torch.randn_like(x)
+    if case == "fp32":
+        x, res = x.float(), res.float()
+    if case == "NCHW":
+        x, res = x.contiguous(), res.contiguous()
+    if case == "residual fp32":
+        res = res.float()
+    a, b = _bn(c), _bn(c)
+    use_fused_bn(a, on=case != "switched off")
+    if case == "eval mode":
+        a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(bn_act(a, x, res), F.relu(b(x) + res))
+    assert torch.equal(a.running_var, b.running_var)
+
+
+def _resnet_step(model, x, y, bf16: bool = True):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return float(loss.detach()), grads
+
+
+def test_resnet18_train_step_agrees_with_the_plain_bf16_step():
+    torch.manual_seed(0)
+    plain = create_model("resnet18", width=16, num_classes=10).to(memory_format=CL)
+    fast, ref = copy.deepcopy(plain), copy.deepcopy(plain)
+    keys = list(fast.state_dict())
+    assert use_fused_bn(fast) == 20  # stem, 16 in the blocks, 3 on projection shortcuts
+    assert list(fast.state_dict()) == keys and fused_bn_active(fast)
+    x = torch.rand(32, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (32,))
+    loss_plain, g_plain = _resnet_step(plain, x, y)
+    loss_fast, g_fast = _resnet_step(fast, x, y)
+    loss_ref, g_ref = _resnet_step(ref, x, y, bf16=False)
+    assert abs(loss_fast - loss_ref) < 0.02 and abs(loss_plain - loss_ref) < 0.02
+    assert _rel(g_fast, g_ref) <= _rel(g_plain, g_ref) * 1.25
+    for a, b in zip(fast.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.02)
+    # Same thread count, same input: the same bits (static OpenMP schedule).
+    again = copy.deepcopy(plain)
+    use_fused_bn(again)
+    _resnet_step(again, x, y)
+    fast2 = copy.deepcopy(plain)
+    use_fused_bn(fast2)
+    assert torch.equal(_resnet_step(fast2, x, y)[1], _resnet_step(again, x, y)[1])
+
+
+def test_attack_view_still_folds_every_conv_bn_pair():
+    model = create_model("resnet18", width=16, num_classes=10)
+    plain_pairs = AttackView(model).pairs
+    use_fused_bn(model)
+    assert AttackView(model, torch.bfloat16).pairs == plain_pairs
+    assert len(plain_pairs) == 20
+
+
+def test_preact_and_wide_resnets_take_it_too():
+    torch.manual_seed(0)
+    for name, kw in (("preact_resnet18", {"width": 16}), ("wideresnet", {"depth": 10})):
+        plain = create_model(name, num_classes=10, **kw).to(memory_format=CL)
+        fast, ref = copy.deepcopy(plain), copy.deepcopy(plain)
+        use_fused_bn(fast)
+        x = torch.rand(8, 3, 32, 32).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (8,))
+        _, g_plain = _resnet_step(plain, x, y)
+        _, g_fast = _resnet_step(fast, x, y)
+        _, g_ref = _resnet_step(ref, x, y, bf16=False)
+        assert _rel(g_fast, g_ref) <= _rel(g_plain, g_ref) * 1.25, name
