@@ -4,6 +4,7 @@ python benchmarks/micro.py profile 16   # op breakdown of a bf16 channels_last t
 python benchmarks/micro.py compile 16   # train fwd/bwd, eager vs torch.compile
 python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, per shape
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
+python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 """
 
 from __future__ import annotations
@@ -137,6 +138,29 @@ def shapes() -> None:
         )
 
 
+def fusedbn() -> None:
+    from actrain.fused import bn_act, use_fused_bn
+
+    fmt = torch.channels_last
+    for c, s in [(16, 32), (32, 16), (64, 8), (128, 4), (64, 32), (512, 4)]:
+        x0 = torch.randn(BATCH, c, s, s).to(torch.bfloat16).contiguous(memory_format=fmt)
+        r0, g = torch.randn_like(x0), torch.randn_like(x0)
+        times = []
+        for on in (False, True):
+            bn = torch.nn.BatchNorm2d(c)
+            use_fused_bn(bn, on)
+
+            def fwd_bwd() -> None:
+                x, r = x0.detach().requires_grad_(True), r0.detach().requires_grad_(True)
+                bn_act(bn, x, r).backward(g)  # noqa: B023
+
+            times.append(cpu_ms(fwd_bwd, 9))
+        print(
+            f"{c} channels {s}x{s}: relu(bn(x) + r) fwd+bwd, plain ops {times[0]:.2f} ms,"
+            f" fused {times[1]:.2f} ms"
+        )
+
+
 def fold(width: int, rounds: int = 15) -> None:
     model = resnet(width).eval()
     x, _ = batch()
@@ -165,7 +189,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
     width = int(rest[0]) if rest else 16
-    if what in ("conv", "shapes"):
-        {"conv": conv, "shapes": shapes}[what]()
+    if what in ("conv", "shapes", "fusedbn"):
+        {"conv": conv, "shapes": shapes, "fusedbn": fusedbn}[what]()
     else:
         {"profile": profile, "compile": compiled, "fold": fold}[what](width)

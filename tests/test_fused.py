@@ -82,6 +82,24 @@ def test_matches_batch_norm_add_relu_within_bf16_rounding(residual, relu):
     assert int(bn_fast.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 1
 
 
+def test_a_portable_build_without_avx512_computes_the_same(monkeypatch):
+    # Other CPUs get the vector code without AVX-512 intrinsics (the mask packing differs).
+    portable = fused.load(("-O3", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"))
+    assert portable is not None
+    x = (torch.randn(16, 32, 6, 6) * 2 + 0.7).contiguous(memory_format=CL).bfloat16().float()
+    res, grad = torch.randn_like(x), torch.randn_like(x)
+    results = []
+    for lib in (fused.library(), portable):
+        monkeypatch.setattr(fused, "library", lambda lib=lib: lib)
+        bn = _bn(32)
+        use_fused_bn(bn)
+        y, grads, _ = _run(bn, x, res, grad, relu=True)
+        results.append([y, *grads, bn.running_var])
+    for native, other in zip(*results, strict=True):
+        torch.testing.assert_close(other, native, rtol=1e-2, atol=1e-2)
+        assert _rel(other, native) < 1e-3
+
+
 def test_statistics_survive_a_large_mean():
     # Sums of squares around a large mean cancel; the kernels shift by a sample first.
     x = (torch.randn(32, 16, 8, 8) * 0.5 + 300.0).contiguous(memory_format=CL)

@@ -37,8 +37,8 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _P, _I, _N, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
-    "bn_forward": (_N, [_P, _P, _I, _I, _P, _P, _P, _P, _D, _D, _N, _P, _P, _P, _N]),
-    "bn_backward": (_N, [_P, _P, _P, _I, _I, _P, _P, _P, _N, _P, _P, _P, _P, _N]),
+    "bn_forward": (_N, [_P, _P, _I, _I, _P, _P, _P, _P, _D, _D, _P, _P, _P, _P, _N]),
+    "bn_backward": (_N, [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
 }
 
 
@@ -57,9 +57,9 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...] = CFLAGS) -> Path:
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join((compiler, *CFLAGS, _cpu_signature())).encode()
+        SOURCE.read_bytes() + " ".join((compiler, *flags, _cpu_signature())).encode()
     ).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "actrain"):
         target = folder / f"fused_bn-{key}.so"
@@ -72,7 +72,7 @@ def _build(compiler: str) -> Path:
         except OSError:
             continue
         try:
-            cmd = [compiler, *CFLAGS, str(SOURCE), "-o", tmp]
+            cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)  # atomic: concurrent builders each publish a whole file
         finally:
@@ -82,20 +82,26 @@ def _build(compiler: str) -> Path:
     raise OSError("no writable cache folder")
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built (no C compiler or OpenMP)."""
+def load(flags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL | None:
+    """Build (once per machine, cached) and load the kernels; None where that fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not SOURCE.exists():
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, flags)))
     except (OSError, subprocess.SubprocessError):
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernels built for this CPU, or None where they cannot be built (no C compiler or
+    OpenMP): :func:`bn_act` then takes the plain ops."""
+    return load()
 
 
 def available() -> bool:
@@ -118,33 +124,35 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, bn: nn.BatchNorm2d, relu: bool):
         n, c, h, w = x.shape
         y = torch.empty_like(x)
+        # the ReLU mask, one bit per element, is what the backward reads instead of y
+        mask = torch.empty(n * h * w * c // 16, dtype=torch.int16) if relu else None
         mean, invstd = torch.empty(2, c)
         bn.num_batches_tracked.add_(1)  # the buffers change as in nn.BatchNorm2d's forward
         status = library().bn_forward(
             _ptr(x), _ptr(residual), n * h * w, c, _ptr(weight), _ptr(bias),
-            _ptr(bn.running_mean), _ptr(bn.running_var), bn.momentum, bn.eps, int(relu),
-            _ptr(y), _ptr(mean), _ptr(invstd), torch.get_num_threads(),
+            _ptr(bn.running_mean), _ptr(bn.running_var), bn.momentum, bn.eps, _ptr(y),
+            _ptr(mask), _ptr(mean), _ptr(invstd), torch.get_num_threads(),
         )  # fmt: skip
         _checked(status)
-        ctx.save_for_backward(x, y, weight, mean, invstd)
-        ctx.relu = relu
+        ctx.save_for_backward(x, mask, weight, mean, invstd)
         ctx.has_residual = residual is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, y, weight, mean, invstd = ctx.saved_tensors
+        x, mask, weight, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        dz, grad_x = torch.empty_like(x), torch.empty_like(x)
+        dz = torch.empty_like(x) if ctx.has_residual else None
+        grad_x = torch.empty_like(x)
         grad_w, grad_b = torch.empty(2, c)
         status = library().bn_backward(
-            _ptr(grad_y), _ptr(y), _ptr(x), n * h * w, c, _ptr(weight), _ptr(mean),
-            _ptr(invstd), int(ctx.relu), _ptr(dz), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
+            _ptr(grad_y), _ptr(mask), _ptr(x), n * h * w, c, _ptr(weight), _ptr(mean),
+            _ptr(invstd), _ptr(dz), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
             torch.get_num_threads(),
         )  # fmt: skip
         _checked(status)
-        return grad_x, grad_w, grad_b, (dz if ctx.has_residual else None), None, None
+        return grad_x, grad_w, grad_b, dz, None, None
 
 
 def _fusable(bn: nn.Module, x: object, residual: object) -> bool:

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK 64 /* rows per fp32 partial sum */
 #define V 16     /* channels per chunk */
@@ -57,13 +60,46 @@ static inline vf relu_v(vf v) {
     return v;
 }
 
-/* Two per-channel sums over all rows: a(row) and b(row) as chosen by `kind`, into double.
- * kind 0: a = x - shift, b = a^2 (statistics). kind 1: a = dz, b = dz * (x - shift), with
- * dz = dy masked by y > 0 if relu, written to `dz` (the backward reduction). */
+/* The ReLU mask, one bit per element (lane j of a 16-channel chunk is bit j): the backward
+ * reads it instead of the bf16 output, a sixteenth of the memory traffic. */
+static inline uint16_t pack_mask(vf v) {
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    return (uint16_t)_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
+#else
+    uint16_t bits = 0;
+    for (int j = 0; j < V; j++) bits |= (uint16_t)((v[j] > 0.f) << j);
+    return bits;
+#endif
+}
+
+static inline vf apply_mask(vf g, uint16_t bits) {
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &g, sizeof m);
+    m = _mm512_maskz_mov_ps((__mmask16)bits, m);
+    memcpy(&g, &m, sizeof g);
+    return g;
+#else
+    for (int j = 0; j < V; j++)
+        if (!((bits >> j) & 1)) g[j] = 0.f;
+    return g;
+#endif
+}
+
+/* The gradient below the ReLU: dy where the output was positive (all of dy without ReLU). */
+static inline vf masked_grad(const uint16_t *dy, const uint16_t *mask, int64_t i) {
+    vf g = load_bf16(dy + i);
+    return mask ? apply_mask(g, mask[i / V]) : g;
+}
+
+/* Two per-channel sums over all rows into double: kind 0 (statistics) sums d = x - shift
+ * and d^2; kind 1 (backward) sums g = masked_grad and g * d, and writes g to dz if given. */
 static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restrict dy,
-                   const uint16_t *restrict y, uint16_t *restrict dz, int relu, int64_t M,
-                   int64_t C, const float *restrict shift, double *restrict out_a,
-                   double *restrict out_b, int nthreads) {
+                   const uint16_t *restrict mask, uint16_t *restrict dz, int64_t M, int64_t C,
+                   const float *restrict shift, double *restrict out_a, double *restrict out_b,
+                   int nthreads) {
     int64_t nblocks = (M + BLOCK - 1) / BLOCK;
     double *acc = calloc((size_t)nthreads * 2 * C, sizeof(double));
     if (!acc) return -1;
@@ -82,16 +118,8 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
                         a += d;
                         s += d * d;
                     } else {
-                        vf g = load_bf16(dy + i);
-                        if (relu) {
-                            vf zero = {0};
-                            vu keep = (vu)(load_bf16(y + i) > zero);
-                            vu bits;
-                            memcpy(&bits, &g, sizeof bits);
-                            bits &= keep;
-                            memcpy(&g, &bits, sizeof g);
-                        }
-                        store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
+                        vf g = masked_grad(dy, mask, i);
+                        if (dz) store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
                         a += g;
                         s += g * d;
                     }
@@ -113,26 +141,12 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
     return 0;
 }
 
-/* out = p * u + q * v + r (per channel), ReLU'd if relu; v, and the q term, optional. */
-static void affine(const uint16_t *restrict u, const uint16_t *restrict v, int64_t M, int64_t C,
-                   const float *restrict p, const float *restrict q, const float *restrict r,
-                   int relu, uint16_t *restrict out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
-            vf o = load_bf16(u + i) * vload(p + c0) + vload(r + c0);
-            if (v) o += q ? load_bf16(v + i) * vload(q + c0) : load_bf16(v + i);
-            store_bf16(out + i, relu ? relu_v(o) : o);
-        }
-    }
-}
-
-/* Forward: batch statistics, running-statistics update, y = relu?(bn(x) + res?).
- * save_mean / save_invstd receive what the backward needs. Returns 0, or -1 (no memory). */
+/* Forward: batch statistics, running-statistics update, y = relu?(bn(x) + res?) and its
+ * ReLU mask; save_mean / save_invstd receive what the backward needs. res may be NULL, mask
+ * is NULL without ReLU. Returns 0, or -1 (out of memory). */
 int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
                const float *weight, const float *bias, float *running_mean,
-               float *running_var, double momentum, double eps, int relu, uint16_t *y,
+               float *running_var, double momentum, double eps, uint16_t *y, uint16_t *mask,
                float *save_mean, float *save_invstd, int nthreads) {
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
@@ -146,7 +160,7 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
         uint32_t u = (uint32_t)x[c] << 16;
         memcpy(shift + c, &u, 4); /* first row: a sample of each channel, against cancellation */
     }
-    if (reduce2(0, x, NULL, NULL, NULL, 0, M, C, shift, sums, sums + C, nthreads)) {
+    if (reduce2(0, x, NULL, NULL, NULL, M, C, shift, sums, sums + C, nthreads)) {
         free(buf);
         free(sums);
         return -1;
@@ -165,16 +179,29 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
         scale[c] = (float)(weight[c] * invstd);
         offset[c] = (float)(bias[c] - mean * weight[c] * invstd);
     }
-    affine(x, res, M, C, scale, NULL, offset, relu, y, nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf o = load_bf16(x + i) * vload(scale + c0) + vload(offset + c0);
+            if (res) o += load_bf16(res + i);
+            if (mask) {
+                mask[i / V] = pack_mask(o);
+                o = relu_v(o);
+            }
+            store_bf16(y + i, o);
+        }
+    }
     free(buf);
     free(sums);
     return 0;
 }
 
-/* Backward: dz = dy (masked by y > 0 if relu; it is also the residual's gradient),
- * dx = batch-norm input gradient, dweight, dbias. Returns 0, or -1 (no memory). */
-int bn_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x, int64_t M, int64_t C,
-                const float *weight, const float *mean, const float *invstd, int relu,
+/* Backward from dy and the forward's mask (NULL without ReLU): the masked gradient g to dz
+ * (the residual's gradient; NULL if there is none), the batch-norm input gradient dx,
+ * dweight and dbias. Returns 0, or -1 (out of memory). */
+int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int64_t M,
+                int64_t C, const float *weight, const float *mean, const float *invstd,
                 uint16_t *dz, uint16_t *dx, float *dweight, float *dbias, int nthreads) {
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
@@ -183,7 +210,7 @@ int bn_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x, int64_
         free(sums);
         return -1;
     }
-    if (reduce2(1, x, dy, y, dz, relu, M, C, mean, sums, sums + C, nthreads)) {
+    if (reduce2(1, x, dy, mask, dz, M, C, mean, sums, sums + C, nthreads)) {
         free(buf);
         free(sums);
         return -1;
@@ -199,7 +226,16 @@ int bn_backward(const uint16_t *dy, const uint16_t *y, const uint16_t *x, int64_
         p[c] = (float)pc;
         q[c] = (float)(-kc * total / M - mean[c] * pc);
     }
-    affine(dz, x, M, C, k, p, q, 0, dx, nthreads); /* dx = k dz + p x + q */
+    /* dx = k g + p x + q: g is read back from dz where it was written, else recomputed */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf g = dz ? load_bf16(dz + i) : masked_grad(dy, mask, i);
+            vf o = g * vload(k + c0) + load_bf16(x + i) * vload(p + c0) + vload(q + c0);
+            store_bf16(dx + i, o);
+        }
+    }
     free(buf);
     free(sums);
     return 0;
