@@ -176,7 +176,13 @@ def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 5  # header, four methods and the plain-levers ACT row
     assert "Plain fp32 NCHW reference ACT step, width 2" in table
-    assert table in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert table in printed.out
+    # vs Madry comes from the four methods' steps timed round-robin in one process
+    assert "interleaved, width 2: act " in printed.err
+    assert "Interleaved steps, width 2 (vs Madry): act " in table
+    madry_row = next(r for r in rows if r.startswith("| madry "))
+    assert madry_row.rstrip(" |").endswith("1.00x")
 
 
 def test_folded_weights_stored_in_bf16_give_the_per_pass_cast_bit_for_bit():

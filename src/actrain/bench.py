@@ -587,6 +587,34 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     return env
 
 
+def interleaved_step_ms(specs: list[BenchSpec], rounds: int, warmup: int = 1) -> list[float]:
+    """Median milliseconds per training step of each spec, timed round-robin in one process
+    (one step of each spec per round). Drift in the machine's state (other processes, clock
+    speed, what the caches hold) then hits every spec alike, which separate runs cannot
+    promise: this is how the benchmark compares methods (ACT vs Madry)."""
+    global _clock
+    _clock = CLOCKS[specs[0].clock]
+    configure_threads(specs[0].threads)
+    runs = []
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        trainer = synthetic_trainer(spec.train_config())
+        trainer.fold_bn = spec.fold_bn
+        runs.append((trainer, endless_batches(trainer.data.train)))
+    device = runs[0][0].device
+    times: list[list[float]] = [[] for _ in specs]
+    for r in range(warmup + rounds):
+        for i, (trainer, batches) in enumerate(runs):
+            x, y = next(batches)
+            _sync(device)
+            t0 = _clock()
+            trainer.train_step(x, y)
+            _sync(device)
+            if r >= warmup:
+                times[i].append(_clock() - t0)
+    return [1000 * statistics.median(t) for t in times]
+
+
 # ---- the matrix --------------------------------------------------------------------------------
 
 ALL_WIDTHS = (16, 64)
@@ -597,7 +625,8 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
     """Every method at every width with ``base``'s other settings, plus an ACT row with the
     fast-path levers off (precision fp32, NCHW, no folding) for comparison at widths < 32. The
     plain reference (ACT) is timed once per width. Widths >= 32 use half the timed steps and
-    one warm-up."""
+    one warm-up. ``vs_madry`` comes from the methods' steps timed interleaved
+    (:func:`interleaved_step_ms`, 2 x iters rounds, at least 3)."""
     rows: list[dict[str, Any]] = []
     for width in widths:
         ref_row = None
@@ -621,13 +650,24 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
             log(format_line(row))
             rows.append(row)
         ref_ms = ref_row.get("reference_ms_per_step")
+        methods = ("act", "madry", "trades", "natural")
+        specs = [BenchSpec(**{**asdict(base), "method": m, "width": width}) for m in methods]
+        paired = dict(zip(methods, interleaved_step_ms(specs, max(3, 2 * base.iters)), strict=True))
+        log(
+            f"interleaved, width {width}: "
+            + ", ".join(
+                f"{m} {paired[m]:.0f} ms ({paired[m] / paired['madry']:.3f}x Madry)"
+                for m in methods
+            )
+        )
         madry = next(r for r in rows if r["width"] == width and r["method"] == "madry")
         for r in rows:
             if r["width"] == width and ref_ms:
                 r["reference_ms_per_step"] = ref_ms
                 r["speedup_vs_reference"] = ref_ms / r["ms_per_step"]
             if r["width"] == width and r["precision"] == madry["precision"]:
-                r["vs_madry"] = r["ms_per_step"] / madry["ms_per_step"]
+                r["interleaved_ms_per_step"] = paired[r["method"]]
+                r["vs_madry"] = paired[r["method"]] / paired["madry"]
     return rows
 
 
@@ -690,7 +730,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {f'{ref:.2f}x' if ref else '-'} | {f'{mad:.2f}x' if mad else '-'} |"
         )
     refs = {r["width"]: r["reference_ms_per_step"] for r in rows if r.get("reference_ms_per_step")}
+    paired = [r for r in rows if r.get("interleaved_ms_per_step")]
     foot = "".join(
+        f"\nInterleaved steps, width {w} (vs Madry): "
+        + ", ".join(
+            f"{r['method']} {r['interleaved_ms_per_step']:.0f} ms"
+            for r in paired
+            if r["width"] == w
+        )
+        + "."
+        for w in dict.fromkeys(r["width"] for r in paired)
+    )
+    foot += "".join(
         f"\nPlain fp32 NCHW reference ACT step, width {w}: {ms:.0f} ms/step"
         f" ({rows[0]['batch_size'] / ms * 1000:.1f} img/s)."
         for w, ms in refs.items()
