@@ -180,7 +180,7 @@ def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
     assert table in printed.out
     # vs Madry comes from the four methods' steps timed round-robin in one process
     assert "interleaved, width 2: act " in printed.err
-    assert "Interleaved steps, width 2 (vs Madry): act " in table
+    assert "vs Madry, width 2: act " in table and "vs Madry, width 2: natural " in table
     madry_row = next(r for r in rows if r.startswith("| madry "))
     assert madry_row.rstrip(" |").endswith("1.00x")
 

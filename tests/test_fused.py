@@ -198,3 +198,61 @@ def test_preact_and_wide_resnets_take_it_too():
         _, g_fast = _resnet_step(fast, x, y)
         _, g_ref = _resnet_step(ref, x, y, bf16=False)
         assert _rel(g_fast, g_ref) <= _rel(g_plain, g_ref) * 1.25, name
+
+
+def test_attack_blocks_add_and_relu_in_one_kernel():
+    # With batch norm folded away (AttackView) a block is relu(conv(x) + shortcut).
+    ident = torch.nn.Identity()
+    ident.fused_kernels = True
+    torch.manual_seed(3)
+    x = torch.randn(8, 32, 6, 6).contiguous(memory_format=CL).bfloat16().float()
+    res, grad = torch.randn_like(x).bfloat16().float(), torch.randn_like(x).bfloat16()
+    a = x.bfloat16().requires_grad_(True)
+    b = res.bfloat16().requires_grad_(True)
+    calls = []
+    real = fused._AddReLU.apply
+    fused._AddReLU.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        y = bn_act(ident, a, b)
+    finally:
+        fused._AddReLU.apply = real
+    assert calls
+    exact = x + res  # fp32: one rounding to bf16 at the end, as the kernel does
+    assert torch.equal(y, F.relu(exact).bfloat16())
+    y.backward(grad)
+    want = torch.where(exact > 0, grad, torch.zeros_like(grad))
+    assert torch.equal(a.grad, want) and torch.equal(b.grad, want)
+    # a NaN stays a NaN
+    a2 = a.detach().clone()
+    a2[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(bn_act(ident, a2, b.detach())[0, 0, 0, 0])
+
+
+def test_pgd_on_the_folded_view_lands_where_the_plain_ops_do():
+    from actrain.attacks import LinfBall, pgd
+    from actrain.losses import madry_attack_objective
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=16, num_classes=10).to(memory_format=CL)
+    model.train()
+    with torch.no_grad():  # BN statistics that are not the identity
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32).contiguous(memory_format=CL))
+    fast = copy.deepcopy(model)
+    use_fused_bn(fast)
+    views = [AttackView(m, torch.bfloat16).module.eval() for m in (model, fast)]
+    assert any(getattr(m, "fused_kernels", False) for m in views[1].modules())
+    x = torch.rand(16, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (16,))
+    threat = LinfBall(8 / 255, 2 / 255)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    found = []
+    for view in views:
+        torch.manual_seed(5)
+        found.append(
+            pgd(view, x, lambda lg: madry_attack_objective(lg, y), threat, 5, autocast=bf16)
+        )
+    same = (found[0] - found[1]).abs() < 1e-6
+    assert same.float().mean() > 0.97  # a sign flips where bf16 rounds a near-zero gradient
+    with torch.no_grad(), bf16():
+        torch.testing.assert_close(views[1](x).float(), views[0](x).float(), rtol=0.05, atol=0.05)

@@ -587,11 +587,14 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     return env
 
 
-def interleaved_step_ms(specs: list[BenchSpec], rounds: int, warmup: int = 1) -> list[float]:
-    """Median milliseconds per training step of each spec, timed round-robin in one process
-    (one step of each spec per round). Drift in the machine's state (other processes, clock
-    speed, what the caches hold) then hits every spec alike, which separate runs cannot
-    promise: this is how the benchmark compares methods (ACT vs Madry)."""
+def interleaved_step_ms(specs: list[BenchSpec], rounds: int, block: int = 2) -> list[float]:
+    """Median milliseconds per training step of each spec, timed in rounds within one
+    process: in every round each spec runs one untimed step (its models, optimiser state and
+    activations back in the caches, as in a real run, where nothing else runs in between)
+    and then ``block`` timed ones. Drift in the machine's state (other processes, clock
+    speed) then hits every spec alike, which separate runs cannot promise; steps of
+    different specs back to back would instead charge each one the others' cache misses.
+    This is how the benchmark compares methods (ACT vs Madry)."""
     global _clock
     _clock = CLOCKS[specs[0].clock]
     configure_threads(specs[0].threads)
@@ -603,15 +606,16 @@ def interleaved_step_ms(specs: list[BenchSpec], rounds: int, warmup: int = 1) ->
         runs.append((trainer, endless_batches(trainer.data.train)))
     device = runs[0][0].device
     times: list[list[float]] = [[] for _ in specs]
-    for r in range(warmup + rounds):
+    for _ in range(rounds):
         for i, (trainer, batches) in enumerate(runs):
-            x, y = next(batches)
-            _sync(device)
-            t0 = _clock()
-            trainer.train_step(x, y)
-            _sync(device)
-            if r >= warmup:
-                times[i].append(_clock() - t0)
+            for k in range(1 + block):
+                x, y = next(batches)
+                _sync(device)
+                t0 = _clock()
+                trainer.train_step(x, y)
+                _sync(device)
+                if k > 0:
+                    times[i].append(_clock() - t0)
     return [1000 * statistics.median(t) for t in times]
 
 
@@ -625,8 +629,9 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
     """Every method at every width with ``base``'s other settings, plus an ACT row with the
     fast-path levers off (precision fp32, NCHW, no folding) for comparison at widths < 32. The
     plain reference (ACT) is timed once per width. Widths >= 32 use half the timed steps and
-    one warm-up. ``vs_madry`` comes from the methods' steps timed interleaved
-    (:func:`interleaved_step_ms`, 2 x iters rounds, at least 3)."""
+    one warm-up. ``vs_madry`` comes from each method's steps and Madry's, timed in
+    interleaved rounds in one process (:func:`interleaved_step_ms`: ``iters`` rounds, at
+    least 3, of 2 timed steps each), two trainers at a time as a real run holds one."""
     rows: list[dict[str, Any]] = []
     for width in widths:
         ref_row = None
@@ -650,24 +655,28 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
             log(format_line(row))
             rows.append(row)
         ref_ms = ref_row.get("reference_ms_per_step")
-        methods = ("act", "madry", "trades", "natural")
-        specs = [BenchSpec(**{**asdict(base), "method": m, "width": width}) for m in methods]
-        paired = dict(zip(methods, interleaved_step_ms(specs, max(3, 2 * base.iters)), strict=True))
-        log(
-            f"interleaved, width {width}: "
-            + ", ".join(
-                f"{m} {paired[m]:.0f} ms ({paired[m] / paired['madry']:.3f}x Madry)"
-                for m in methods
+        paired = {}  # method -> (its step, Madry's step), timed in interleaved rounds
+        rounds = max(3, base.iters)
+        for method in ("act", "trades", "natural"):
+            specs = [
+                BenchSpec(**{**asdict(base), "method": m, "width": width})
+                for m in (method, "madry")
+            ]
+            paired[method] = interleaved_step_ms(specs, rounds)
+            log(
+                f"interleaved, width {width}: {method} {paired[method][0]:.0f} ms, madry"
+                f" {paired[method][1]:.0f} ms -> {paired[method][0] / paired[method][1]:.3f}x Madry"
             )
-        )
         madry = next(r for r in rows if r["width"] == width and r["method"] == "madry")
         for r in rows:
             if r["width"] == width and ref_ms:
                 r["reference_ms_per_step"] = ref_ms
                 r["speedup_vs_reference"] = ref_ms / r["ms_per_step"]
             if r["width"] == width and r["precision"] == madry["precision"]:
-                r["interleaved_ms_per_step"] = paired[r["method"]]
-                r["vs_madry"] = paired[r["method"]] / paired["madry"]
+                mine, theirs = paired.get(r["method"], (1.0, 1.0))
+                if r["method"] != "madry":
+                    r["interleaved_ms_per_step"] = {r["method"]: mine, "madry": theirs}
+                r["vs_madry"] = mine / theirs
     return rows
 
 
@@ -730,16 +739,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {f'{ref:.2f}x' if ref else '-'} | {f'{mad:.2f}x' if mad else '-'} |"
         )
     refs = {r["width"]: r["reference_ms_per_step"] for r in rows if r.get("reference_ms_per_step")}
-    paired = [r for r in rows if r.get("interleaved_ms_per_step")]
+    paired = [(r["width"], r["method"], r.get("interleaved_ms_per_step")) for r in rows]
     foot = "".join(
-        f"\nInterleaved steps, width {w} (vs Madry): "
-        + ", ".join(
-            f"{r['method']} {r['interleaved_ms_per_step']:.0f} ms"
-            for r in paired
-            if r["width"] == w
-        )
-        + "."
-        for w in dict.fromkeys(r["width"] for r in paired)
+        f"\nvs Madry, width {w}: {m} {ms[m]:.0f} ms/step vs Madry {ms['madry']:.0f}"
+        " (interleaved rounds)."
+        for w, m, ms in paired
+        if ms
     )
     foot += "".join(
         f"\nPlain fp32 NCHW reference ACT step, width {w}: {ms:.0f} ms/step"

@@ -39,6 +39,8 @@ _P, _I, _N, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "bn_forward": (_N, [_P, _P, _I, _I, _P, _P, _P, _P, _D, _D, _P, _P, _P, _P, _N]),
     "bn_backward": (_N, [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
+    "relu_forward": (None, [_P, _P, _I, _I, _P, _P, _N]),
+    "relu_backward": (None, [_P, _P, _I, _P, _N]),
 }
 
 
@@ -155,6 +157,44 @@ class _BatchNormAct(torch.autograd.Function):
         return grad_x, grad_w, grad_b, dz, None, None
 
 
+class _AddReLU(torch.autograd.Function):
+    """relu(x + residual?) for bf16 channels_last x: the attack passes' blocks, where batch
+    norm is folded into the convolutions. The backward reads a one-bit mask, not y."""
+
+    @staticmethod
+    def forward(ctx, x, residual):
+        n, c, h, w = x.shape
+        y = torch.empty_like(x)
+        mask = torch.empty(x.numel() // 16, dtype=torch.int16)
+        threads = torch.get_num_threads()
+        library().relu_forward(_ptr(x), _ptr(residual), n * h * w, c, _ptr(y), _ptr(mask), threads)
+        ctx.save_for_backward(mask)
+        ctx.has_residual = residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        grad_y = grad_y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        g = torch.empty_like(grad_y)
+        library().relu_backward(
+            _ptr(grad_y), _ptr(mask), grad_y.numel(), _ptr(g), torch.get_num_threads()
+        )
+        return g, (g if ctx.has_residual else None)
+
+
+def _tensor_fits(x: object) -> bool:
+    return (
+        isinstance(x, Tensor)  # not an fx Proxy: AttackView traces the model (plain path)
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.dim() == 4
+        and x.shape[1] % 16 == 0  # the kernels work on 16 channels at a time
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _fusable(bn: nn.Module, x: object, residual: object) -> bool:
     if not (
         isinstance(x, Tensor)  # not an fx Proxy: AttackView traces the model (plain path)
@@ -191,6 +231,15 @@ def bn_act(bn: nn.Module, x: Tensor, residual: Tensor | None = None, relu: bool 
     ``residual``): the fused kernels where they apply, the plain ops everywhere else."""
     if _fusable(bn, x, residual):
         return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu)
+    if (
+        relu
+        and type(bn) is nn.Identity  # batch norm folded away (runtime.AttackView)
+        and getattr(bn, "fused_kernels", False)
+        and _tensor_fits(x)
+        and (residual is None or (_tensor_fits(residual) and residual.shape == x.shape))
+        and library() is not None
+    ):
+        return _AddReLU.apply(x, residual)
     out = bn(x)
     if residual is not None:
         out = out + residual

@@ -240,3 +240,26 @@ int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int
     free(sums);
     return 0;
 }
+
+/* The attack passes' BN-free blocks (batch norm folded into the convs): y = relu(x + res?)
+ * and its mask, res may be NULL. */
+void relu_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C, uint16_t *y,
+                  uint16_t *mask, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf o = load_bf16(x + i);
+            if (res) o += load_bf16(res + i);
+            mask[i / V] = pack_mask(o);
+            store_bf16(y + i, relu_v(o));
+        }
+    }
+}
+
+/* g = dy where the forward output was positive: the gradient of x (and of res). */
+void relu_backward(const uint16_t *dy, const uint16_t *mask, int64_t n, uint16_t *g,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i += V) store_bf16(g + i, masked_grad(dy, mask, i));
+}

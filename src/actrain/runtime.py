@@ -123,7 +123,10 @@ class AttackView:
         self._folds: list[tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] = []
         for conv_name, bn_name in self.pairs:
             parent, _, attr = bn_name.rpartition(".")
-            setattr(view_mods[parent] if parent else self.module, attr, torch.nn.Identity())
+            identity = torch.nn.Identity()
+            # actrain.fused: the block's add + ReLU then take the fused kernel too
+            identity.fused_kernels = getattr(mods[bn_name], "fused_kernels", False)
+            setattr(view_mods[parent] if parent else self.module, attr, identity)
             conv, folded = mods[conv_name], view_mods[conv_name]
             folded.weight = torch.nn.Parameter(
                 torch.empty_like(conv.weight, dtype=self.dtype), requires_grad=False
