@@ -106,35 +106,40 @@ def shapes() -> None:
     from actrain.im2col import im2col_conv3x3
 
     fmt = torch.channels_last
-    for c, s, n in [
-        (128, 4, 128),
-        (256, 4, 128),
-        (384, 4, 128),
-        (512, 4, 128),
-        (512, 4, 32),
-        (512, 7, 32),
-        (512, 8, 128),
-        (640, 8, 128),
-        (320, 16, 128),
-        (160, 32, 128),
+    for c_in, c_out, s, n, stride in [
+        (128, 128, 4, 128, 1),
+        (256, 256, 4, 128, 1),
+        (384, 384, 4, 128, 1),
+        (512, 512, 4, 128, 1),
+        (512, 512, 4, 32, 1),
+        (512, 512, 7, 32, 1),
+        (512, 512, 8, 128, 1),
+        (640, 640, 8, 128, 1),
+        (320, 320, 16, 128, 1),
+        (160, 160, 32, 128, 1),
+        (64, 128, 8, 128, 2),
+        (128, 256, 8, 128, 2),
+        (192, 384, 8, 128, 2),
+        (256, 512, 8, 128, 2),
+        (128, 256, 16, 128, 2),
     ]:
-        x = torch.randn(n, c, s, s, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        w = torch.randn(c, c, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        x = torch.randn(n, c_in, s, s, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        w = torch.randn(c_out, c_in, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
         x.requires_grad_(True)
         w.requires_grad_(True)
 
         def fwd_bwd(conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
             def once() -> None:
-                out = conv(x, w)
-                torch.autograd.grad(out, (x, w), torch.ones_like(out))
+                out = conv(x, w)  # noqa: B023
+                torch.autograd.grad(out, (x, w), torch.ones_like(out))  # noqa: B023
 
             return cpu_ms(once, 3)
 
-        ref = fwd_bwd(lambda a, b: F.conv2d(a, b, padding=1))
-        ours = fwd_bwd(im2col_conv3x3)
+        ref = fwd_bwd(lambda a, b: F.conv2d(a, b, stride=stride, padding=1))  # noqa: B023
+        ours = fwd_bwd(lambda a, b: im2col_conv3x3(a, b, None, stride))  # noqa: B023
         print(
-            f"{c} ch {s}x{s} batch {n}: oneDNN {ref:.1f} ms, im2col {ours:.1f} ms, "
-            f"ratio {ours / ref:.2f}"
+            f"{c_in} -> {c_out} ch {s}x{s} stride {stride} batch {n}: oneDNN {ref:.1f} ms,"
+            f" im2col {ours:.1f} ms, ratio {ours / ref:.2f}"
         )
 
 

@@ -32,24 +32,33 @@ def test_matches_conv2d_and_its_gradients_in_fp32():
         torch.randn(5, dtype=torch.double, requires_grad=True),
     ]
     assert torch.autograd.gradcheck(im2col_conv3x3, args)
+    for size in (7, 8):  # stride 2, odd and even inputs
+        x2 = torch.randn(2, 3, size, size, dtype=torch.double, requires_grad=True)
+        w2, b2 = args[1], args[2]
+        torch.testing.assert_close(
+            im2col_conv3x3(x2, w2, b2, stride=2), F.conv2d(x2, w2, b2, stride=2, padding=1)
+        )
+        assert torch.autograd.gradcheck(lambda *a: im2col_conv3x3(*a, stride=2), (x2, w2, b2))
 
 
 def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(monkeypatch):
     assert im2col_pays(512, 4, 4) and not im2col_pays(128, 4, 4) and not im2col_pays(512, 8, 8)
+    assert im2col_pays(256, 4, 4, stride=2) and not im2col_pays(64, 4, 4, stride=2)
     torch.manual_seed(0)
     plain = create_model("resnet18", width=64, num_classes=10)
     plain = plain.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(plain)
     state = {k: v.clone() for k, v in fast.state_dict().items()}
-    assert use_im2col_convs(fast) == 14  # the stem and the 13 stride-1 convs of the blocks
-    assert sum(isinstance(m, Im2colConv2d) for m in fast.modules()) == 14
+    # the stem, the 13 stride-1 and the 3 stride-2 3x3 convs of the blocks
+    assert use_im2col_convs(fast) == 17
+    assert sum(isinstance(m, Im2colConv2d) for m in fast.modules()) == 17
     assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
 
     calls = []
 
-    def spy(x, w, b=None):
-        calls.append(tuple(x.shape[1:]))
-        return im2col_conv3x3(x, w, b)
+    def spy(x, w, b=None, stride=1):
+        calls.append((*x.shape[1:], stride))
+        return im2col_conv3x3(x, w, b, stride)
 
     monkeypatch.setattr(im2col, "im2col_conv3x3", spy)
     x = torch.rand(4, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -64,7 +73,8 @@ def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(m
         F.cross_entropy(out.float(), y).backward()
         logits.append(out.float())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert calls == [(512, 4, 4)] * 3  # layer4's three 512 -> 512 convs, nothing else
+    # layer4's stride-2 256 -> 512 conv and its three 512 -> 512 convs, nothing else
+    assert calls == [(256, 8, 8, 2)] + [(512, 4, 4, 1)] * 3
     torch.testing.assert_close(logits[1], logits[0], rtol=0.05, atol=0.02)
     cos = F.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.99  # same gradient up to bf16 rounding of the summation order
