@@ -5,6 +5,7 @@ python benchmarks/micro.py compile 16   # train fwd/bwd, eager vs torch.compile
 python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, per shape
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
+python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ def fusedbn() -> None:
         )
 
 
+def ratio(width: int, rounds: int = 5) -> None:
+    """ACT/Madry with and without the fused add + ReLU of the attack passes (the train-mode
+    fused batch norm stays on in both): a faster attack raises the ratio."""
+    from actrain import bench, fused
+
+    specs = [
+        bench.BenchSpec(method=m, width=width, threads=1, clock="cpu") for m in ("act", "madry")
+    ]
+    real = fused._tensor_fits
+    for attack_fusion in (False, True):
+        fused._tensor_fits = real if attack_fusion else (lambda x: False)
+        act, madry = bench.interleaved_step_ms(specs, rounds)
+        print(
+            f"width {width}, attack-pass add + ReLU fused: {attack_fusion}: ACT {act:.0f} ms,"
+            f" Madry {madry:.0f} ms, ACT/Madry {act / madry:.3f}"
+        )
+    fused._tensor_fits = real
+
+
 def fold(width: int, rounds: int = 15) -> None:
     model = resnet(width).eval()
     x, _ = batch()
@@ -197,4 +217,4 @@ if __name__ == "__main__":
     if what in ("conv", "shapes", "fusedbn"):
         {"conv": conv, "shapes": shapes, "fusedbn": fusedbn}[what]()
     else:
-        {"profile": profile, "compile": compiled, "fold": fold}[what](width)
+        {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}[what](width)
