@@ -1,19 +1,19 @@
-"""Training-mode batch norm + residual add + ReLU as one fused CPU kernel pair (issue 7).
+"""Batch norm + residual add + ReLU as fused CPU kernels for bf16 training steps (issue 7).
 
-On this project's CPU a bf16 ResNet-18 train pass at width 16 spends more time in batch norm,
-ReLU and residual adds (each a separate pass over memory in eager PyTorch) than in its
-convolutions, while the BN-folded attack passes have none of the BN work. That made a
-train-mode pass cost 2.3 attack passes, and with it ACT (one extra train pass) 1.24x a Madry
-step. :func:`bn_act` computes ``relu(bn(x) + residual)`` in two passes over memory forward
-(statistics; normalise + add + ReLU) and two backward, in C (``fused_bn.c``), built once per
-machine with the system's C compiler and called through ``ctypes``.
+Eager PyTorch runs a ResNet block's ``relu(bn(conv(x)) + shortcut)`` as four passes over the
+activation forward and as many backward; on this project's CPU, at ResNet-18 width 16, those
+passes cost more than the block's convolutions. :func:`bn_act` does training-mode batch norm,
+the optional residual add and ReLU in two passes forward (statistics; normalise + add + ReLU,
+which also writes a one-bit ReLU mask) and two backward, and in the attack passes, where batch
+norm is folded into the convolutions (:class:`actrain.runtime.AttackView`), add + ReLU in one.
+The kernels are C (``fused_bn.c``), built once per machine with the system's C compiler and
+called through ``ctypes``.
 
-It only runs where it was written for: a ``BatchNorm2d`` in training mode that
-:func:`use_fused_bn` switched on, bf16 channels_last tensors on the CPU, eager mode. Anywhere
-else (GPUs, fp32, eval mode, BN folded away for attacks, no C compiler) :func:`bn_act` is the
-plain ``F.relu(bn(x) + residual)``. Results match that plain form within bf16 rounding (each
-output is rounded once instead of after every op); running statistics are updated the same
-way, and the state dict is untouched.
+They only run where they were written for: layers that :func:`use_fused_bn` switched on, bf16
+channels_last CPU tensors with a multiple of 16 channels, eager mode. Anywhere else (GPUs,
+fp32, eval-mode BN, no C compiler) :func:`bn_act` is the plain ``F.relu(bn(x) + residual)``.
+Results match the plain ops within bf16 rounding (each output is rounded once instead of after
+every op); running statistics are updated the same way, and the state dict is untouched.
 """
 
 from __future__ import annotations
