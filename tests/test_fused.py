@@ -256,3 +256,17 @@ def test_pgd_on_the_folded_view_lands_where_the_plain_ops_do():
     assert same.float().mean() > 0.97  # a sign flips where bf16 rounds a near-zero gradient
     with torch.no_grad(), bf16():
         torch.testing.assert_close(views[1](x).float(), views[0](x).float(), rtol=0.05, atol=0.05)
+
+
+def test_without_a_c_compiler_it_is_the_plain_ops(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached to fall back on
+    assert fused.load() is None
+    monkeypatch.setattr(fused, "library", lambda: None)
+    assert not fused.available()
+    x = torch.randn(8, 32, 5, 5).contiguous(memory_format=CL).to(torch.bfloat16)
+    a, b = _bn(32), _bn(32)
+    use_fused_bn(a)
+    assert not fused_bn_active(a)
+    with torch.no_grad():
+        assert torch.equal(bn_act(a, x, x), F.relu(b(x) + x))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from actrain import data as D
-from actrain import distributed
+from actrain import distributed, fused
 from actrain.attacks import LinfBall, pgd_robustness
 from actrain.checkpoint import (
     CHECKPOINT,
@@ -903,5 +903,11 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
             f" -> {run_dir}",
             file=sys.stderr,
         )
+        if trainer.fused_bn and not fused.available():
+            print(
+                "actrain: note: the fused batch-norm kernels could not be built (is a C compiler"
+                " with OpenMP installed?); training uses the plain ops, about 20 % slower",
+                file=sys.stderr,
+            )
     trainer.fit()
     return run_dir
