@@ -183,7 +183,8 @@ class _AddReLU(torch.autograd.Function):
         return g, (g if ctx.has_residual else None)
 
 
-def _tensor_fits(x: object) -> bool:
+def _tensors_fit(x: object, residual: object) -> bool:
+    """bf16 channels_last CPU activations in eager mode, and a residual like x (or none)."""
     return (
         isinstance(x, Tensor)  # not an fx Proxy: AttackView traces the model (plain path)
         and x.device.type == "cpu"
@@ -192,14 +193,22 @@ def _tensor_fits(x: object) -> bool:
         and x.shape[1] % 16 == 0  # the kernels work on 16 channels at a time
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()
+        and (
+            residual is None
+            or (
+                isinstance(residual, Tensor)
+                and residual.dtype == torch.bfloat16
+                and residual.shape == x.shape
+                and residual.is_contiguous(memory_format=torch.channels_last)
+            )
+        )
     )
 
 
-def _fusable(bn: nn.Module, x: object, residual: object) -> bool:
-    if not (
-        isinstance(x, Tensor)  # not an fx Proxy: AttackView traces the model (plain path)
-        and getattr(bn, "fused_kernels", False)
-        and type(bn) is nn.BatchNorm2d
+def _training_batch_norm(bn: nn.Module, x: Tensor) -> bool:
+    """A BatchNorm2d in training mode that updates fp32 running statistics, as the kernel does."""
+    return (
+        type(bn) is nn.BatchNorm2d
         and bn.training
         and bn.affine
         and bn.track_running_stats
@@ -207,39 +216,18 @@ def _fusable(bn: nn.Module, x: object, residual: object) -> bool:
         and bn.weight.dtype == torch.float32
         and bn.running_mean.dtype == torch.float32
         and bn.weight.device.type == "cpu"
-        and x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and x.dim() == 4
-        and x.shape[1] % 16 == 0  # the kernels work on 16 channels at a time
         and x.shape[0] * x.shape[2] * x.shape[3] > 1
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.compiler.is_compiling()
-    ):
-        return False
-    if residual is not None and not (
-        isinstance(residual, Tensor)
-        and residual.dtype == torch.bfloat16
-        and residual.shape == x.shape
-        and residual.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return False
-    return library() is not None
+    )
 
 
 def bn_act(bn: nn.Module, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
     """``relu(bn(x) + residual)`` (without ReLU if not ``relu``; without the add if no
     ``residual``): the fused kernels where they apply, the plain ops everywhere else."""
-    if _fusable(bn, x, residual):
-        return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu)
-    if (
-        relu
-        and type(bn) is nn.Identity  # batch norm folded away (runtime.AttackView)
-        and getattr(bn, "fused_kernels", False)
-        and _tensor_fits(x)
-        and (residual is None or (_tensor_fits(residual) and residual.shape == x.shape))
-        and library() is not None
-    ):
-        return _AddReLU.apply(x, residual)
+    if getattr(bn, "fused_kernels", False) and _tensors_fit(x, residual) and library() is not None:
+        if _training_batch_norm(bn, x):
+            return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu)
+        if relu and type(bn) is nn.Identity:  # batch norm folded away (runtime.AttackView)
+            return _AddReLU.apply(x, residual)
     out = bn(x)
     if residual is not None:
         out = out + residual

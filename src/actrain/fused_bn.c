@@ -148,23 +148,16 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
                const float *weight, const float *bias, float *running_mean,
                float *running_var, double momentum, double eps, uint16_t *y, uint16_t *mask,
                float *save_mean, float *save_invstd, int nthreads) {
+    int status = -1;
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
-    if (!buf || !sums) {
-        free(buf);
-        free(sums);
-        return -1;
-    }
+    if (!buf || !sums) goto done;
     float *shift = buf, *scale = buf + C, *offset = buf + 2 * C;
     for (int64_t c = 0; c < C; c++) {
         uint32_t u = (uint32_t)x[c] << 16;
         memcpy(shift + c, &u, 4); /* first row: a sample of each channel, against cancellation */
     }
-    if (reduce2(0, x, NULL, NULL, NULL, M, C, shift, sums, sums + C, nthreads)) {
-        free(buf);
-        free(sums);
-        return -1;
-    }
+    if (reduce2(0, x, NULL, NULL, NULL, M, C, shift, sums, sums + C, nthreads)) goto done;
     for (int64_t c = 0; c < C; c++) {
         double d = sums[c] / M;
         double var = sums[C + c] / M - d * d;
@@ -192,9 +185,11 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
             store_bf16(y + i, o);
         }
     }
+    status = 0;
+done:
     free(buf);
     free(sums);
-    return 0;
+    return status;
 }
 
 /* Backward from dy and the forward's mask (NULL without ReLU): the masked gradient g to dz
@@ -203,18 +198,11 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
 int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int64_t M,
                 int64_t C, const float *weight, const float *mean, const float *invstd,
                 uint16_t *dz, uint16_t *dx, float *dweight, float *dbias, int nthreads) {
+    int status = -1;
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
-    if (!buf || !sums) {
-        free(buf);
-        free(sums);
-        return -1;
-    }
-    if (reduce2(1, x, dy, mask, dz, M, C, mean, sums, sums + C, nthreads)) {
-        free(buf);
-        free(sums);
-        return -1;
-    }
+    if (!buf || !sums) goto done;
+    if (reduce2(1, x, dy, mask, dz, M, C, mean, sums, sums + C, nthreads)) goto done;
     float *k = buf, *p = buf + C, *q = buf + 2 * C;
     for (int64_t c = 0; c < C; c++) {
         double is = invstd[c], kc = weight[c] * is;
@@ -236,9 +224,11 @@ int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int
             store_bf16(dx + i, o);
         }
     }
+    status = 0;
+done:
     free(buf);
     free(sums);
-    return 0;
+    return status;
 }
 
 /* The attack passes' BN-free blocks (batch norm folded into the convs): y = relu(x + res?)
