@@ -270,3 +270,81 @@ def test_without_a_c_compiler_it_is_the_plain_ops(monkeypatch, tmp_path):
     assert not fused_bn_active(a)
     with torch.no_grad():
         assert torch.equal(bn_act(a, x, x), F.relu(b(x) + x))
+
+
+def _two_uses(kind: str, fork: bool, uses: str, seed: int = 5):
+    """Gradients when a fused block output feeds two consumers (a block's conv and shortcut)."""
+    torch.manual_seed(seed)
+    x = (torch.randn(8, 32, 6, 6) + 0.3).contiguous(memory_format=CL).bfloat16()
+    res = torch.randn_like(x).requires_grad_(True)
+    x.requires_grad_(True)
+    g1, g2 = torch.randn_like(x), torch.randn_like(x)
+    layer = _bn(32) if kind == "train" else torch.nn.Identity()  # Identity: AttackView's
+    layer.fused_kernels = True
+    y = bn_act(layer, x, res, fork=fork)
+    twin = fused.shortcut_input(y)
+    assert (twin is not y) == fork
+    loss = 0
+    if "y" in uses:
+        loss = loss + (y.float() * g1.float()).sum()
+    if "twin" in uses:
+        loss = loss + (twin.float() * g2.float()).sum()
+    loss.backward()
+    grads = [x.grad, res.grad]
+    if kind == "train":
+        grads += [layer.weight.grad, layer.bias.grad]
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["train", "attack"])
+@pytest.mark.parametrize("uses", ["y twin", "y", "twin"])
+def test_a_forked_output_sums_its_two_gradients_in_the_kernel_bit_for_bit(kind, uses):
+    # The twin shares y's memory; its gradient reaches the backward apart from y's and is
+    # added there, rounded to bf16 once, exactly as autograd's own sum of the two would be.
+    forked = _two_uses(kind, True, uses)
+    summed = _two_uses(kind, False, uses)  # without fork the "twin" is y itself
+    for a, b in zip(forked, summed, strict=True):
+        assert torch.equal(a, b)
+
+
+def _backward_sums(model, x, y) -> tuple[list[torch.Tensor], int]:
+    """Input and parameter gradients of one bf16 step, and how many activation-sized sums
+    autograd ran in the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sums = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) and (
+                args[0].dim() == 4
+            ):
+                sums.append(func)
+            return func(*args, **(kwargs or {}))
+
+    xx = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(xx).float(), y)
+    with Count():
+        loss.backward()
+    return [xx.grad, *(p.grad for p in model.parameters() if p.grad is not None)], len(sums)
+
+
+def test_resnet18_blocks_sum_their_input_gradients_inside_the_kernels(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=16, num_classes=10).to(memory_format=CL)
+    use_fused_bn(model)
+    x = torch.rand(16, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (16,))
+    view = AttackView(model, torch.bfloat16).module.eval()
+    results = {}
+    for fork in (True, False):
+        if not fork:  # every block input used twice, summed by autograd as before
+            monkeypatch.setattr(fused, "_forked", lambda out, fork: out)
+        for name, m in (("train", copy.deepcopy(model)), ("attack", view)):
+            results[fork, name] = _backward_sums(m, x, y)
+    for name in ("train", "attack"):
+        (g_fork, n_fork), (g_plain, n_plain) = results[True, name], results[False, name]
+        assert n_plain == 8 and n_fork == 0, name  # 8 blocks, each input read twice
+        for a, b in zip(g_fork, g_plain, strict=True):
+            assert torch.equal(a, b), name

@@ -38,9 +38,9 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _P, _I, _N, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "bn_forward": (_N, [_P, _P, _I, _I, _P, _P, _P, _P, _D, _D, _P, _P, _P, _P, _N]),
-    "bn_backward": (_N, [_P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
+    "bn_backward": (_N, [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
     "relu_forward": (None, [_P, _P, _I, _I, _P, _P, _N]),
-    "relu_backward": (None, [_P, _P, _I, _P, _N]),
+    "relu_backward": (None, [_P, _P, _P, _I, _P, _N]),
 }
 
 
@@ -123,7 +123,8 @@ class _BatchNormAct(torch.autograd.Function):
     """relu?(batch_norm(x) + residual?) in training mode, for bf16 channels_last x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, bn: nn.BatchNorm2d, relu: bool):
+    def forward(ctx, x, weight, bias, residual, bn: nn.BatchNorm2d, relu: bool, fork: bool):
+        ctx.set_materialize_grads(False)
         n, c, h, w = x.shape
         y = torch.empty_like(x)
         # the ReLU mask, one bit per element, is what the backward reads instead of y
@@ -138,23 +139,25 @@ class _BatchNormAct(torch.autograd.Function):
         _checked(status)
         ctx.save_for_backward(x, mask, weight, mean, invstd)
         ctx.has_residual = residual is not None
-        return y
+        return _forked(y, fork)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_twin=None):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
-        grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        if grad_y is None:
+            return (None,) * 7
         dz = torch.empty_like(x) if ctx.has_residual else None
         grad_x = torch.empty_like(x)
         grad_w, grad_b = torch.empty(2, c)
         status = library().bn_backward(
-            _ptr(grad_y), _ptr(mask), _ptr(x), n * h * w, c, _ptr(weight), _ptr(mean),
-            _ptr(invstd), _ptr(dz), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
+            _ptr(grad_y), _ptr(grad_twin), _ptr(mask), _ptr(x), n * h * w, c, _ptr(weight),
+            _ptr(mean), _ptr(invstd), _ptr(dz), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
             torch.get_num_threads(),
         )  # fmt: skip
         _checked(status)
-        return grad_x, grad_w, grad_b, dz, None, None
+        return grad_x, grad_w, grad_b, dz, None, None, None
 
 
 class _AddReLU(torch.autograd.Function):
@@ -162,7 +165,8 @@ class _AddReLU(torch.autograd.Function):
     norm is folded into the convolutions. The backward reads a one-bit mask, not y."""
 
     @staticmethod
-    def forward(ctx, x, residual):
+    def forward(ctx, x, residual, fork: bool):
+        ctx.set_materialize_grads(False)
         n, c, h, w = x.shape
         y = torch.empty_like(x)
         mask = torch.empty(x.numel() // 16, dtype=torch.int16)
@@ -170,17 +174,54 @@ class _AddReLU(torch.autograd.Function):
         library().relu_forward(_ptr(x), _ptr(residual), n * h * w, c, _ptr(y), _ptr(mask), threads)
         ctx.save_for_backward(mask)
         ctx.has_residual = residual is not None
-        return y
+        return _forked(y, fork)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_twin=None):
         (mask,) = ctx.saved_tensors
-        grad_y = grad_y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        if grad_y is None:
+            return None, None, None
         g = torch.empty_like(grad_y)
+        threads = torch.get_num_threads()
         library().relu_backward(
-            _ptr(grad_y), _ptr(mask), grad_y.numel(), _ptr(g), torch.get_num_threads()
+            _ptr(grad_y), _ptr(grad_twin), _ptr(mask), grad_y.numel(), _ptr(g), threads
         )
-        return g, (g if ctx.has_residual else None)
+        return g, (g if ctx.has_residual else None), None
+
+
+def _forked(y: Tensor, fork: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """y, or y and a twin sharing its memory: a second output of the same autograd node,
+    whose gradient reaches the backward apart from y's."""
+    return (y, y.detach()) if fork else y
+
+
+def _twin_of(out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    if isinstance(out, tuple):
+        y, y._shortcut_twin = out
+        return y
+    return out
+
+
+def _output_grads(
+    grad_y: Tensor | None, grad_twin: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of y and of its twin as bf16 channels_last (None where one is unused):
+    the one the kernels read first is never None unless both are."""
+    grads = [
+        g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        for g in (grad_y, grad_twin)
+        if g is not None
+    ]
+    return (grads + [None, None])[0], (grads + [None, None])[1]
+
+
+def shortcut_input(x: Tensor) -> Tensor:
+    """What a residual block's shortcut should read of its input ``x``: the twin that
+    :func:`bn_act` (``fork=True``) gave it, else ``x`` itself. Same values either way."""
+    if isinstance(x, Tensor) and not torch.compiler.is_compiling():
+        return getattr(x, "_shortcut_twin", x)
+    return x
 
 
 def _tensors_fit(x: object, residual: object) -> bool:
@@ -220,14 +261,25 @@ def _training_batch_norm(bn: nn.Module, x: Tensor) -> bool:
     )
 
 
-def bn_act(bn: nn.Module, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+def bn_act(
+    bn: nn.Module,
+    x: Tensor,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    fork: bool = False,
+) -> Tensor:
     """``relu(bn(x) + residual)`` (without ReLU if not ``relu``; without the add if no
-    ``residual``): the fused kernels where they apply, the plain ops everywhere else."""
+    ``residual``): the fused kernels where they apply, the plain ops everywhere else.
+
+    ``fork``: the output feeds a residual block, which uses it twice (its first conv and its
+    shortcut). On the fused path it then carries a twin for the shortcut
+    (:func:`shortcut_input`), so that the backward receives the two gradients apart and sums
+    them inside its own pass instead of autograd summing them in a pass of its own."""
     if getattr(bn, "fused_kernels", False) and _tensors_fit(x, residual) and library() is not None:
         if _training_batch_norm(bn, x):
-            return _BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu)
+            return _twin_of(_BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu, fork))
         if relu and type(bn) is nn.Identity:  # batch norm folded away (runtime.AttackView)
-            return _AddReLU.apply(x, residual)
+            return _twin_of(_AddReLU.apply(x, residual, fork))
     out = bn(x)
     if residual is not None:
         out = out + residual

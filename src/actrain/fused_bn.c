@@ -32,15 +32,25 @@ static inline vf load_bf16(const uint16_t *p) {
     return f;
 }
 
-/* Round to nearest even; NaN stays a (quiet) NaN. */
-static inline void store_bf16(uint16_t *p, vf f) {
+/* Round to nearest even; NaN stays a (quiet) NaN. The bf16 bit patterns, in 32-bit lanes. */
+static inline vu bf16_bits(vf f) {
     vu u;
     memcpy(&u, &f, sizeof u);
     vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
-    vu out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-    vh h = __builtin_convertvector(out, vh);
+    return (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+}
+
+static inline void store_bf16(uint16_t *p, vf f) {
+    vh h = __builtin_convertvector(bf16_bits(f), vh);
     memcpy(p, &h, sizeof h);
+}
+
+/* f rounded to bf16 (and back to fp32), as a bf16 tensor op would leave it. */
+static inline vf round_bf16(vf f) {
+    vu u = bf16_bits(f) << 16;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 static inline vf vload(const float *p) {
@@ -88,16 +98,22 @@ static inline vf apply_mask(vf g, uint16_t bits) {
 #endif
 }
 
-/* The gradient below the ReLU: dy where the output was positive (all of dy without ReLU). */
-static inline vf masked_grad(const uint16_t *dy, const uint16_t *mask, int64_t i) {
+/* The gradient below the ReLU: dy where the output was positive (all of dy without ReLU).
+ * dy2, where given, is the gradient of the output's second use (a residual block's shortcut,
+ * see fused.py): the two are summed and rounded to bf16 here, as autograd's bf16 sum of the
+ * two would, which saves that sum its own pass over memory. */
+static inline vf masked_grad(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask,
+                             int64_t i) {
     vf g = load_bf16(dy + i);
+    if (dy2) g = round_bf16(g + load_bf16(dy2 + i));
     return mask ? apply_mask(g, mask[i / V]) : g;
 }
 
 /* Two per-channel sums over all rows into double: kind 0 (statistics) sums d = x - shift
  * and d^2; kind 1 (backward) sums g = masked_grad and g * d, and writes g to dz if given. */
 static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restrict dy,
-                   const uint16_t *restrict mask, uint16_t *restrict dz, int64_t M, int64_t C,
+                   const uint16_t *restrict dy2, const uint16_t *restrict mask,
+                   uint16_t *restrict dz, int64_t M, int64_t C,
                    const float *restrict shift, double *restrict out_a, double *restrict out_b,
                    int nthreads) {
     int64_t nblocks = (M + BLOCK - 1) / BLOCK;
@@ -118,7 +134,7 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
                         a += d;
                         s += d * d;
                     } else {
-                        vf g = masked_grad(dy, mask, i);
+                        vf g = masked_grad(dy, dy2, mask, i);
                         if (dz) store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
                         a += g;
                         s += g * d;
@@ -157,7 +173,7 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
         uint32_t u = (uint32_t)x[c] << 16;
         memcpy(shift + c, &u, 4); /* first row: a sample of each channel, against cancellation */
     }
-    if (reduce2(0, x, NULL, NULL, NULL, M, C, shift, sums, sums + C, nthreads)) goto done;
+    if (reduce2(0, x, NULL, NULL, NULL, NULL, M, C, shift, sums, sums + C, nthreads)) goto done;
     for (int64_t c = 0; c < C; c++) {
         double d = sums[c] / M;
         double var = sums[C + c] / M - d * d;
@@ -192,17 +208,18 @@ done:
     return status;
 }
 
-/* Backward from dy and the forward's mask (NULL without ReLU): the masked gradient g to dz
- * (the residual's gradient; NULL if there is none), the batch-norm input gradient dx,
- * dweight and dbias. Returns 0, or -1 (out of memory). */
-int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int64_t M,
-                int64_t C, const float *weight, const float *mean, const float *invstd,
-                uint16_t *dz, uint16_t *dx, float *dweight, float *dbias, int nthreads) {
+/* Backward from dy (+ dy2, NULL if none) and the forward's mask (NULL without ReLU): the
+ * masked gradient g to dz (the residual's gradient; NULL if there is none), the batch-norm
+ * input gradient dx, dweight and dbias. Returns 0, or -1 (out of memory). */
+int bn_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask,
+                const uint16_t *x, int64_t M, int64_t C, const float *weight,
+                const float *mean, const float *invstd, uint16_t *dz, uint16_t *dx,
+                float *dweight, float *dbias, int nthreads) {
     int status = -1;
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
     if (!buf || !sums) goto done;
-    if (reduce2(1, x, dy, mask, dz, M, C, mean, sums, sums + C, nthreads)) goto done;
+    if (reduce2(1, x, dy, dy2, mask, dz, M, C, mean, sums, sums + C, nthreads)) goto done;
     float *k = buf, *p = buf + C, *q = buf + 2 * C;
     for (int64_t c = 0; c < C; c++) {
         double is = invstd[c], kc = weight[c] * is;
@@ -219,7 +236,7 @@ int bn_backward(const uint16_t *dy, const uint16_t *mask, const uint16_t *x, int
     for (int64_t row = 0; row < M; row++) {
         for (int64_t c0 = 0; c0 < C; c0 += V) {
             int64_t i = row * C + c0;
-            vf g = dz ? load_bf16(dz + i) : masked_grad(dy, mask, i);
+            vf g = dz ? load_bf16(dz + i) : masked_grad(dy, dy2, mask, i);
             vf o = g * vload(k + c0) + load_bf16(x + i) * vload(p + c0) + vload(q + c0);
             store_bf16(dx + i, o);
         }
@@ -247,9 +264,9 @@ void relu_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C, 
     }
 }
 
-/* g = dy where the forward output was positive: the gradient of x (and of res). */
-void relu_backward(const uint16_t *dy, const uint16_t *mask, int64_t n, uint16_t *g,
-                   int nthreads) {
+/* g = dy (+ dy2) where the forward output was positive: the gradient of x (and of res). */
+void relu_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask, int64_t n,
+                   uint16_t *g, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < n; i += V) store_bf16(g + i, masked_grad(dy, mask, i));
+    for (int64_t i = 0; i < n; i += V) store_bf16(g + i, masked_grad(dy, dy2, mask, i));
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from actrain.fused import bn_act
+from actrain.fused import bn_act, shortcut_input
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -40,7 +40,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = bn_act(self.bn1, self.conv1(x))
-        return bn_act(self.bn2, self.conv2(out), self.shortcut(x))
+        return bn_act(self.bn2, self.conv2(out), self.shortcut(shortcut_input(x)), fork=True)
 
 
 class PreActBlock(nn.Module):
@@ -103,7 +103,7 @@ class CifarResNet(ImageClassifier):
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, self.conv1(x))
+        out = bn_act(self.bn1, self.conv1(x), fork=True)
         out = self.layers(out)
         return torch.flatten(self.pool(out), 1)
 
