@@ -168,23 +168,25 @@ def fusedbn() -> None:
 
 
 def ratio(width: int, rounds: int = 5) -> None:
-    """ACT/Madry with and without the fused add + ReLU of the attack passes (the train-mode
-    fused batch norm stays on in both): a faster attack raises the ratio."""
+    """ACT/Madry with and without the attack passes' fusions (conv + add + ReLU as one oneDNN
+    call, else the add + ReLU kernel; the train-mode fused batch norm stays on in both): a
+    faster attack raises the ratio."""
     from actrain import bench, fused
 
     specs = [
         bench.BenchSpec(method=m, width=width, threads=1, clock="cpu") for m in ("act", "madry")
     ]
-    real = fused._AddReLU.apply
-    plain = lambda x, r: F.relu(x if r is None else x + r)  # noqa: E731
+    real = fused._AddReLU.apply, fused._conv_fuses
+    plain = lambda x, r, fork: F.relu(x if r is None else x + r)  # noqa: E731
     for attack_fusion in (False, True):
-        fused._AddReLU.apply = real if attack_fusion else plain
+        fused._AddReLU.apply = real[0] if attack_fusion else plain
+        fused._conv_fuses = real[1] if attack_fusion else (lambda *args: False)
         act, madry = bench.interleaved_step_ms(specs, rounds)
         print(
-            f"width {width}, attack-pass add + ReLU fused: {attack_fusion}: ACT {act:.0f} ms,"
-            f" Madry {madry:.0f} ms, ACT/Madry {act / madry:.3f}"
+            f"width {width}, attack-pass conv + add + ReLU fused: {attack_fusion}: ACT {act:.0f}"
+            f" ms, Madry {madry:.0f} ms, ACT/Madry {act / madry:.3f}"
         )
-    fused._AddReLU.apply = real
+    fused._AddReLU.apply, fused._conv_fuses = real
 
 
 def fold(width: int, rounds: int = 15) -> None:

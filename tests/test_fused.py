@@ -228,7 +228,9 @@ def test_attack_blocks_add_and_relu_in_one_kernel():
     assert torch.isnan(bn_act(ident, a2, b.detach())[0, 0, 0, 0])
 
 
-def test_pgd_on_the_folded_view_lands_where_the_plain_ops_do():
+def test_pgd_on_the_folded_view_lands_as_near_the_fp32_attack_as_the_plain_ops():
+    import contextlib
+
     from actrain.attacks import LinfBall, pgd
     from actrain.losses import madry_attack_objective
 
@@ -241,19 +243,23 @@ def test_pgd_on_the_folded_view_lands_where_the_plain_ops_do():
     fast = copy.deepcopy(model)
     use_fused_bn(fast)
     views = [AttackView(m, torch.bfloat16).module.eval() for m in (model, fast)]
+    views.append(AttackView(model).module.eval())  # fp32, the reference
     assert any(getattr(m, "fused_kernels", False) for m in views[1].modules())
-    x = torch.rand(16, 3, 32, 32).contiguous(memory_format=CL)
-    y = torch.randint(0, 10, (16,))
+    x = torch.rand(32, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (32,))
     threat = LinfBall(8 / 255, 2 / 255)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     found = []
-    for view in views:
+    for view, precision in zip(views, (bf16, bf16, contextlib.nullcontext), strict=True):
         torch.manual_seed(5)
-        found.append(
-            pgd(view, x, lambda lg: madry_attack_objective(lg, y), threat, 5, autocast=bf16)
-        )
-    same = (found[0] - found[1]).abs() < 1e-6
-    assert same.float().mean() > 0.97  # a sign flips where bf16 rounds a near-zero gradient
+        objective = lambda lg: madry_attack_objective(lg, y)  # noqa: E731
+        found.append(pgd(view, x, objective, threat, 5, autocast=precision))
+    # A sign flips where bf16 rounds a near-zero gradient; the fused ops round less often
+    # (conv + add + ReLU once), so they must stay at least as close to fp32 as the plain ops.
+    plain, fused_, exact = found
+    agree_plain = ((plain - exact).abs() < 1e-6).float().mean()
+    agree_fused = ((fused_ - exact).abs() < 1e-6).float().mean()
+    assert agree_plain > 0.75 and agree_fused >= agree_plain - 0.01
     with torch.no_grad(), bf16():
         torch.testing.assert_close(views[1](x).float(), views[0](x).float(), rtol=0.05, atol=0.05)
 
@@ -348,3 +354,39 @@ def test_resnet18_blocks_sum_their_input_gradients_inside_the_kernels(monkeypatc
         assert n_plain == 8 and n_fork == 0, name  # 8 blocks, each input read twice
         for a, b in zip(g_fork, g_plain, strict=True):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_attack_blocks_run_conv_add_and_relu_as_one_onednn_call(residual, monkeypatch):
+    # AttackView's blocks: relu(conv(x) + folded bias + shortcut), constant bf16 weights.
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    conv.weight.data = conv.weight.data.bfloat16().contiguous(memory_format=CL)
+    conv.bias.data = conv.bias.data.bfloat16()
+    conv.requires_grad_(False)
+    ident = torch.nn.Identity()
+    ident.fused_kernels = True
+    x = torch.randn(8, 16, 9, 9).contiguous(memory_format=CL).bfloat16().float()
+    res = torch.randn(8, 32, 5, 5).contiguous(memory_format=CL).bfloat16().float()
+    grad = torch.randn_like(res)
+    calls = []
+    real = fused._ConvAddReLU.apply
+    monkeypatch.setattr(fused._ConvAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    a = x.clone().requires_grad_(True)  # fp32 input, as the attack's x + delta is
+    b = res.bfloat16().requires_grad_(True) if residual else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused.conv_bn_act(conv, ident, a, b, fork=True)
+    assert calls and fused.shortcut_input(out) is not out
+    twin = fused.shortcut_input(out)
+    ((out.float() * grad).sum() + (twin.float() * grad).sum()).backward()
+    # fp32 reference with the same (bf16-valued) weights
+    a32 = x.clone().requires_grad_(True)
+    r32 = res.clone().requires_grad_(True)
+    pre = F.conv2d(a32, conv.weight.float(), conv.bias.float(), 2, 1) + (r32 if residual else 0)
+    want = F.relu(pre)
+    (want * 2 * grad).sum().backward()
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=CL)
+    assert _rel(out.float(), want) < 4e-3  # one bf16 rounding of the output
+    assert _rel(a.grad, a32.grad) < 1e-2
+    if residual:
+        assert _rel(b.grad.float(), r32.grad) < 1e-2

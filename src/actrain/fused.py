@@ -41,6 +41,7 @@ _SIGNATURES = {
     "bn_backward": (_N, [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
     "relu_forward": (None, [_P, _P, _I, _I, _P, _P, _N]),
     "relu_backward": (None, [_P, _P, _P, _I, _P, _N]),
+    "relu_backward_from_output": (None, [_P, _P, _P, _I, _P, _N]),
 }
 
 
@@ -190,6 +191,47 @@ class _AddReLU(torch.autograd.Function):
         return g, (g if ctx.has_residual else None), None
 
 
+class _ConvAddReLU(torch.autograd.Function):
+    """relu(conv(x) + bias + residual?) as one oneDNN convolution with the add and the ReLU
+    as post-ops, for the attack passes' blocks (batch norm folded into the conv's weight and
+    bias): no pass over memory of their own. Input gradients only: folded weights are
+    constants. The backward takes the ReLU mask from y, which the next layer keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding, fork: bool):
+        ctx.set_materialize_grads(False)
+        conv = (weight, bias, padding, stride, [1, 1], 1)
+        if residual is None:
+            y = torch.ops.mkldnn._convolution_pointwise(x, *conv, "relu", [], "")
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, *conv, "add", 1.0, "relu", [], ""
+            )
+        ctx.save_for_backward(x, weight, y)
+        ctx.conv = (stride, padding)
+        ctx.has_residual = residual is not None
+        return _forked(y, fork)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_twin=None):
+        x, weight, y = ctx.saved_tensors
+        grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        if grad_y is None:
+            return (None,) * 7
+        g = torch.empty_like(y)
+        threads = torch.get_num_threads()
+        library().relu_backward_from_output(
+            _ptr(grad_y), _ptr(grad_twin), _ptr(y), y.numel(), _ptr(g), threads
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            stride, padding = ctx.conv
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x, weight, None, stride, padding, [1, 1], False, [0, 0], 1, [True, False, False]
+            )[0]
+        return grad_x, None, None, (g if ctx.has_residual else None), None, None, None
+
+
 def _forked(y: Tensor, fork: bool) -> Tensor | tuple[Tensor, Tensor]:
     """y, or y and a twin sharing its memory: a second output of the same autograd node,
     whose gradient reaches the backward apart from y's."""
@@ -284,6 +326,67 @@ def bn_act(
     if residual is not None:
         out = out + residual
     return F.relu(out) if relu else out
+
+
+def conv_bn_act(
+    conv: nn.Module,
+    bn: nn.Module,
+    x: Tensor,
+    residual: Tensor | None = None,
+    fork: bool = False,
+) -> Tensor:
+    """``bn_act(bn, conv(x), residual, fork=fork)``; in the attack passes, where batch norm is
+    folded into ``conv`` (:class:`actrain.runtime.AttackView`), one oneDNN call."""
+    if type(bn) is nn.Identity and getattr(bn, "fused_kernels", False):
+        xb = x.to(torch.bfloat16) if _autocast_bf16() and isinstance(x, Tensor) else x
+        if _conv_fuses(conv, xb, residual) and library() is not None:
+            stride, padding = list(conv.stride), list(conv.padding)
+            y = _ConvAddReLU.apply(xb, conv.weight, conv.bias, residual, stride, padding, fork)
+            return _twin_of(y)
+    return bn_act(bn, conv(x), residual, fork=fork)
+
+
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
+    """A plain 2-D convolution with constant bf16 weights and bias (folded), on bf16
+    channels_last CPU activations, that ``actrain.im2col`` does not take over."""
+    from actrain.im2col import Im2colConv2d, im2col_pays
+
+    if type(conv) not in (nn.Conv2d, Im2colConv2d) or conv.bias is None:
+        return False
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return False
+    if conv.weight.requires_grad or conv.weight.dtype != torch.bfloat16:
+        return False
+    if conv.bias.dtype != torch.bfloat16 or conv.out_channels % 16:
+        return False
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return False
+    if not (
+        isinstance(x, Tensor)
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.compiler.is_compiling()
+    ):
+        return False
+    kh, kw = conv.kernel_size
+    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    out_h, out_w = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+    if type(conv) is Im2colConv2d and conv.kernel_size == (3, 3):
+        if im2col_pays(x.shape[1], out_h, out_w, sh):
+            return False
+    out_shape = (x.shape[0], conv.out_channels, out_h, out_w)
+    return residual is None or (
+        isinstance(residual, Tensor)
+        and residual.dtype == torch.bfloat16
+        and tuple(residual.shape) == out_shape
+        and residual.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def use_fused_bn(model: nn.Module, on: bool = True) -> int:

@@ -270,3 +270,14 @@ void relu_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < n; i += V) store_bf16(g + i, masked_grad(dy, dy2, mask, i));
 }
+
+/* g = dy (+ dy2) where y, the output of a convolution with ReLU fused into it (oneDNN
+ * post-op, see fused.py), is positive. */
+void relu_backward_from_output(const uint16_t *dy, const uint16_t *dy2, const uint16_t *y,
+                               int64_t n, uint16_t *g, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i += V) {
+        vf grad = masked_grad(dy, dy2, NULL, i);
+        store_bf16(g + i, apply_mask(grad, pack_mask(load_bf16(y + i))));
+    }
+}

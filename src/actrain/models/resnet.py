@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from actrain.fused import bn_act, shortcut_input
+from actrain.fused import bn_act, conv_bn_act, shortcut_input
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -39,8 +39,8 @@ class BasicBlock(nn.Module):
         self.shortcut = _projection(in_planes, planes, stride, bn=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, self.conv1(x))
-        return bn_act(self.bn2, self.conv2(out), self.shortcut(shortcut_input(x)), fork=True)
+        out = conv_bn_act(self.conv1, self.bn1, x)
+        return conv_bn_act(self.conv2, self.bn2, out, self.shortcut(shortcut_input(x)), fork=True)
 
 
 class PreActBlock(nn.Module):
@@ -103,7 +103,7 @@ class CifarResNet(ImageClassifier):
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, self.conv1(x), fork=True)
+        out = conv_bn_act(self.conv1, self.bn1, x, fork=True)
         out = self.layers(out)
         return torch.flatten(self.pool(out), 1)
 
