@@ -4,6 +4,7 @@ python benchmarks/micro.py profile 16   # op breakdown of a bf16 channels_last t
 python benchmarks/micro.py compile 16   # train fwd/bwd, eager vs torch.compile
 python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, per shape
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
+python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
 """
@@ -144,6 +145,40 @@ def shapes() -> None:
         )
 
 
+def wgrad(width: int) -> None:
+    """oneDNN's bf16 weight gradient against ``actrain.im2col``'s matmul over the patches, for
+    every conv shape of ResNet-18 at ``width`` (the rule ``weight_grad_by_matmul``)."""
+    from actrain.im2col import _cols
+
+    w, fmt = width, torch.channels_last
+    shapes = [  # c_in, c_out, input size, stride, kernel
+        (3, w, 32, 1, 3), (w, w, 32, 1, 3), (w, 2 * w, 32, 2, 3), (2 * w, 2 * w, 16, 1, 3),
+        (w, 2 * w, 32, 2, 1), (2 * w, 4 * w, 16, 2, 3), (4 * w, 4 * w, 8, 1, 3),
+        (2 * w, 4 * w, 16, 2, 1), (4 * w, 8 * w, 8, 2, 3), (8 * w, 8 * w, 4, 1, 3),
+        (4 * w, 8 * w, 8, 2, 1),
+    ]  # fmt: skip
+    for c_in, c_out, size, s, k in shapes:
+        x = torch.randn(BATCH, c_in, size, size, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        wt = torch.randn(c_out, c_in, k, k, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        out = (size - 1) // s + 1
+        g = torch.randn(BATCH, c_out, out, out, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        args = (g, x, wt, None, [s, s], [k // 2] * 2, [1, 1], False, [0, 0], 1)
+
+        def matmul() -> torch.Tensor:
+            gm = g.permute(0, 2, 3, 1).reshape(-1, c_out)  # noqa: B023
+            if k == 3:  # noqa: B023
+                cols = _cols(x, s, reuse=True)  # noqa: B023
+            else:
+                cols = x[:, :, ::s, ::s].permute(0, 2, 3, 1).reshape(-1, c_in)  # noqa: B023
+            return torch.mm(cols.t(), gm)
+
+        onednn = cpu_ms(lambda: torch.ops.aten.convolution_backward(*args, [False, True, False]))  # noqa: B023
+        print(
+            f"{c_in} -> {c_out} ch {k}x{k} stride {s}, {out}x{out} out: weight gradient oneDNN"
+            f" {onednn:.2f} ms, matmul {cpu_ms(matmul):.2f} ms"
+        )
+
+
 def fusedbn() -> None:
     from actrain.fused import bn_act, use_fused_bn
 
@@ -220,4 +255,6 @@ if __name__ == "__main__":
     if what in ("conv", "shapes", "fusedbn"):
         {"conv": conv, "shapes": shapes, "fusedbn": fusedbn}[what]()
     else:
-        {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}[what](width)
+        commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
+        commands["wgrad"] = wgrad
+        commands[what](width)

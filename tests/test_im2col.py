@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -49,9 +50,9 @@ def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(m
     plain = plain.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(plain)
     state = {k: v.clone() for k, v in fast.state_dict().items()}
-    # the stem, the 13 stride-1 and the 3 stride-2 3x3 convs of the blocks
-    assert use_im2col_convs(fast) == 17
-    assert sum(isinstance(m, Im2colConv2d) for m in fast.modules()) == 17
+    # the stem, the 13 stride-1 and the 3 stride-2 3x3 convs of the blocks, 3 projections
+    assert use_im2col_convs(fast) == 20
+    assert sum(isinstance(m, Im2colConv2d) for m in fast.modules()) == 20
     assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
 
     calls = []
@@ -98,4 +99,44 @@ def test_the_trainer_takes_the_path_at_full_width_in_bf16_and_the_benchmark_says
     full = run(64, "bf16")  # the shape rule was measured on AMX CPUs, and is used on those only
     assert full["im2col"] == cpu_has_amx() == ("im2col" in bench.format_line(full))
     assert not run(64, "fp32")["im2col"]
-    assert not run(16, "bf16")["im2col"]
+    quarter = run(16, "bf16")  # layer 4 (128 channels, 4x4) takes only its weight gradient
+    assert not quarter["im2col"]
+    assert quarter["mm_wgrad"] == cpu_has_amx() == ("mmWgrad" in bench.format_line(quarter))
+    assert not full["mm_wgrad"] or cpu_has_amx()
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "size", "kernel", "stride"),
+    [(64, 32, 4, 3, 1), (64, 48, 8, 3, 2), (32, 64, 8, 1, 2)],
+)
+def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, stride):
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=True)
+    fast = copy.deepcopy(conv)
+    assert use_im2col_convs(fast) == 1
+    out_size = (size - 1) // stride + 1
+    assert im2col.weight_grad_by_matmul(kernel, c_in, out_size, out_size, stride)
+    x = torch.randn(6, c_in, size, size).to(memory_format=torch.channels_last)
+    g = torch.randn(6, c_out, out_size, out_size)
+    results = []
+    for m in (conv, fast):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xx)
+        out.float().backward(g)
+        results.append([out.float(), xx.grad, m.weight.grad, m.bias.grad])
+    assert getattr(fast, "matmul_weight_grad_used", False)
+    assert fast.weight.grad.dtype == torch.float32 and fast.weight.grad.shape == conv.weight.shape
+    assert torch.equal(results[0][0], results[1][0])  # the forward is oneDNN's, bit for bit
+    assert torch.equal(results[0][1], results[1][1])  # and so is the input gradient
+    for a, b in zip(results[0][2:], results[1][2:], strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-2  # bf16 rounding of the sums only
+    # fp32 or no autocast: the plain conv, bit for bit
+    with torch.no_grad():
+        assert torch.equal(fast(x), conv(x))
+
+
+def test_the_weight_gradient_rule():
+    wg = im2col.weight_grad_by_matmul
+    assert wg(3, 128, 4, 4) and wg(3, 64, 4, 4, stride=2) and not wg(3, 64, 8, 8)
+    assert not wg(3, 32, 4, 4) and wg(1, 32, 8, 8, stride=2) and not wg(1, 16, 16, 16, stride=2)

@@ -529,6 +529,9 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "channels_last": trainer.channels_last,
         "fold_bn": fold_active(trainer),
         "im2col": any(getattr(m, "im2col_used", False) for m in _all_modules(trainer)),
+        "mm_wgrad": any(
+            getattr(m, "matmul_weight_grad_used", False) for m in _all_modules(trainer)
+        ),
         "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
         "compile": spec.compile,
         "compile_s": round(compile_s, 2),
@@ -697,6 +700,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} {attack_label(r)}"
         f" {r['precision']}{' CL' if r['channels_last'] else ''}"
         f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
+        f"{' mmWgrad' if r.get('mm_wgrad') else ''}"
         f"{' fusedBN' if r.get('fused_bn') else ''}"
         f"{' compile' if r['compile'] else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
@@ -724,6 +728,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         levers = [s for s, on in (("CL", r["channels_last"]), ("fold", r["fold_bn"])) if on]
         if r.get("im2col"):
             levers.append("im2col")
+        if r.get("mm_wgrad"):
+            levers.append("mmWgrad")
         if r.get("fused_bn"):
             levers.append("fusedBN")
         if r["compile"]:

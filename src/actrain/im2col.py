@@ -7,9 +7,17 @@ On this project's AMX CPU oneDNN runs ResNet-18's last stage at full width (512 
 where it measured faster (:func:`im2col_pays`) under bf16 autocast on a CPU (the Trainer
 switches it on where the CPU has AMX, the only kind measured); everywhere else
 (GPUs, fp32, other shapes) it is a plain ``nn.Conv2d``.
+
+Where only oneDNN's weight gradient is slow (small outputs: 3x at 128 channels 4x4, the last
+stage at width 16; 1x1 projections), the conv keeps oneDNN's forward and input gradient and
+takes the weight gradient alone as one matmul (:func:`weight_grad_by_matmul`). Patches go
+to a reused per-thread buffer: a fresh one of megabytes per call costs its page faults.
 """
 
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +28,36 @@ def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1  # 3x3 kernel, padding 1
 
 
-def _cols(x: Tensor, stride: int = 1) -> Tensor:
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reused buffer of this thread for patches that are consumed at once: a fresh one of
+    megabytes would be page-faulted in on every call (as slow as the gather itself)."""
+    numel = math.prod(shape)
+    key = (like.dtype, like.device)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def _cols(x: Tensor, stride: int = 1, reuse: bool = False) -> Tensor:
     """Rows of 3x3 patches (padding 1) in (i, j, channel) order, from an NCHW tensor: one
     gather through a strided view of the padded NHWC input (half the time of stacking the
-    nine shifted slices)."""
+    nine shifted slices). ``reuse``: into this thread's scratch buffer (see
+    :func:`_scratch`), valid until the next such call."""
     n, c, h, w = x.shape
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     s_n, s_h, s_w, s_c = xp.stride()
     ho, wo = _out_size(h, stride), _out_size(w, stride)
     shape = (n, ho, wo, 3, 3, c)
     patches = xp.as_strided(shape, (s_n, stride * s_h, stride * s_w, s_h, s_w, s_c))
+    if reuse:
+        return _scratch(shape, x).copy_(patches).view(n * ho * wo, 9 * c)
     return patches.reshape(n * ho * wo, 9 * c)
 
 
@@ -41,7 +69,7 @@ class _Im2colConv(torch.autograd.Function):
         n, _, h, w = x.shape
         o = weight.shape[0]
         wm = weight.permute(0, 2, 3, 1).reshape(o, -1)
-        out = _cols(x, stride) @ wm.t()
+        out = _cols(x, stride, reuse=True) @ wm.t()
         if bias is not None:
             out += bias
         ctx.save_for_backward(x, weight)
@@ -72,10 +100,48 @@ class _Im2colConv(torch.autograd.Function):
             grad_x = gxp[:, 1:-1, 1:-1, :].permute(0, 3, 1, 2)
             grad_x = grad_x.contiguous(memory_format=torch.channels_last)
         if ctx.needs_input_grad[1]:
-            gw = g.t().contiguous() @ _cols(x, s)
+            gw = g.t().contiguous() @ _cols(x, s, reuse=True)
             grad_w = gw.view(o, 3, 3, c).permute(0, 3, 1, 2)  # (o, c, 3, 3), channels_last
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class _MatmulWeightGradConv(torch.autograd.Function):
+    """oneDNN's convolution and input gradient, with the weight gradient as one bf16 matmul
+    over the patches (3x3, padding 1) or the strided input (1x1, no padding)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        pad = weight.shape[-1] // 2
+        return torch.ops.aten.convolution(
+            x, weight, bias, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        s, (o, c, k, _) = ctx.stride, weight.shape
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x, weight, None, [s] * 2, [k // 2] * 2, [1, 1], False, [0, 0], 1,
+                [True, False, False],
+            )[0]  # fmt: skip
+        gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # rows (n, i, j), a view of channels_last g
+        if ctx.needs_input_grad[1]:
+            cols = (
+                _cols(x, s, reuse=True)
+                if k == 3
+                else x[:, :, ::s, ::s].permute(0, 2, 3, 1).reshape(-1, c)
+            )
+            gw = torch.mm(cols.t(), gm)  # (k * k * c, o)
+            grad_w = gw.t().view(o, k, k, c).permute(0, 3, 1, 2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gm.sum(0)
         return grad_x, grad_w, grad_b, None
 
 
@@ -99,8 +165,23 @@ def im2col_pays(in_channels: int, height: int, width: int, stride: int = 1) -> b
     return in_channels >= (384 if stride == 1 else 128)
 
 
+def weight_grad_by_matmul(
+    kernel: int, in_channels: int, height: int, width: int, stride: int = 1
+) -> bool:
+    """Where oneDNN's bf16 weight gradient is slow and one matmul over the patches beats it
+    (`python benchmarks/micro.py wgrad`), by output positions: 3x3 convs with at most 4x4
+    outputs and at least 64 input channels (128 channels 4x4: 3.1 -> 1.4 ms; 64 -> 128 into
+    4x4: 2.0 -> 0.8 ms; 64 channels at 8x8 would take 1.6x longer), and 1x1 stride-2
+    projections from at least 32 channels (64 -> 128: 0.39 -> 0.12 ms; 0.8x at 32 channels,
+    1.3x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead."""
+    if kernel == 1:
+        return stride == 2 and in_channels >= 32
+    return height * width <= 16 and in_channels >= 64
+
+
 class Im2colConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` that runs as im2col + matmul where that was measured faster."""
+    """An ``nn.Conv2d`` that runs as im2col + matmul where that was measured faster, or
+    takes only its weight gradient as a matmul (:func:`weight_grad_by_matmul`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (
@@ -109,28 +190,39 @@ class Im2colConv2d(nn.Conv2d):
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         ):
             return super().forward(x)
-        stride = self.stride[0]
-        out_h, out_w = _out_size(x.shape[2], stride), _out_size(x.shape[3], stride)
-        if not im2col_pays(x.shape[1], out_h, out_w, stride):
-            return super().forward(x)
-        self.im2col_used = True  # reported by `actrain bench`
+        stride, k = self.stride[0], self.kernel_size[0]
+        out_h, out_w = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        with torch.autocast("cpu", enabled=False):
-            w = self.weight.to(torch.bfloat16)
-            return im2col_conv3x3(x.to(torch.bfloat16), w, bias, stride)
+        if k == 3 and im2col_pays(x.shape[1], out_h, out_w, stride):
+            self.im2col_used = True  # reported by `actrain bench`
+            with torch.autocast("cpu", enabled=False):
+                w = self.weight.to(torch.bfloat16)
+                return im2col_conv3x3(x.to(torch.bfloat16), w, bias, stride)
+        if (
+            self.weight.requires_grad
+            and torch.is_grad_enabled()
+            and weight_grad_by_matmul(k, x.shape[1], out_h, out_w, stride)
+        ):
+            self.matmul_weight_grad_used = True  # reported by `actrain bench`
+            with torch.autocast("cpu", enabled=False):
+                w = self.weight.to(torch.bfloat16)
+                return _MatmulWeightGradConv.apply(x.to(torch.bfloat16), w, bias, stride)
+        return super().forward(x)
 
 
 def use_im2col_convs(model: nn.Module) -> int:
-    """Let every eligible conv of ``model`` (3x3, stride 1 or 2, padding 1, no groups or
-    dilation) pick im2col + matmul per shape; returns how many convs are eligible. Weights,
-    state dict and results are unchanged (within bf16 rounding of the summation order)."""
+    """Let every eligible conv of ``model`` (3x3 with stride 1 or 2 and padding 1, or 1x1
+    with stride 2 and no padding; no groups or dilation) pick im2col + matmul per shape;
+    returns how many convs are eligible. Weights, state dict and results are unchanged (within
+    bf16 rounding of the summation order)."""
     count = 0
     for m in model.modules():
         if (
             type(m) is nn.Conv2d
-            and m.kernel_size == (3, 3)
-            and m.stride in ((1, 1), (2, 2))
-            and m.padding == (1, 1)
+            and (
+                (m.kernel_size == (3, 3) and m.stride in ((1, 1), (2, 2)) and m.padding == (1, 1))
+                or (m.kernel_size == (1, 1) and m.stride == (2, 2) and m.padding == (0, 0))
+            )
             and m.dilation == (1, 1)
             and m.groups == 1
             and m.padding_mode == "zeros"
