@@ -5,6 +5,8 @@ python benchmarks/micro.py compile 16   # train fwd/bwd, eager vs torch.compile
 python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, per shape
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
 python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
+python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without one lever:
+                                            # fork, convfuse or wgrad (see lever())
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
 """
@@ -224,6 +226,51 @@ def ratio(width: int, rounds: int = 5) -> None:
     fused._AddReLU.apply, fused._conv_fuses = real
 
 
+def lever(name: str, on: bool) -> None:
+    """Switch one of the fused paths on or off in this process: ``fork`` (a block input's two
+    gradients summed inside the fused backward), ``convfuse`` (attack passes' conv + add +
+    ReLU as one oneDNN call), ``wgrad`` (weight gradients as one matmul where oneDNN's are
+    slow)."""
+    from actrain import fused, im2col
+
+    real = _REAL.setdefault(
+        name,
+        {
+            "fork": fused._forked,
+            "convfuse": fused._conv_fuses,
+            "wgrad": im2col.weight_grad_by_matmul,
+        }[name],
+    )
+    if name == "fork":
+        fused._forked = real if on else (lambda y, fork: y)
+    elif name == "convfuse":
+        fused._conv_fuses = real if on else (lambda *args: False)
+    else:
+        im2col.weight_grad_by_matmul = real if on else (lambda *args: False)
+
+
+_REAL: dict[str, Callable] = {}
+
+
+def toggle(name: str, width: int, rounds: int = 4) -> None:
+    """ACT and Madry steps (one thread, CPU time, interleaved rounds in this process) with the
+    lever off and on, twice each in alternation, so that drift shows as disagreement."""
+    from actrain import bench
+
+    specs = [
+        bench.BenchSpec(method=m, width=width, threads=1, clock="cpu") for m in ("act", "madry")
+    ]
+    for on in (False, True, False, True):
+        lever(name, on)
+        act, madry = bench.interleaved_step_ms(specs, rounds)
+        print(
+            f"width {width}, {name} {'on ' if on else 'off'}: ACT {act:.0f} ms, Madry"
+            f" {madry:.0f} ms, ACT/Madry {act / madry:.3f}",
+            flush=True,
+        )
+    lever(name, True)
+
+
 def fold(width: int, rounds: int = 15) -> None:
     model = resnet(width).eval()
     x, _ = batch()
@@ -251,6 +298,9 @@ def fold(width: int, rounds: int = 15) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
+    if what == "toggle":
+        toggle(rest[0], int(rest[1]) if len(rest) > 1 else 16)
+        sys.exit()
     width = int(rest[0]) if rest else 16
     if what in ("conv", "shapes", "fusedbn"):
         {"conv": conv, "shapes": shapes, "fusedbn": fusedbn}[what]()

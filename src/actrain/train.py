@@ -585,6 +585,10 @@ class Trainer:
             return
 
         def handler(signum, frame):
+            # The next signal must find the default handlers: restore them before telling the
+            # user (or a test reading stderr) that a second Ctrl-C quits at once.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self.stop_signal = signal.Signals(signum).name
             print(
                 f"\nactrain: {self.stop_signal} received; finishing this step and writing a"
@@ -592,8 +596,6 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in old:
