@@ -390,3 +390,19 @@ def test_attack_blocks_run_conv_add_and_relu_as_one_onednn_call(residual, monkey
     assert _rel(a.grad, a32.grad) < 1e-2
     if residual:
         assert _rel(b.grad.float(), r32.grad) < 1e-2
+
+
+def test_torch_compile_traces_the_fast_models_without_graph_breaks():
+    # `actrain bench --compile`: the fused and im2col paths step aside under torch.compile
+    # (a graph break per block made dynamo recompile each block class past its limit).
+    from actrain.im2col import use_im2col_convs
+
+    model = create_model("resnet18", width=16, num_classes=10).to(memory_format=CL)
+    use_fused_bn(model)
+    use_im2col_convs(model)  # at width 16 layer 4 takes the weight-gradient matmul
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=CL)
+    view = AttackView(model, torch.bfloat16).module.eval()
+    for m, inp in ((model, x), (view, x.clone().requires_grad_(True))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explained = torch._dynamo.explain(m)(inp)
+        assert explained.graph_break_count == 0, explained.break_reasons

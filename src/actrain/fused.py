@@ -337,8 +337,13 @@ def conv_bn_act(
 ) -> Tensor:
     """``bn_act(bn, conv(x), residual, fork=fork)``; in the attack passes, where batch norm is
     folded into ``conv`` (:class:`actrain.runtime.AttackView`), one oneDNN call."""
-    if type(bn) is nn.Identity and getattr(bn, "fused_kernels", False):
-        xb = x.to(torch.bfloat16) if _autocast_bf16() and isinstance(x, Tensor) else x
+    if (
+        type(bn) is nn.Identity
+        and getattr(bn, "fused_kernels", False)
+        and isinstance(x, Tensor)  # not an fx Proxy (AttackView traces the plain path)
+        and not torch.compiler.is_compiling()
+    ):
+        xb = x.to(torch.bfloat16) if _autocast_bf16() else x
         if _conv_fuses(conv, xb, residual) and library() is not None:
             stride, padding = list(conv.stride), list(conv.padding)
             y = _ConvAddReLU.apply(xb, conv.weight, conv.bias, residual, stride, padding, fork)
