@@ -134,6 +134,15 @@ def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, s
     # fp32 or no autocast: the plain conv, bit for bit
     with torch.no_grad():
         assert torch.equal(fast(x), conv(x))
+    # weight_grads=False (the Trainer's --no-fused-bn): oneDNN's weight gradient, bit for bit
+    off = copy.deepcopy(conv)
+    use_im2col_convs(off, weight_grads=False)
+    xx = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = off(xx)
+    out.float().backward(g)
+    assert not getattr(off, "matmul_weight_grad_used", False)
+    assert torch.equal(off.weight.grad, results[0][2])
 
 
 def test_the_weight_gradient_rule():

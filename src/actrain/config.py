@@ -93,8 +93,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool | None = None
-    # Fused batch norm + add + ReLU kernels for train-mode passes (actrain.fused); None: on
-    # for bf16 channels_last on a CPU where they build.
+    # actrain's own CPU kernels for bf16 (actrain.fused: batch norm + add + ReLU, the residual
+    # gradient sums, the attack passes' conv + add + ReLU; the weight-gradient matmuls of
+    # actrain.im2col); None: on for bf16 channels_last on a CPU where they build.
     fused_bn: bool | None = None
     train_subset: int | None = None
     test_subset: int | None = None

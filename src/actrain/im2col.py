@@ -202,6 +202,7 @@ class Im2colConv2d(nn.Conv2d):
         if (
             self.weight.requires_grad
             and torch.is_grad_enabled()
+            and getattr(self, "matmul_weight_grads", True)
             and weight_grad_by_matmul(k, x.shape[1], out_h, out_w, stride)
         ):
             self.matmul_weight_grad_used = True  # reported by `actrain bench`
@@ -211,11 +212,12 @@ class Im2colConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def use_im2col_convs(model: nn.Module) -> int:
+def use_im2col_convs(model: nn.Module, weight_grads: bool = True) -> int:
     """Let every eligible conv of ``model`` (3x3 with stride 1 or 2 and padding 1, or 1x1
-    with stride 2 and no padding; no groups or dilation) pick im2col + matmul per shape;
-    returns how many convs are eligible. Weights, state dict and results are unchanged (within
-    bf16 rounding of the summation order)."""
+    with stride 2 and no padding; no groups or dilation) pick im2col + matmul per shape, and
+    (``weight_grads``) the weight-gradient matmul; returns how many convs are eligible.
+    Weights, state dict and results are unchanged (within bf16 rounding of the summation
+    order)."""
     count = 0
     for m in model.modules():
         if (
@@ -229,5 +231,6 @@ def use_im2col_convs(model: nn.Module) -> int:
             and m.padding_mode == "zeros"
         ):
             m.__class__ = Im2colConv2d
+            m.matmul_weight_grads = weight_grads
             count += 1
     return count

@@ -257,7 +257,9 @@ class Trainer:
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             if self.device.type == "cpu" and self.precision == "bf16" and cpu_has_amx():
-                use_im2col_convs(model)  # issue 7: oneDNN is slow at 512 channels, 4x4
+                # issue 7: oneDNN is slow at 512 channels, 4x4; its weight gradients at 4x4
+                # (the latter goes with the fused kernels: off, a run rounds as before them)
+                use_im2col_convs(model, weight_grads=self.fused_bn)
             if self.fused_bn:
                 use_fused_bn(model)
             if cfg.sync_bn and self.dist.enabled:

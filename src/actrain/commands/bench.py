@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fused-bn",
         choices=tuple(ONOFF),
         default="auto",
-        help="fused BN + ReLU kernels for train-mode passes (auto: on with bf16 on a CPU)",
+        help="actrain's fused CPU kernels (BN + add + ReLU, conv post-ops, weight-gradient"
+        " matmuls; auto: on with bf16 on a CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
     p.add_argument("--dataset", default="cifar10", help="shape and augmentation of the data")

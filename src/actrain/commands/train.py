@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--fused-bn",
         action=argparse.BooleanOptionalAction,
-        help="fused batch norm + ReLU kernels on the CPU (default: on with bf16)",
+        help="actrain's fused CPU kernels for bf16 (batch norm + add + ReLU, conv post-ops,"
+        " weight-gradient matmuls; default: on with bf16)",
     )
     g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
