@@ -406,3 +406,59 @@ def test_torch_compile_traces_the_fast_models_without_graph_breaks():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             explained = torch._dynamo.explain(m)(inp)
         assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_an_unfoldable_eval_batch_norm_is_its_affine_map_in_one_kernel(relu):
+    # AttackView: a batch norm after a residual add (pre-activation) has no conv to fold into.
+    bn = _bn(32, seed=7)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    frozen = fused.FrozenBatchNorm2d(32)
+    frozen.refresh_from(bn)
+    torch.manual_seed(8)
+    x = torch.randn(8, 32, 6, 6).contiguous(memory_format=CL).bfloat16()
+    g1, g2 = torch.randn_like(x), torch.randn_like(x)
+    a = x.clone().requires_grad_(True)
+    y = bn_act(frozen, a, relu=relu, fork=True)
+    twin = fused.shortcut_input(y)
+    assert twin is not y  # the fused kernel ran (the plain path has no twin)
+    ((y.float() * g1.float()).sum() + (twin.float() * g2.float()).sum()).backward()
+    # fp32 reference: eval batch norm (+ ReLU) on the same bf16 input
+    r = x.float().requires_grad_(True)
+    with torch.no_grad():
+        ref_bn = copy.deepcopy(bn).float()
+    want = ref_bn(r)
+    want = F.relu(want) if relu else want
+    (want * (g1.float() + g2.float())).sum().backward()
+    assert _rel(y.float(), want) < 4e-3
+    assert _rel(a.grad.float(), r.grad) < 1e-2
+    # and the plain forward of the module is the same map
+    assert _rel(frozen(x.float()), ref_bn(x.float())) < 1e-6
+
+
+def test_pre_activation_attack_views_take_the_fused_kernels():
+    torch.manual_seed(0)
+    for name, kw in (("preact_resnet18", {"width": 16}), ("wideresnet", {"depth": 10})):
+        model = create_model(name, num_classes=10, **kw).to(memory_format=CL)
+        model.train()
+        with torch.no_grad():  # batch statistics that are not the identity
+            for _ in range(3):
+                model(torch.rand(16, 3, 32, 32).contiguous(memory_format=CL))
+        plain_view = AttackView(model, torch.bfloat16).module.eval()
+        use_fused_bn(model)
+        view = AttackView(model, torch.bfloat16)
+        assert view._frozen, name  # the blocks' first batch norms, which follow an add
+        frozen = [m for m in view.module.modules() if isinstance(m, fused.FrozenBatchNorm2d)]
+        assert len(frozen) == len(view._frozen)
+        fp32 = AttackView(model).module.eval()  # reference: fp32, plain ops
+        x = torch.rand(16, 3, 32, 32).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (16,))
+        grads = []
+        for m, bf16 in ((view.module.eval(), True), (plain_view, True), (fp32, False)):
+            xx = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(m(xx).float(), y)
+            grads.append(torch.autograd.grad(loss, xx)[0])
+        fast, plain, exact = grads
+        assert _rel(fast, exact) <= _rel(plain, exact) * 1.25 + 1e-3, name

@@ -42,6 +42,8 @@ _SIGNATURES = {
     "relu_forward": (None, [_P, _P, _I, _I, _P, _P, _N]),
     "relu_backward": (None, [_P, _P, _P, _I, _P, _N]),
     "relu_backward_from_output": (None, [_P, _P, _P, _I, _P, _N]),
+    "affine_forward": (None, [_P, _I, _I, _P, _P, _P, _P, _N]),
+    "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _N]),
 }
 
 
@@ -232,6 +234,63 @@ class _ConvAddReLU(torch.autograd.Function):
         return grad_x, None, None, (g if ctx.has_residual else None), None, None, None
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """An eval-mode ``BatchNorm2d`` as the constant per-channel map it is, ``x * scale +
+    shift``, for the attack passes (:class:`actrain.runtime.AttackView` puts it where a batch
+    norm cannot be folded into a conv, e.g. after a pre-activation block's residual add, and
+    refreshes ``scale`` and ``shift`` from the model's batch norm). Constants: input
+    gradients only."""
+
+    fused_kernels = True
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(num_features))
+        self.register_buffer("shift", torch.zeros(num_features))
+
+    @torch.no_grad()
+    def refresh_from(self, bn: nn.BatchNorm2d) -> None:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        self.scale.copy_(scale)
+        self.shift.copy_(bn.bias - bn.running_mean * scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1, 1, 1)
+        return (x.float() * self.scale.view(shape) + self.shift.view(shape)).to(x.dtype)
+
+
+class _AffineAct(torch.autograd.Function):
+    """relu?(x * scale + shift) for bf16 channels_last x (:class:`FrozenBatchNorm2d`); the
+    backward reads a one-bit mask."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, relu: bool, fork: bool):
+        ctx.set_materialize_grads(False)
+        n, c, h, w = x.shape
+        y = torch.empty_like(x)
+        mask = torch.empty(x.numel() // 16, dtype=torch.int16) if relu else None
+        threads = torch.get_num_threads()
+        library().affine_forward(
+            _ptr(x), n * h * w, c, _ptr(scale), _ptr(shift), _ptr(y), _ptr(mask), threads
+        )
+        ctx.save_for_backward(mask, scale)
+        return _forked(y, fork)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_twin=None):
+        mask, scale = ctx.saved_tensors
+        grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        if grad_y is None:
+            return (None,) * 5
+        n, c, h, w = grad_y.shape
+        dx = torch.empty_like(grad_y)
+        library().affine_backward(
+            _ptr(grad_y), _ptr(grad_twin), _ptr(mask), n * h * w, c, _ptr(scale), _ptr(dx),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return dx, None, None, None, None
+
+
 def _forked(y: Tensor, fork: bool) -> Tensor | tuple[Tensor, Tensor]:
     """y, or y and a twin sharing its memory: a second output of the same autograd node,
     whose gradient reaches the backward apart from y's."""
@@ -322,6 +381,8 @@ def bn_act(
             return _twin_of(_BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu, fork))
         if relu and type(bn) is nn.Identity:  # batch norm folded away (runtime.AttackView)
             return _twin_of(_AddReLU.apply(x, residual, fork))
+        if type(bn) is FrozenBatchNorm2d and residual is None:  # not foldable (AttackView)
+            return _twin_of(_AffineAct.apply(x, bn.scale, bn.shift, relu, fork))
     out = bn(x)
     if residual is not None:
         out = out + residual

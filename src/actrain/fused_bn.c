@@ -281,3 +281,34 @@ void relu_backward_from_output(const uint16_t *dy, const uint16_t *dy2, const ui
         store_bf16(g + i, apply_mask(grad, pack_mask(load_bf16(y + i))));
     }
 }
+
+/* Eval-mode batch norm that could not be folded into a conv (it follows a residual add, as in
+ * pre-activation blocks), as the constant per-channel map of the attack passes:
+ * y = relu?(x * scale + shift) and its mask (NULL without ReLU). */
+void affine_forward(const uint16_t *x, int64_t M, int64_t C, const float *scale,
+                    const float *shift, uint16_t *y, uint16_t *mask, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf o = load_bf16(x + i) * vload(scale + c0) + vload(shift + c0);
+            if (mask) {
+                mask[i / V] = pack_mask(o);
+                o = relu_v(o);
+            }
+            store_bf16(y + i, o);
+        }
+    }
+}
+
+/* dx = (dy + dy2) * scale where the output was positive (everywhere without ReLU). */
+void affine_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask, int64_t M,
+                     int64_t C, const float *scale, uint16_t *dx, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            store_bf16(dx + i, masked_grad(dy, dy2, mask, i) * vload(scale + c0));
+        }
+    }
+}

@@ -134,6 +134,25 @@ class AttackView:
             bias = folded.weight.new_empty(conv.out_channels)
             folded.bias = torch.nn.Parameter(bias, requires_grad=False)
             self._folds.append((conv, mods[bn_name], folded))
+        # actrain.fused: a batch norm that no conv precedes (a pre-activation block's first)
+        # becomes its constant affine map, which the fused kernel applies with the ReLU
+        from actrain.fused import FrozenBatchNorm2d
+
+        folded_bns = {bn_name for _, bn_name in self.pairs}
+        self._frozen: list[tuple[torch.nn.Module, FrozenBatchNorm2d]] = []
+        for name, bn in mods.items():
+            if (
+                type(bn) is torch.nn.BatchNorm2d
+                and name not in folded_bns
+                and getattr(bn, "fused_kernels", False)
+                and bn.track_running_stats
+                and bn.running_mean is not None
+                and bn.affine
+            ):
+                parent, _, attr = name.rpartition(".")
+                frozen = FrozenBatchNorm2d(bn.num_features).to(bn.weight.device)
+                setattr(view_mods[parent] if parent else self.module, attr, frozen)
+                self._frozen.append((bn, frozen))
         self.refresh()
 
     @torch.no_grad()
@@ -146,6 +165,8 @@ class AttackView:
             if conv.bias is not None:
                 shift = shift + conv.bias * scale
             folded.bias.copy_(shift)
+        for bn, frozen in self._frozen:
+            frozen.refresh_from(bn)
         return self.module
 
 

@@ -60,8 +60,7 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = bn_act(self.bn1, x)
         shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(bn_act(self.bn2, out))
+        out = self.conv2(conv_bn_act(self.conv1, self.bn2, out))
         return out + shortcut
 
 

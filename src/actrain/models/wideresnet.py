@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from actrain.fused import bn_act
+from actrain.fused import bn_act, conv_bn_act
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -38,8 +38,7 @@ class WideBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         act = bn_act(self.bn1, x)
         shortcut = x if self.equal_in_out else self.shortcut(act)
-        out = self.conv1(act)
-        out = self.conv2(self.dropout(bn_act(self.bn2, out)))
+        out = self.conv2(self.dropout(conv_bn_act(self.conv1, self.bn2, act)))
         return out + shortcut
 
 
