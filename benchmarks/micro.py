@@ -242,7 +242,7 @@ def lever(name: str, on: bool) -> None:
         }[name],
     )
     if name == "fork":
-        fused._forked = real if on else (lambda y, fork: y)
+        fused._forked = real if on else (lambda y, fork, x=None: y)
     elif name == "convfuse":
         fused._conv_fuses = real if on else (lambda *args: False)
     else:

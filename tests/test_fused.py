@@ -313,7 +313,7 @@ def test_a_forked_output_sums_its_two_gradients_in_the_kernel_bit_for_bit(kind, 
         assert torch.equal(a, b)
 
 
-def _backward_sums(model, x, y) -> tuple[list[torch.Tensor], int]:
+def _backward_sums(model, x, y, bf16: bool = True) -> tuple[list[torch.Tensor], int]:
     """Input and parameter gradients of one bf16 step, and how many activation-sized sums
     autograd ran in the backward."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -328,8 +328,9 @@ def _backward_sums(model, x, y) -> tuple[list[torch.Tensor], int]:
                 sums.append(func)
             return func(*args, **(kwargs or {}))
 
+    model.zero_grad(set_to_none=True)  # no accumulation into earlier gradients
     xx = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(model(xx).float(), y)
     with Count():
         loss.backward()
@@ -346,7 +347,7 @@ def test_resnet18_blocks_sum_their_input_gradients_inside_the_kernels(monkeypatc
     results = {}
     for fork in (True, False):
         if not fork:  # every block input used twice, summed by autograd as before
-            monkeypatch.setattr(fused, "_forked", lambda out, fork: out)
+            monkeypatch.setattr(fused, "_forked", lambda out, fork, x=None: out)
         for name, m in (("train", copy.deepcopy(model)), ("attack", view)):
             results[fork, name] = _backward_sums(m, x, y)
     for name in ("train", "attack"):
@@ -462,3 +463,38 @@ def test_pre_activation_attack_views_take_the_fused_kernels():
             grads.append(torch.autograd.grad(loss, xx)[0])
         fast, plain, exact = grads
         assert _rel(fast, exact) <= _rel(plain, exact) * 1.25 + 1e-3, name
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "wideresnet"])
+def test_pre_activation_blocks_sum_their_input_gradients_inside_the_kernels(name, monkeypatch):
+    # x feeds bn1 and the identity shortcut (or bn1's output feeds conv1 and the projection):
+    # the kernels add the second gradient in their own pass, rounding once instead of twice.
+    torch.manual_seed(0)
+    kw = {"width": 16} if name == "preact_resnet18" else {"depth": 16, "widen_factor": 2}
+    model = create_model(name, num_classes=10, **kw).to(memory_format=CL)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32).contiguous(memory_format=CL))
+    use_fused_bn(model)
+    x = torch.rand(16, 3, 32, 32).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (16,))
+    fp32 = copy.deepcopy(model)
+    use_fused_bn(fp32, False)
+    exact_train = _backward_sums(fp32.float(), x, y, bf16=False)[0]
+    exact_attack = _backward_sums(AttackView(fp32).module.eval(), x, y, bf16=False)[0]
+    view = AttackView(model, torch.bfloat16).module.eval()
+    results = {}
+    for twins in (True, False):
+        if not twins:
+            monkeypatch.setattr(fused, "_forked", lambda out, fork, x=None: out)
+        results[twins, "train"] = _backward_sums(copy.deepcopy(model), x, y)
+        results[twins, "attack"] = _backward_sums(view, x, y)
+    blocks = sum(1 for m in model.modules() if type(m).__name__ in ("PreActBlock", "WideBlock"))
+    for kind, exact in (("train", exact_train), ("attack", exact_attack)):
+        (g_twin, n_twin), (g_sum, n_sum) = results[True, kind], results[False, kind]
+        assert n_sum == blocks and n_twin == 0, kind
+        if kind == "attack":  # input gradients: what an attack reads
+            g_twin, g_sum, exact = g_twin[:1], g_sum[:1], exact[:1]
+        flat = [torch.cat([t.float().flatten() for t in g]) for g in (g_twin, g_sum, exact)]
+        assert _rel(flat[0], flat[2]) <= _rel(flat[1], flat[2]) * 1.1 + 1e-3, kind

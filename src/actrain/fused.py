@@ -38,12 +38,12 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _P, _I, _N, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "bn_forward": (_N, [_P, _P, _I, _I, _P, _P, _P, _P, _D, _D, _P, _P, _P, _P, _N]),
-    "bn_backward": (_N, [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _N]),
+    "bn_backward": (_N, [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _N]),
     "relu_forward": (None, [_P, _P, _I, _I, _P, _P, _N]),
     "relu_backward": (None, [_P, _P, _P, _I, _P, _N]),
     "relu_backward_from_output": (None, [_P, _P, _P, _I, _P, _N]),
     "affine_forward": (None, [_P, _I, _I, _P, _P, _P, _P, _N]),
-    "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _N]),
+    "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _P, _N]),
 }
 
 
@@ -126,7 +126,7 @@ class _BatchNormAct(torch.autograd.Function):
     """relu?(batch_norm(x) + residual?) in training mode, for bf16 channels_last x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, bn: nn.BatchNorm2d, relu: bool, fork: bool):
+    def forward(ctx, x, weight, bias, residual, bn: nn.BatchNorm2d, relu, fork, twin_input):
         ctx.set_materialize_grads(False)
         n, c, h, w = x.shape
         y = torch.empty_like(x)
@@ -142,25 +142,26 @@ class _BatchNormAct(torch.autograd.Function):
         _checked(status)
         ctx.save_for_backward(x, mask, weight, mean, invstd)
         ctx.has_residual = residual is not None
-        return _forked(y, fork)
+        return _forked(y, fork, x if twin_input else None)
 
     @staticmethod
-    def backward(ctx, grad_y, grad_twin=None):
+    def backward(ctx, grad_y, grad_twin=None, grad_x_twin=None):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        grad_x_twin = _output_grads(grad_x_twin, None)[0]
         if grad_y is None:
-            return (None,) * 7
+            return grad_x_twin, None, None, None, None, None, None, None
         dz = torch.empty_like(x) if ctx.has_residual else None
         grad_x = torch.empty_like(x)
         grad_w, grad_b = torch.empty(2, c)
         status = library().bn_backward(
             _ptr(grad_y), _ptr(grad_twin), _ptr(mask), _ptr(x), n * h * w, c, _ptr(weight),
-            _ptr(mean), _ptr(invstd), _ptr(dz), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
-            torch.get_num_threads(),
+            _ptr(mean), _ptr(invstd), _ptr(dz), _ptr(grad_x), _ptr(grad_x_twin), _ptr(grad_w),
+            _ptr(grad_b), torch.get_num_threads(),
         )  # fmt: skip
         _checked(status)
-        return grad_x, grad_w, grad_b, dz, None, None, None
+        return grad_x, grad_w, grad_b, dz, None, None, None, None
 
 
 class _AddReLU(torch.autograd.Function):
@@ -180,7 +181,7 @@ class _AddReLU(torch.autograd.Function):
         return _forked(y, fork)
 
     @staticmethod
-    def backward(ctx, grad_y, grad_twin=None):
+    def backward(ctx, grad_y, grad_twin=None, _grad_x_twin=None):
         (mask,) = ctx.saved_tensors
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
         if grad_y is None:
@@ -215,7 +216,7 @@ class _ConvAddReLU(torch.autograd.Function):
         return _forked(y, fork)
 
     @staticmethod
-    def backward(ctx, grad_y, grad_twin=None):
+    def backward(ctx, grad_y, grad_twin=None, _grad_x_twin=None):
         x, weight, y = ctx.saved_tensors
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
         if grad_y is None:
@@ -264,7 +265,7 @@ class _AffineAct(torch.autograd.Function):
     backward reads a one-bit mask."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, relu: bool, fork: bool):
+    def forward(ctx, x, scale, shift, relu: bool, fork: bool, twin_input: bool):
         ctx.set_materialize_grads(False)
         n, c, h, w = x.shape
         y = torch.empty_like(x)
@@ -274,34 +275,42 @@ class _AffineAct(torch.autograd.Function):
             _ptr(x), n * h * w, c, _ptr(scale), _ptr(shift), _ptr(y), _ptr(mask), threads
         )
         ctx.save_for_backward(mask, scale)
-        return _forked(y, fork)
+        return _forked(y, fork, x if twin_input else None)
 
     @staticmethod
-    def backward(ctx, grad_y, grad_twin=None):
+    def backward(ctx, grad_y, grad_twin=None, grad_x_twin=None):
         mask, scale = ctx.saved_tensors
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
+        grad_x_twin = _output_grads(grad_x_twin, None)[0]
         if grad_y is None:
-            return (None,) * 5
+            return grad_x_twin, None, None, None, None, None
         n, c, h, w = grad_y.shape
         dx = torch.empty_like(grad_y)
         library().affine_backward(
             _ptr(grad_y), _ptr(grad_twin), _ptr(mask), n * h * w, c, _ptr(scale), _ptr(dx),
-            torch.get_num_threads(),
+            _ptr(grad_x_twin), torch.get_num_threads(),
         )  # fmt: skip
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
-def _forked(y: Tensor, fork: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """y, or y and a twin sharing its memory: a second output of the same autograd node,
-    whose gradient reaches the backward apart from y's."""
-    return (y, y.detach()) if fork else y
-
-
-def _twin_of(out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-    if isinstance(out, tuple):
-        y, y._shortcut_twin = out
+def _forked(y: Tensor, fork: bool, x: Tensor | None = None) -> Tensor | tuple:
+    """y, or y with twins sharing memory: of y (``fork``) and of the input ``x`` (given),
+    further outputs of the same autograd node, whose gradients reach its backward apart."""
+    if not fork and x is None:
         return y
-    return out
+    return y, (y.detach() if fork else None), (None if x is None else x.detach())
+
+
+def _twin_of(out: Tensor | tuple) -> Tensor:
+    """y, carrying its twins for :func:`shortcut_input` and :func:`input_twin`."""
+    if not isinstance(out, tuple):
+        return out
+    y, y_twin, x_twin = (*out, None)[:3]
+    if y_twin is not None:
+        y._shortcut_twin = y_twin
+    if x_twin is not None:
+        y._input_twin = x_twin
+    return y
 
 
 def _output_grads(
@@ -315,6 +324,15 @@ def _output_grads(
         if g is not None
     ]
     return (grads + [None, None])[0], (grads + [None, None])[1]
+
+
+def input_twin(out: Tensor, x: Tensor) -> Tensor:
+    """``x`` for a pre-activation block's identity shortcut, where ``out = bn_act(bn, x,
+    twin_input=True)``: the twin of ``x`` that the fused kernel left on ``out`` (whose
+    gradient its backward adds to x's in the same pass), else ``x`` itself."""
+    if isinstance(out, Tensor) and not torch.compiler.is_compiling():
+        return getattr(out, "_input_twin", x)
+    return x
 
 
 def shortcut_input(x: Tensor) -> Tensor:
@@ -368,6 +386,7 @@ def bn_act(
     residual: Tensor | None = None,
     relu: bool = True,
     fork: bool = False,
+    twin_input: bool = False,
 ) -> Tensor:
     """``relu(bn(x) + residual)`` (without ReLU if not ``relu``; without the add if no
     ``residual``): the fused kernels where they apply, the plain ops everywhere else.
@@ -375,14 +394,18 @@ def bn_act(
     ``fork``: the output feeds a residual block, which uses it twice (its first conv and its
     shortcut). On the fused path it then carries a twin for the shortcut
     (:func:`shortcut_input`), so that the backward receives the two gradients apart and sums
-    them inside its own pass instead of autograd summing them in a pass of its own."""
+    them inside its own pass instead of autograd summing them in a pass of its own.
+    ``twin_input``: the same for the input ``x`` of a pre-activation block, which its identity
+    shortcut reads too (:func:`input_twin`); the batch-norm kernels only."""
     if getattr(bn, "fused_kernels", False) and _tensors_fit(x, residual) and library() is not None:
         if _training_batch_norm(bn, x):
-            return _twin_of(_BatchNormAct.apply(x, bn.weight, bn.bias, residual, bn, relu, fork))
+            args = (x, bn.weight, bn.bias, residual, bn, relu, fork, twin_input)
+            return _twin_of(_BatchNormAct.apply(*args))
         if relu and type(bn) is nn.Identity:  # batch norm folded away (runtime.AttackView)
             return _twin_of(_AddReLU.apply(x, residual, fork))
         if type(bn) is FrozenBatchNorm2d and residual is None:  # not foldable (AttackView)
-            return _twin_of(_AffineAct.apply(x, bn.scale, bn.shift, relu, fork))
+            args = (x, bn.scale, bn.shift, relu, fork, twin_input)
+            return _twin_of(_AffineAct.apply(*args))
     out = bn(x)
     if residual is not None:
         out = out + residual

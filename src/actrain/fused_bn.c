@@ -210,11 +210,12 @@ done:
 
 /* Backward from dy (+ dy2, NULL if none) and the forward's mask (NULL without ReLU): the
  * masked gradient g to dz (the residual's gradient; NULL if there is none), the batch-norm
- * input gradient dx, dweight and dbias. Returns 0, or -1 (out of memory). */
+ * input gradient dx (+ dxa, the gradient of x's other use, NULL if none), dweight and dbias.
+ * Returns 0, or -1 (out of memory). */
 int bn_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask,
                 const uint16_t *x, int64_t M, int64_t C, const float *weight,
                 const float *mean, const float *invstd, uint16_t *dz, uint16_t *dx,
-                float *dweight, float *dbias, int nthreads) {
+                const uint16_t *dxa, float *dweight, float *dbias, int nthreads) {
     int status = -1;
     float *buf = calloc(3 * (size_t)C, sizeof(float));
     double *sums = malloc(sizeof(double) * 2 * C);
@@ -238,6 +239,7 @@ int bn_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask,
             int64_t i = row * C + c0;
             vf g = dz ? load_bf16(dz + i) : masked_grad(dy, dy2, mask, i);
             vf o = g * vload(k + c0) + load_bf16(x + i) * vload(p + c0) + vload(q + c0);
+            if (dxa) o += load_bf16(dxa + i);
             store_bf16(dx + i, o);
         }
     }
@@ -301,14 +303,17 @@ void affine_forward(const uint16_t *x, int64_t M, int64_t C, const float *scale,
     }
 }
 
-/* dx = (dy + dy2) * scale where the output was positive (everywhere without ReLU). */
+/* dx = (dy + dy2) * scale where the output was positive (everywhere without ReLU), + dxa. */
 void affine_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask, int64_t M,
-                     int64_t C, const float *scale, uint16_t *dx, int nthreads) {
+                     int64_t C, const float *scale, uint16_t *dx, const uint16_t *dxa,
+                     int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t row = 0; row < M; row++) {
         for (int64_t c0 = 0; c0 < C; c0 += V) {
             int64_t i = row * C + c0;
-            store_bf16(dx + i, masked_grad(dy, dy2, mask, i) * vload(scale + c0));
+            vf o = masked_grad(dy, dy2, mask, i) * vload(scale + c0);
+            if (dxa) o += load_bf16(dxa + i);
+            store_bf16(dx + i, o);
         }
     }
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from actrain.fused import bn_act, conv_bn_act, shortcut_input
+from actrain.fused import bn_act, conv_bn_act, input_twin, shortcut_input
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -58,8 +58,11 @@ class PreActBlock(nn.Module):
         self.shortcut = _projection(in_planes, planes, stride, bn=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, x)
-        shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
+        # x feeds bn1 and an identity shortcut, or bn1's output feeds conv1 and the projection:
+        # either way the fused kernels take both gradients (actrain.fused, twin_input / fork)
+        identity = isinstance(self.shortcut, nn.Identity)
+        out = bn_act(self.bn1, x, fork=not identity, twin_input=identity)
+        shortcut = input_twin(out, x) if identity else self.shortcut(shortcut_input(out))
         out = self.conv2(conv_bn_act(self.conv1, self.bn2, out))
         return out + shortcut
 

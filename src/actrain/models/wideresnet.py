@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from actrain.fused import bn_act, conv_bn_act
+from actrain.fused import bn_act, conv_bn_act, input_twin, shortcut_input
 
 from .base import ImageClassifier, check_positive_int
 from .registry import register_model
@@ -36,8 +36,10 @@ class WideBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        act = bn_act(self.bn1, x)
-        shortcut = x if self.equal_in_out else self.shortcut(act)
+        # as in PreActBlock: both uses of x (or of act) hand their gradients to the kernel
+        same = self.equal_in_out
+        act = bn_act(self.bn1, x, fork=not same, twin_input=same)
+        shortcut = input_twin(act, x) if same else self.shortcut(shortcut_input(act))
         out = self.conv2(self.dropout(conv_bn_act(self.conv1, self.bn2, act)))
         return out + shortcut
 
