@@ -5,9 +5,14 @@ activation forward and as many backward; on this project's CPU, at ResNet-18 wid
 passes cost more than the block's convolutions. :func:`bn_act` does training-mode batch norm,
 the optional residual add and ReLU in two passes forward (statistics; normalise + add + ReLU,
 which also writes a one-bit ReLU mask) and two backward, and in the attack passes, where batch
-norm is folded into the convolutions (:class:`actrain.runtime.AttackView`), add + ReLU in one.
-The kernels are C (``fused_bn.c``), built once per machine with the system's C compiler and
-called through ``ctypes``.
+norm is folded into the convolutions (:class:`actrain.runtime.AttackView`), add + ReLU in one
+(:func:`conv_bn_act`: inside oneDNN's convolution, as post-ops). A batch norm that cannot be
+folded (after a pre-activation block's add) is its constant affine map in the attack passes
+(:class:`FrozenBatchNorm2d`), one pass with the ReLU. Where a block reads a tensor twice
+(first conv and shortcut), the kernel that made it hands out a twin sharing its memory, so
+that its backward gets the two gradients apart and sums them in a pass it makes anyway
+(``fork`` / ``twin_input``). The kernels are C (``fused_bn.c``), built once per machine with
+the system's C compiler and called through ``ctypes``.
 
 They only run where they were written for: layers that :func:`use_fused_bn` switched on, bf16
 channels_last CPU tensors with a multiple of 16 channels, eager mode. Anywhere else (GPUs,
@@ -305,7 +310,7 @@ def _twin_of(out: Tensor | tuple) -> Tensor:
     """y, carrying its twins for :func:`shortcut_input` and :func:`input_twin`."""
     if not isinstance(out, tuple):
         return out
-    y, y_twin, x_twin = (*out, None)[:3]
+    y, y_twin, x_twin = out
     if y_twin is not None:
         y._shortcut_twin = y_twin
     if x_twin is not None:
