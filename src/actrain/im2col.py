@@ -169,11 +169,11 @@ def weight_grad_by_matmul(
     kernel: int, in_channels: int, height: int, width: int, stride: int = 1
 ) -> bool:
     """Where oneDNN's bf16 weight gradient is slow and one matmul over the patches beats it
-    (`python benchmarks/micro.py wgrad`), by output positions: 3x3 convs with at most 4x4
-    outputs and at least 64 input channels (128 channels 4x4: 3.1 -> 1.4 ms; 64 -> 128 into
-    4x4: 2.0 -> 0.8 ms; 64 channels at 8x8 would take 1.6x longer), and 1x1 stride-2
-    projections from at least 32 channels (64 -> 128: 0.39 -> 0.12 ms; 0.8x at 32 channels,
-    1.3x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead."""
+    (`python benchmarks/micro.py wgrad 16`), by output positions: 3x3 convs with at most 4x4
+    outputs and at least 64 input channels (128 channels 4x4: 3.41 -> 1.72 ms; 64 -> 128 into
+    4x4: 2.13 -> 1.19 ms; 64 channels at 8x8 would take 1.7x longer), and 1x1 stride-2
+    projections from at least 32 channels (64 -> 128: 0.50 -> 0.23 ms; 0.8x at 32 channels,
+    1.5x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead."""
     if kernel == 1:
         return stride == 2 and in_channels >= 32
     return height * width <= 16 and in_channels >= 64
