@@ -149,3 +149,25 @@ def test_the_weight_gradient_rule():
     wg = im2col.weight_grad_by_matmul
     assert wg(3, 128, 4, 4) and wg(3, 64, 4, 4, stride=2) and not wg(3, 64, 8, 8)
     assert not wg(3, 32, 4, 4) and wg(1, 32, 8, 8, stride=2) and not wg(1, 16, 16, 16, stride=2)
+
+
+def test_an_input_gradient_alone_skips_the_weight_gradient(monkeypatch):
+    # An attack's autograd.grad w.r.t. the image (pre-activation models keep some convs
+    # unfolded, whose weights require grad): PyTorch's conv skips the weight gradient there,
+    # and so must the matmul path, which asks the autograd engine.
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1, bias=False)
+    use_im2col_convs(conv)
+    calls = []
+    real = im2col._cols
+    monkeypatch.setattr(im2col, "_cols", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 64, 4, 4).to(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert conv.matmul_weight_grad_used
+    (grad_x,) = torch.autograd.grad(out.float().sum(), x)
+    assert grad_x.shape == x.shape and not calls and conv.weight.grad is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.float().sum().backward()  # a training backward: the weight gradient is computed
+    assert calls and conv.weight.grad is not None

@@ -61,6 +61,23 @@ def _cols(x: Tensor, stride: int = 1, reuse: bool = False) -> Tensor:
     return patches.reshape(n * ho * wo, 9 * c)
 
 
+def _wanted(ctx, i: int) -> bool:
+    """Whether this backward must compute input ``i``'s gradient: the input requires one
+    (``needs_input_grad``, fixed at forward) and this backward pass will use it. An attack's
+    ``autograd.grad`` w.r.t. the image does not use the weights' gradients, which PyTorch's own
+    conv backward then skips; a custom function has to ask the engine."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or will_execute is None:
+        return True
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # a leaf under autograd.grad, which the engine cannot tell: compute
+        return True
+
+
 class _Im2colConv(torch.autograd.Function):
     """3x3 convolution, padding 1, stride 1 or 2; patches are recomputed in backward."""
 
@@ -87,7 +104,7 @@ class _Im2colConv(torch.autograd.Function):
         o = weight.shape[0]
         g = grad_out.permute(0, 2, 3, 1).reshape(-1, o)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if _wanted(ctx, 0):
             gc = (g @ weight.permute(0, 2, 3, 1).reshape(o, -1)).view(n, ho, wo, 3, 3, c)
             gxp = x.new_zeros(n, h + 2, w + 2, c)
             for i in range(3):
@@ -99,10 +116,10 @@ class _Im2colConv(torch.autograd.Function):
                     gxp[:, rows, cols, :] += gc[:, :, :, i, j, :]
             grad_x = gxp[:, 1:-1, 1:-1, :].permute(0, 3, 1, 2)
             grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-        if ctx.needs_input_grad[1]:
+        if _wanted(ctx, 1):
             gw = g.t().contiguous() @ _cols(x, s, reuse=True)
             grad_w = gw.view(o, 3, 3, c).permute(0, 3, 1, 2)  # (o, c, 3, 3), channels_last
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and _wanted(ctx, 2):
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None
 
@@ -126,13 +143,13 @@ class _MatmulWeightGradConv(torch.autograd.Function):
         s, (o, c, k, _) = ctx.stride, weight.shape
         g = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if _wanted(ctx, 0):
             grad_x = torch.ops.aten.convolution_backward(
                 g, x, weight, None, [s] * 2, [k // 2] * 2, [1, 1], False, [0, 0], 1,
                 [True, False, False],
             )[0]  # fmt: skip
         gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # rows (n, i, j), a view of channels_last g
-        if ctx.needs_input_grad[1]:
+        if _wanted(ctx, 1):
             cols = (
                 _cols(x, s, reuse=True)
                 if k == 3
@@ -140,7 +157,7 @@ class _MatmulWeightGradConv(torch.autograd.Function):
             )
             gw = torch.mm(cols.t(), gm)  # (k * k * c, o)
             grad_w = gw.t().view(o, k, k, c).permute(0, 3, 1, 2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and _wanted(ctx, 2):
             grad_b = gm.sum(0)
         return grad_x, grad_w, grad_b, None
 
