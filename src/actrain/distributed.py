@@ -137,6 +137,9 @@ def cleanup() -> None:
 
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
+            # every rank has finished talking before any tears its group down (a restarted
+            # gloo worker aborted once in a test when its peer had already gone)
+            dist.barrier()
             dist.destroy_process_group()
 
 
