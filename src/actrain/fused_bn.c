@@ -157,6 +157,26 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
     return 0;
 }
 
+/* y = relu?(x * scale + shift + res?) per channel, and its mask (NULL without ReLU): the
+ * second pass of the training-mode forward and the whole of the frozen one. */
+static void normalise(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
+                      const float *scale, const float *shift, uint16_t *y, uint16_t *mask,
+                      int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < M; row++) {
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            int64_t i = row * C + c0;
+            vf o = load_bf16(x + i) * vload(scale + c0) + vload(shift + c0);
+            if (res) o += load_bf16(res + i);
+            if (mask) {
+                mask[i / V] = pack_mask(o);
+                o = relu_v(o);
+            }
+            store_bf16(y + i, o);
+        }
+    }
+}
+
 /* Forward: batch statistics, running-statistics update, y = relu?(bn(x) + res?) and its
  * ReLU mask; save_mean / save_invstd receive what the backward needs. res may be NULL, mask
  * is NULL without ReLU. Returns 0, or -1 (out of memory). */
@@ -188,19 +208,7 @@ int bn_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
         scale[c] = (float)(weight[c] * invstd);
         offset[c] = (float)(bias[c] - mean * weight[c] * invstd);
     }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
-            vf o = load_bf16(x + i) * vload(scale + c0) + vload(offset + c0);
-            if (res) o += load_bf16(res + i);
-            if (mask) {
-                mask[i / V] = pack_mask(o);
-                o = relu_v(o);
-            }
-            store_bf16(y + i, o);
-        }
-    }
+    normalise(x, res, M, C, scale, offset, y, mask, nthreads);
     status = 0;
 done:
     free(buf);
@@ -289,18 +297,7 @@ void relu_backward_from_output(const uint16_t *dy, const uint16_t *dy2, const ui
  * y = relu?(x * scale + shift) and its mask (NULL without ReLU). */
 void affine_forward(const uint16_t *x, int64_t M, int64_t C, const float *scale,
                     const float *shift, uint16_t *y, uint16_t *mask, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
-            vf o = load_bf16(x + i) * vload(scale + c0) + vload(shift + c0);
-            if (mask) {
-                mask[i / V] = pack_mask(o);
-                o = relu_v(o);
-            }
-            store_bf16(y + i, o);
-        }
-    }
+    normalise(x, NULL, M, C, scale, shift, y, mask, nthreads);
 }
 
 /* dx = (dy + dy2) * scale where the output was positive (everywhere without ReLU), + dxa. */
