@@ -77,6 +77,11 @@ class _ConvLeafTracer(torch.fx.Tracer):
         return isinstance(m, _CONV_TYPES) or super().is_leaf_module(m, qualname)
 
 
+def _affine_in_eval(bn: torch.nn.Module) -> bool:
+    """A batch norm whose eval-mode map is fixed by its running statistics and affine terms."""
+    return bn.track_running_stats and bn.running_mean is not None and bn.affine
+
+
 class AttackView:
     """An eval-mode stand-in for ``model`` in attack passes, with every conv -> BN pair folded.
 
@@ -112,9 +117,7 @@ class AttackView:
                 and src.op == "call_module"
                 and isinstance(mods.get(src.target), _CONV_TYPES)
                 and len(src.users) == 1
-                and bn.track_running_stats
-                and bn.running_mean is not None
-                and bn.affine
+                and _affine_in_eval(bn)
             ):
                 self.pairs.append((src.target, node.target))
         shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -145,9 +148,7 @@ class AttackView:
                 type(bn) is torch.nn.BatchNorm2d
                 and name not in folded_bns
                 and getattr(bn, "fused_kernels", False)
-                and bn.track_running_stats
-                and bn.running_mean is not None
-                and bn.affine
+                and _affine_in_eval(bn)
             ):
                 parent, _, attr = name.rpartition(".")
                 frozen = FrozenBatchNorm2d(bn.num_features).to(bn.weight.device)
