@@ -154,7 +154,7 @@ class _BatchNormAct(torch.autograd.Function):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
-        grad_x_twin = _output_grads(grad_x_twin, None)[0]
+        grad_x_twin = _kernel_grad(grad_x_twin)
         if grad_y is None:
             return grad_x_twin, None, None, None, None, None, None, None
         dz = torch.empty_like(x) if ctx.has_residual else None
@@ -286,7 +286,7 @@ class _AffineAct(torch.autograd.Function):
     def backward(ctx, grad_y, grad_twin=None, grad_x_twin=None):
         mask, scale = ctx.saved_tensors
         grad_y, grad_twin = _output_grads(grad_y, grad_twin)
-        grad_x_twin = _output_grads(grad_x_twin, None)[0]
+        grad_x_twin = _kernel_grad(grad_x_twin)
         if grad_y is None:
             return grad_x_twin, None, None, None, None, None
         n, c, h, w = grad_y.shape
@@ -318,17 +318,18 @@ def _twin_of(out: Tensor | tuple) -> Tensor:
     return y
 
 
+def _kernel_grad(g: Tensor | None) -> Tensor | None:
+    """A gradient as the kernels read it: bf16 channels_last (None stays None)."""
+    return None if g is None else g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
 def _output_grads(
     grad_y: Tensor | None, grad_twin: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of y and of its twin as bf16 channels_last (None where one is unused):
-    the one the kernels read first is never None unless both are."""
-    grads = [
-        g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        for g in (grad_y, grad_twin)
-        if g is not None
-    ]
-    return (grads + [None, None])[0], (grads + [None, None])[1]
+    """The gradients of y and of its twin for the kernels (None where one is unused): the one
+    the kernels read first is never None unless both are."""
+    grad_y, grad_twin = _kernel_grad(grad_y), _kernel_grad(grad_twin)
+    return (grad_twin, None) if grad_y is None else (grad_y, grad_twin)
 
 
 def input_twin(out: Tensor, x: Tensor) -> Tensor:
