@@ -19,12 +19,21 @@ def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
 
 
+class _ConvBN(nn.Sequential):
+    """conv then batch norm, the norm through the fused kernels where they apply (issue 7);
+    a Sequential, so that its state-dict keys and the attack passes' BN folding stay as they
+    were."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bn_act(self[1], self[0](x), relu=False)
+
+
 def _projection(in_planes: int, out_planes: int, stride: int, *, bn: bool) -> nn.Module:
     """1x1 shortcut when shape changes; identity otherwise (standard option B)."""
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
     conv = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(out_planes)) if bn else conv
+    return _ConvBN(conv, nn.BatchNorm2d(out_planes)) if bn else conv
 
 
 class BasicBlock(nn.Module):
