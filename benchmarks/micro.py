@@ -6,7 +6,8 @@ python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, p
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
 python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
 python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without one lever:
-                                            # fork, convfuse or wgrad (see lever())
+                                            # fork, convfuse, wgrad, bf16cvt, projbn (lever())
+python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
 """
@@ -26,11 +27,15 @@ from actrain.runtime import AttackView
 BATCH = 128
 
 
-def cpu_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    """Median process CPU time of ``fn`` after one warm-up call."""
+def cpu_ms(
+    fn: Callable[[], object], reps: int = 5, before: Callable[[], object] | None = None
+) -> float:
+    """Median process CPU time of ``fn`` after one warm-up call (``before`` each, untimed)."""
     fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         t = time.process_time()
         fn()
         times.append(time.process_time() - t)
@@ -226,12 +231,23 @@ def ratio(width: int, rounds: int = 5) -> None:
     fused._AddReLU.apply, fused._conv_fuses = real
 
 
+def portable_kernels() -> object:
+    """``actrain.fused``'s kernels built without AVX512-BF16: bf16 rounding by integer ops."""
+    from actrain import fused
+
+    if "portable" not in _REAL:
+        _REAL["portable"] = fused.load((*fused.CFLAGS, "-mno-avx512bf16"))
+    return _REAL["portable"]
+
+
 def lever(name: str, on: bool) -> None:
     """Switch one of the fused paths on or off in this process: ``fork`` (a block input's two
     gradients summed inside the fused backward), ``convfuse`` (attack passes' conv + add +
     ReLU as one oneDNN call), ``wgrad`` (weight gradients as one matmul where oneDNN's are
-    slow)."""
+    slow), ``bf16cvt`` (the kernels' bf16 rounding as one instruction, VCVTNEPS2BF16),
+    ``projbn`` (the projection shortcuts' batch norm through the fused kernel)."""
     from actrain import fused, im2col
+    from actrain.models import resnet
 
     real = _REAL.setdefault(
         name,
@@ -239,14 +255,52 @@ def lever(name: str, on: bool) -> None:
             "fork": fused._forked,
             "convfuse": fused._conv_fuses,
             "wgrad": im2col.weight_grad_by_matmul,
+            "bf16cvt": fused.library,
+            "projbn": resnet._ConvBN.forward,
         }[name],
     )
     if name == "fork":
         fused._forked = real if on else (lambda y, fork, x=None: y)
     elif name == "convfuse":
         fused._conv_fuses = real if on else (lambda *args: False)
-    else:
+    elif name == "wgrad":
         im2col.weight_grad_by_matmul = real if on else (lambda *args: False)
+    elif name == "bf16cvt":
+        fused.library = real if on else portable_kernels
+    else:
+        resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
+
+
+def kernels() -> None:
+    """The training-mode batch-norm kernels alone (with residual, ReLU and both gradient
+    twins), built with and without AVX512-BF16, on warm caches and after evicting them (as in
+    a training step, where a block's saved activations come back from memory)."""
+    from actrain import fused
+
+    builds = {"portable": portable_kernels(), "native": fused.library()}
+    evict = torch.empty(64 * 2**20)
+    for c, s in [(16, 32), (32, 16), (64, 8), (64, 32)]:
+        m = BATCH * s * s
+        x, res, dy, dy2, dxa, y, dz, dx = (torch.randn(m, c).bfloat16() for _ in range(8))
+        mask = torch.empty(m * c // 16, dtype=torch.int16)
+        w, b, rm, rv, mean, invstd, dw, db = (torch.ones(c) for _ in range(8))
+        p = torch.Tensor.data_ptr
+        for label, lib in builds.items():
+
+            def fwd() -> None:
+                lib.bn_forward(p(x), p(res), m, c, p(w), p(b), p(rm), p(rv), 0.1, 1e-5, p(y),  # noqa: B023
+                               p(mask), p(mean), p(invstd), 1)  # noqa: B023  # fmt: skip
+
+            def bwd() -> None:
+                lib.bn_backward(p(dy), p(dy2), p(mask), p(x), m, c, p(w), p(mean), p(invstd),  # noqa: B023
+                                p(dz), p(dx), p(dxa), p(dw), p(db), 1)  # noqa: B023  # fmt: skip
+
+            out = [cpu_ms(fn, 15) for fn in (fwd, bwd)]
+            out += [cpu_ms(fn, 15, before=lambda: evict.add_(1)) for fn in (fwd, bwd)]  # noqa: B023
+            print(
+                f"{c} channels {s}x{s}, {label}: forward {out[0]:.2f} ms warm, {out[2]:.2f} cold;"
+                f" backward {out[1]:.2f} warm, {out[3]:.2f} cold"
+            )
 
 
 _REAL: dict[str, Callable] = {}
@@ -302,8 +356,8 @@ if __name__ == "__main__":
         toggle(rest[0], int(rest[1]) if len(rest) > 1 else 16)
         sys.exit()
     width = int(rest[0]) if rest else 16
-    if what in ("conv", "shapes", "fusedbn"):
-        {"conv": conv, "shapes": shapes, "fusedbn": fusedbn}[what]()
+    if what in ("conv", "shapes", "fusedbn", "kernels"):
+        {"conv": conv, "shapes": shapes, "fusedbn": fusedbn, "kernels": kernels}[what]()
     else:
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
         commands["wgrad"] = wgrad
