@@ -7,6 +7,7 @@ python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp3
 python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
 python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without one lever:
                                             # fork, convfuse, wgrad, bf16cvt, projbn (lever())
+python benchmarks/micro.py wgradshare 16  # a train pass with/without the weight gradients
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
@@ -271,6 +272,29 @@ def lever(name: str, on: bool) -> None:
         resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
 
 
+def wgradshare(width: int) -> None:
+    """A trainer's G train pass (fused kernels and all, caches evicted before each as in a
+    step) with and without the convolutions' weight gradients: what they cost in place."""
+    from actrain import bench
+
+    trainer = bench.synthetic_trainer(bench.BenchSpec(method="madry", width=width).train_config())
+    g = trainer.train_models["g"].train()
+    x, y = next(bench.endless_batches(trainer.data.train))
+    evict = torch.empty(64 * 2**20)
+
+    def train_pass() -> None:
+        with trainer.autocast():
+            out = g(x)
+        F.cross_entropy(out.float(), y).backward()
+
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
+    for on in (True, False, True, False):
+        for c in convs:
+            c.weight.requires_grad_(on)
+        ms = cpu_ms(train_pass, 7, before=lambda: evict.add_(1))
+        print(f"width {width}, conv weight gradients {'on ' if on else 'off'}: {ms:.1f} ms")
+
+
 def kernels() -> None:
     """The training-mode batch-norm kernels alone (with residual, ReLU and both gradient
     twins), built with and without AVX512-BF16, on warm caches and after evicting them (as in
@@ -360,5 +384,5 @@ if __name__ == "__main__":
         {"conv": conv, "shapes": shapes, "fusedbn": fusedbn, "kernels": kernels}[what]()
     else:
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
-        commands["wgrad"] = wgrad
+        commands["wgrad"], commands["wgradshare"] = wgrad, wgradshare
         commands[what](width)

@@ -5,8 +5,9 @@ shape (nothing is read from or written to disk) and fed by the real in-memory lo
 time, augmentation included, is part of what is measured. Next to it the benchmark times
 
 * the *essential passes* of the step in isolation (K attack passes with input gradients only,
-  one forward/backward of G, one of F), so ``overhead_ratio = step / essential`` shows what the
-  step spends beyond them (losses, optimiser steps, glue);
+  one forward/backward of G, one of F), one of each after every timed step, so that
+  ``overhead_ratio = step / essential`` shows what the step spends beyond them (losses,
+  optimiser steps, glue) and not how the machine's speed drifted in between;
 * a *plain reference*: the same step written the straightforward way, fp32, NCHW, PyTorch
   defaults, as the authors' released code does it (:class:`PlainReference`). The test suite
   checks that it and the fp32 trainer step give identical losses and updates.
@@ -24,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,18 +365,19 @@ def _timed(fn, reps: int, device: torch.device, warm: bool = True) -> float:
     return statistics.median(times)
 
 
-def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
-    """Seconds of the passes a step cannot do without, each timed on its own with the trainer's
-    models, precision and attack model: the attack (K passes with input gradients only; TRADES
-    adds its eval-mode forward), G's forward/backward and F's."""
-    method, models, cfg, device = trainer.method, trainer.models, trainer.cfg, trainer.device
+def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor) -> dict[str, Callable[[], object]]:
+    """The passes a step cannot do without, as functions to time, with the trainer's models,
+    precision and attack model: ``attack`` (K passes with input gradients only; TRADES adds its
+    eval-mode forward), ``g`` (G's forward/backward) and ``f`` (F's), where the method has
+    them. None of them changes a weight."""
+    method, models, cfg = trainer.method, trainer.models, trainer.cfg
     fold = trainer.fold_bn
     for m in models.values():
         m.train()
     with trainer.autocast(), torch.no_grad():
         ctx = method.prepare(models, x, y)
     ctx = {k: v.detach() for k, v in ctx.items()}
-    out: dict[str, float] = {"attack": 0.0, "g": 0.0, "f": 0.0}
+    passes: dict[str, Callable[[], object]] = {}
     x_adv = x
     attack_obj = build_train_attack(cfg, method)
     if attack_obj is not None and attack_obj.uses_objective and attack_obj.attack_passes > 0:
@@ -388,12 +390,12 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
             g = attack_model(models["g"], fold, trainer.precision)
             return attack_obj.perturb(g, x, objective, trainer.autocast)
 
-        out["attack"] = _timed(attack, reps, device, warm=False)
+        passes["attack"] = attack
         x_adv = attack()
     elif attack_obj is not None and not attack_obj.uses_objective:
         x_adv = x.clone()  # Free-AT: its G pass on x + delta also yields grad_x (below)
 
-    def pass_of(role: str, inputs: tuple[Tensor, ...]):
+    def pass_of(role: str, inputs: tuple[Tensor, ...]) -> Callable[[], None]:
         model = models[role]
 
         def run() -> None:
@@ -408,12 +410,10 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor, reps: int) -> dic
     g_inputs = (x,) if not method.adversarial else (x_adv,)
     if method.name == "trades":
         g_inputs = (x, x_adv)
-    # Free-AT: each of the m replays is one G (and F) update; the attack has no passes of its own
-    replays = trainer.replays
-    out["g"] = replays * _timed(pass_of("g", g_inputs), reps, device, warm=False)
+    passes["g"] = pass_of("g", g_inputs)
     if "f" in models:
-        out["f"] = replays * _timed(pass_of("f", (x,)), reps, device, warm=False)
-    return out
+        passes["f"] = pass_of("f", (x,))
+    return passes
 
 
 def _all_modules(trainer: T.Trainer) -> list[torch.nn.Module]:
@@ -498,8 +498,16 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         trainer.train_step(x, y)
     _sync(device)
 
+    # Each round times one step and then each essential pass once, so that drift in the
+    # machine's speed (10 % within minutes on a shared host) hits both sides of step/essential.
+    # An untimed step opens each round: the first step after the passes finds the memory they
+    # freed handed back to the system and page-faults it in again (~10 % of an ACT step at
+    # width 16), which consecutive steps of a real run do not.
+    passes = essential_passes(trainer, *next(batches))
     data_s, step_s = [], []
+    pass_s: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(spec.iters):
+        trainer.train_step(*next(batches))
         t0 = _clock()
         x, y = next(batches)
         _sync(device)
@@ -509,11 +517,19 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         t2 = _clock()
         data_s.append(t1 - t0)
         step_s.append(t2 - t1)
+        for name, fn in passes.items():
+            t3 = _clock()
+            fn()
+            _sync(device)
+            pass_s[name].append(_clock() - t3)
     _, peak_mb = memory.peak_mb()
 
     step = statistics.median(step_s)
     data_t = statistics.median(data_s)
-    essential = essential_passes(trainer, x, y, max(1, min(spec.iters, 3)))
+    # Free-AT: each of the m replays is one G (and F) update; the attack has no passes of its own
+    essential = {"attack": 0.0, "g": 0.0, "f": 0.0}
+    for name, times in pass_s.items():
+        essential[name] = statistics.median(times) * (1 if name == "attack" else trainer.replays)
     essential_s = sum(essential.values())
     bs = cfg.batch_size
     result: dict[str, Any] = {
