@@ -56,6 +56,7 @@ from actrain.runtime import (
     attack_model,
     autocast_factory,
     cpu_has_amx,
+    keep_freed_memory,
     resolve_device,
     resolve_precision,
 )
@@ -221,6 +222,8 @@ class Trainer:
         self.run_dir = run_dir
         # Under torchrun (issue 5): this process's device and place in the job; SINGLE otherwise.
         self.device = resolve_device(distributed.device_name(cfg.device))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # issue 7: no page faults re-reading freed activations
         self.dist = distributed.init(self.device, cfg.dist_backend)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.channels_last = (
