@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import DIGITS as TRAIN_DIGITS
 
 from actrain import bench, cli, load_model
 from actrain.analysis.runs import train_command
@@ -31,20 +32,10 @@ from actrain.models import create_model
 from actrain.train import Trainer, prepare_run_dir, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = {
-    "dataset": "digits",
-    "arch": "small_cnn",
-    "width": 16,
-    "batch_size": 64,
-    "lr": 0.05,
-    "eps": 0.1,
-    "steps": 5,
-    "precision": "fp32",
-    "progress": False,
+# test_train's digits run, with each training attack's own step size and a fixed eval step
+DIGITS = {k: v for k, v in TRAIN_DIGITS.items() if k != "step_size"} | {
     "eval_size": 100,
-    "eval_steps": 5,
     "eval_step_size": 0.05,  # 2.5 eps / 5, whatever the training attack
-    "device": "cpu",
 }
 
 
