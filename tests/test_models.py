@@ -229,3 +229,36 @@ def test_static_architecture_names_match_registry():
     from actrain.models import ARCHITECTURES
 
     assert sorted(ARCHITECTURES) == sorted(list_models())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_basic_block_with_projection_is_the_standard_one(fused: bool) -> None:
+    """relu(bn2(conv2(relu(bn1(conv1 x)))) + bn_s(conv_s x)) in train mode, written out here,
+    with the projection's batch norm through the fused kernel or not (no ReLU on the shortcut)."""
+    import torch.nn.functional as F
+
+    from actrain.fused import available, use_fused_bn
+
+    if fused and not available():
+        pytest.skip("no C compiler for actrain.fused")
+    torch.manual_seed(0)
+    block = create_model("resnet18", num_classes=10, width=16).layers[1][0].train()
+    proj_conv, proj_bn = block.shortcut
+    for bn in (block.bn1, block.bn2, proj_bn):  # non-trivial affine terms
+        nn.init.normal_(bn.weight, 1.0, 0.3)
+        nn.init.normal_(bn.bias, 0.0, 0.3)
+    x = torch.randn(8, 16, 8, 8)
+
+    def bn(layer: nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+
+    out = F.relu(bn(block.bn1, block.conv1(x)))
+    ref = F.relu(bn(block.bn2, block.conv2(out)) + bn(proj_bn, proj_conv(x)))
+    if not fused:
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+        return
+    use_fused_bn(block)
+    block = block.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block(x.to(memory_format=torch.channels_last)).float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
