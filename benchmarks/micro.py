@@ -6,7 +6,8 @@ python benchmarks/micro.py conv         # oneDNN 3x3 convs vs im2col + matmul, p
 python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp32 vs bf16
 python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
 python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without one lever:
-                                            # fork, convfuse, wgrad, bf16cvt, projbn (lever())
+                                            # fork, convfuse, wgrad, bf16cvt, projbn,
+                                            # amxwgrad (lever())
 python benchmarks/micro.py wgradshare 16  # a train pass with/without the weight gradients
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
@@ -246,6 +247,7 @@ def lever(name: str, on: bool) -> None:
     gradients summed inside the fused backward), ``convfuse`` (attack passes' conv + add +
     ReLU as one oneDNN call), ``wgrad`` (weight gradients as one matmul where oneDNN's are
     slow), ``bf16cvt`` (the kernels' bf16 rounding as one instruction, VCVTNEPS2BF16),
+    ``amxwgrad`` (the 16 -> 16 channel weight gradients on AMX tiles),
     ``projbn`` (the projection shortcuts' batch norm through the fused kernel)."""
     from actrain import fused, im2col
     from actrain.models import resnet
@@ -258,6 +260,7 @@ def lever(name: str, on: bool) -> None:
             "wgrad": im2col.weight_grad_by_matmul,
             "bf16cvt": fused.library,
             "projbn": resnet._ConvBN.forward,
+            "amxwgrad": im2col.weight_grad_by_matmul,
         }[name],
     )
     if name == "fork":
@@ -268,6 +271,8 @@ def lever(name: str, on: bool) -> None:
         im2col.weight_grad_by_matmul = real if on else (lambda *args: False)
     elif name == "bf16cvt":
         fused.library = real if on else portable_kernels
+    elif name == "amxwgrad":  # off: oneDNN's weight gradient for the 16 -> 16 convs again
+        im2col.weight_grad_by_matmul = real if on else _without_amx_shape(real)
     else:
         resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
 
@@ -328,6 +333,15 @@ def kernels() -> None:
 
 
 _REAL: dict[str, Callable] = {}
+
+
+def _without_amx_shape(rule: Callable[..., bool]) -> Callable[..., bool]:
+    def wrapped(kernel, in_channels, height, width, stride=1, out_channels=None) -> bool:
+        if kernel == 3 and stride == 1 and in_channels == out_channels == 16:
+            return False
+        return rule(kernel, in_channels, height, width, stride, out_channels)
+
+    return wrapped
 
 
 def toggle(name: str, width: int, rounds: int = 4) -> None:

@@ -171,3 +171,44 @@ def test_an_input_gradient_alone_skips_the_weight_gradient(monkeypatch):
         out = conv(x)
     out.float().sum().backward()  # a training backward: the weight gradient is computed
     assert calls and conv.weight.grad is not None
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX weight-gradient kernel needs AMX")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_weight_gradient_matches_fp32_better_than_onednn(threads):
+    """16 -> 16 channels, 3x3, 32 wide (ResNet-18's first stage at width 16): the weight
+    gradient from fused_bn.c's AMX kernel, summed in fp32, against an fp32 reference; oneDNN's
+    bf16 result is rounded to bf16 along the way, so it is the looser of the two."""
+    from actrain import fused
+
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    fast = copy.deepcopy(conv)
+    use_im2col_convs(fast)
+    assert im2col.weight_grad_by_matmul(3, 16, 32, 32, 1, out_channels=16)
+    assert not im2col.weight_grad_by_matmul(3, 16, 32, 32, 1, out_channels=32)
+    x = torch.randn(10, 16, 20, 32).bfloat16().float().contiguous(memory_format=torch.channels_last)
+    g = torch.randn(10, 16, 20, 32).bfloat16().float()
+    w = conv.weight.detach().bfloat16().float()
+    want = torch.ops.aten.convolution_backward(
+        g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grads = []
+        for m in (conv, fast):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            out.float().backward(g)
+            grads.append(m.weight.grad)
+    finally:
+        torch.set_num_threads(previous)
+    assert getattr(fast, "matmul_weight_grad_used", False)
+    err_onednn, err_amx = (float((w - want).norm() / want.norm()) for w in grads)
+    assert err_amx < 5e-3 and err_amx <= err_onednn
+    # the kernel itself, before the rounding to the weight's bf16: fp32 sums
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    gb = g.bfloat16().contiguous(memory_format=torch.channels_last)
+    assert fused.amx_weight_grad_fits(xb, gb, conv.weight.bfloat16())
+    torch.testing.assert_close(fused.amx_weight_grad(xb, gb), want, rtol=1e-4, atol=1e-3)

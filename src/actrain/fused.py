@@ -49,6 +49,7 @@ _SIGNATURES = {
     "relu_backward_from_output": (None, [_P, _P, _P, _I, _P, _N]),
     "affine_forward": (None, [_P, _I, _I, _P, _P, _P, _P, _N]),
     "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _P, _N]),
+    "wgrad3x3_c16": (_N, [_P, _P, _I, _I, _P, _N]),
 }
 
 
@@ -482,6 +483,42 @@ def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
         and tuple(residual.shape) == out_shape
         and residual.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+def amx_weight_grad_fits(x: Tensor, grad_out: Tensor, weight: Tensor) -> bool:
+    """The one shape :func:`amx_weight_grad` takes: a 3x3 conv, 16 -> 16 channels, stride 1,
+    padding 1, 32 pixels wide (ResNet-18's first stage at width 16), bf16 channels_last CPU
+    tensors, on a CPU with AMX."""
+    from actrain.runtime import cpu_has_amx
+
+    return (
+        tuple(weight.shape) == (16, 16, 3, 3)
+        and x.dim() == 4
+        and x.shape[1] == 16
+        and x.shape[3] == 32
+        and tuple(grad_out.shape) == tuple(x.shape)
+        and all(
+            t.device.type == "cpu"
+            and t.dtype == torch.bfloat16
+            and t.is_contiguous(memory_format=torch.channels_last)
+            for t in (x, grad_out)
+        )
+        and cpu_has_amx()
+        and library() is not None
+    )
+
+
+def amx_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor | None:
+    """The weight gradient of a conv that :func:`amx_weight_grad_fits`, in fp32 (O, I, 3, 3),
+    from the AMX kernel of ``fused_bn.c`` (about half oneDNN's time; `python
+    benchmarks/micro.py wgrad 16`); None where the kernel cannot run (no AMX in the build or
+    no permission from the OS), so that the caller falls back to oneDNN."""
+    n, _, h, _ = x.shape
+    out = torch.empty(3, 3, 16, 16)  # [kh][kw][i][o]
+    status = library().wgrad3x3_c16(
+        _ptr(x), _ptr(grad_out), n, h, _ptr(out), torch.get_num_threads()
+    )
+    return None if status else out.permute(3, 2, 0, 1)
 
 
 def use_fused_bn(model: nn.Module, on: bool = True) -> int:

@@ -331,3 +331,149 @@ void affine_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *ma
         }
     }
 }
+
+/* ---- weight gradient of a 3x3, stride-1, padding-1 conv, 16 -> 16 channels, 32 wide ---------
+ * oneDNN's bf16 weight gradients run at a third to a half of its forward FLOP rate at these
+ * sizes (benchmarks/README.md); this one, on AMX tiles, takes about half of oneDNN's time and
+ * accumulates in fp32. Per image: each input row (32 pixels x 16 channels) is transposed in
+ * registers into xs[row][channel][1 + w] (zero-padded rows and columns), each output-gradient
+ * row is interleaved in pixel pairs (the layout AMX wants for its second operand), and every
+ * tap (kh, kw) is one tile product: dW_tap^T[i][o] += xs[h + kh][i][kw ..] . dy[h][..][o].
+ * Six taps stay in tiles for the whole pass, the other three are swapped in per image. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* x[w][i] (32 x 16) to xt[i * 34 + 1 + w]: pixel pairs as dwords, then a 16 x 16 dword
+ * transpose in four permute stages. */
+static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
+    __m512i d[16], e[16];
+    for (int k = 0; k < 16; k++)
+        d[k] = _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512(x + 32 * k));
+    const __m512i lo32 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi32 =
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int p = 0; p < 8; p++) {
+        e[p] = _mm512_permutex2var_epi32(d[2 * p], lo32, d[2 * p + 1]);
+        e[p + 8] = _mm512_permutex2var_epi32(d[2 * p], hi32, d[2 * p + 1]);
+    }
+    const __m512i lo64 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+    const __m512i hi64 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    for (int half = 0; half < 2; half++)
+        for (int q = 0; q < 4; q++) {
+            __m512i a = e[8 * half + 2 * q], b = e[8 * half + 2 * q + 1];
+            d[8 * half + q] = _mm512_permutex2var_epi64(a, lo64, b);
+            d[8 * half + q + 4] = _mm512_permutex2var_epi64(a, hi64, b);
+        }
+    const __m512i lo128 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i hi128 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int g = 0; g < 4; g++)
+        for (int r = 0; r < 2; r++) {
+            __m512i a = d[4 * g + 2 * r], b = d[4 * g + 2 * r + 1];
+            e[4 * g + r] = _mm512_permutex2var_epi64(a, lo128, b);
+            e[4 * g + r + 2] = _mm512_permutex2var_epi64(a, hi128, b);
+        }
+    for (int c = 0; c < 16; c += 2) { /* e[c]: channels c, c + 1 of pairs 0-7; e[c + 1]: 8-15 */
+        _mm512_storeu_si512(xt + 34 * c + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44));
+        _mm512_storeu_si512(xt + 34 * (c + 1) + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE));
+    }
+}
+
+#define TAP(T, KH, KW)                                                  \
+    _tile_loadd(0, xs + (size_t)(h + (KH)) * 16 * 34 + (KW), 68);       \
+    _tile_dpbf16ps(T, 0, 1);
+
+/* Images [n0, n1) into out[9][16 i][16 o] (fp32, overwritten). 0, or -1 (out of memory). */
+static int wgrad_images(const uint16_t *x, const uint16_t *dy, int64_t n0, int64_t n1,
+                        int64_t H, float *out) {
+    uint16_t ix[32];
+    for (int n = 0; n < 16; n++)
+        for (int j = 0; j < 2; j++) ix[2 * n + j] = (uint16_t)(j * 16 + n);
+    const __m512i pairs = _mm512_loadu_si512(ix);
+    uint16_t *xs = calloc((size_t)(H + 2) * 16 * 34, sizeof(uint16_t));
+    uint16_t *bb = aligned_alloc(64, (size_t)H * 1024);
+    float *keep = aligned_alloc(64, 3 * 1024), *acc = aligned_alloc(64, 3 * 1024);
+    int status = -1;
+    if (!xs || !bb || !keep || !acc) goto done;
+    memset(acc, 0, 3 * 1024);
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t h = 0; h < H; h++) {
+            const size_t row = (size_t)(n * H + h) * 32 * 16;
+            transpose_row(x + row, xs + (size_t)(h + 1) * 16 * 34, pairs);
+            for (int k = 0; k < 16; k++)
+                _mm512_store_si512(bb + h * 512 + k * 32,
+                                   _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512(dy + row + k * 32)));
+        }
+        for (int64_t h = 0; h < H; h++) {
+            _tile_loadd(1, bb + h * 512, 64);
+            TAP(2, 0, 0) TAP(3, 0, 1) TAP(4, 0, 2) TAP(5, 1, 0) TAP(6, 1, 1) TAP(7, 1, 2)
+        }
+        _tile_stored(2, keep, 64); _tile_stored(3, keep + 256, 64); _tile_stored(4, keep + 512, 64);
+        _tile_loadd(2, acc, 64); _tile_loadd(3, acc + 256, 64); _tile_loadd(4, acc + 512, 64);
+        for (int64_t h = 0; h < H; h++) {
+            _tile_loadd(1, bb + h * 512, 64);
+            TAP(2, 2, 0) TAP(3, 2, 1) TAP(4, 2, 2)
+        }
+        _tile_stored(2, acc, 64); _tile_stored(3, acc + 256, 64); _tile_stored(4, acc + 512, 64);
+        _tile_loadd(2, keep, 64); _tile_loadd(3, keep + 256, 64); _tile_loadd(4, keep + 512, 64);
+    }
+    _tile_stored(2, out, 64); _tile_stored(3, out + 256, 64); _tile_stored(4, out + 512, 64);
+    _tile_stored(5, out + 768, 64); _tile_stored(6, out + 1024, 64); _tile_stored(7, out + 1280, 64);
+    memcpy(out + 1536, acc, 3 * 1024);
+    _tile_release();
+    status = 0;
+done:
+    free(xs);
+    free(bb);
+    free(keep);
+    free(acc);
+    return status;
+}
+
+/* x, dy: N x H x 32 x 16 bf16 (channels_last); out: [kh * 3 + kw][i][o] fp32. Returns 0, or
+ * -1 where the kernel cannot run (no AMX permission from the kernel, out of memory). */
+int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, float *out,
+                 int nthreads) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
+        return -1;
+    if (nthreads > N) nthreads = (int)N;
+    if (nthreads < 1) nthreads = 1;
+    float *parts = calloc((size_t)nthreads * 2304, sizeof(float));
+    if (!parts) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt;
+        failed |= wgrad_images(x, dy, n0, n1, H, parts + (size_t)t * 2304) != 0;
+    }
+    for (int j = 0; j < 2304; j++) {
+        float s = 0.f;
+        for (int t = 0; t < nthreads; t++) s += parts[(size_t)t * 2304 + j];
+        out[j] = s;
+    }
+    free(parts);
+    return failed ? -1 : 0;
+}
+#else
+int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, float *out,
+                 int nthreads) {
+    (void)x, (void)dy, (void)N, (void)H, (void)out, (void)nthreads;
+    return -1;
+}
+#endif

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actrain.fused import amx_weight_grad, amx_weight_grad_fits
+
 
 def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1  # 3x3 kernel, padding 1
@@ -149,7 +151,15 @@ class _MatmulWeightGradConv(torch.autograd.Function):
                 [True, False, False],
             )[0]  # fmt: skip
         gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # rows (n, i, j), a view of channels_last g
-        if _wanted(ctx, 1):
+        if _wanted(ctx, 1) and s == 1 and amx_weight_grad_fits(x, g, weight):
+            grad_w = amx_weight_grad(x, g)
+            if grad_w is None:  # the kernel could not run: oneDNN's, as a plain conv would
+                grad_w = torch.ops.aten.convolution_backward(
+                    g, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    [False, True, False],
+                )[1]  # fmt: skip
+            grad_w = grad_w.to(weight.dtype)
+        elif _wanted(ctx, 1):
             cols = (
                 _cols(x, s, reuse=True)
                 if k == 3
@@ -183,16 +193,29 @@ def im2col_pays(in_channels: int, height: int, width: int, stride: int = 1) -> b
 
 
 def weight_grad_by_matmul(
-    kernel: int, in_channels: int, height: int, width: int, stride: int = 1
+    kernel: int,
+    in_channels: int,
+    height: int,
+    width: int,
+    stride: int = 1,
+    out_channels: int | None = None,
 ) -> bool:
     """Where oneDNN's bf16 weight gradient is slow and one matmul over the patches beats it
     (`python benchmarks/micro.py wgrad 16`), by output positions: 3x3 convs with at most 4x4
     outputs and at least 64 input channels (128 channels 4x4: 3.41 -> 1.72 ms; 64 -> 128 into
     4x4: 2.13 -> 1.19 ms; 64 channels at 8x8 would take 1.7x longer), and 1x1 stride-2
     projections from at least 32 channels (64 -> 128: 0.50 -> 0.23 ms; 0.8x at 32 channels,
-    1.5x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead."""
+    1.5x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead.
+    3x3 stride-1 convs of 16 -> 16 channels 32 wide go to a hand-written AMX kernel instead of a
+    matmul, where the CPU has AMX (:func:`actrain.fused.amx_weight_grad`: 16 channels at
+    32x32, 1.8 -> 0.9 ms)."""
     if kernel == 1:
         return stride == 2 and in_channels >= 32
+    if stride == 1 and in_channels == out_channels == 16 and width == 32:
+        from actrain.fused import available
+        from actrain.runtime import cpu_has_amx
+
+        return cpu_has_amx() and available()
     return height * width <= 16 and in_channels >= 64
 
 
@@ -220,7 +243,7 @@ class Im2colConv2d(nn.Conv2d):
             self.weight.requires_grad
             and torch.is_grad_enabled()
             and getattr(self, "matmul_weight_grads", True)
-            and weight_grad_by_matmul(k, x.shape[1], out_h, out_w, stride)
+            and weight_grad_by_matmul(k, x.shape[1], out_h, out_w, stride, self.out_channels)
         ):
             self.matmul_weight_grad_used = True  # reported by `actrain bench`
             with torch.autocast("cpu", enabled=False):
