@@ -155,8 +155,10 @@ def shapes() -> None:
 
 
 def wgrad(width: int) -> None:
-    """oneDNN's bf16 weight gradient against ``actrain.im2col``'s matmul over the patches, for
-    every conv shape of ResNet-18 at ``width`` (the rule ``weight_grad_by_matmul``)."""
+    """oneDNN's bf16 weight gradient against ``actrain.im2col``'s matmul over the patches (and
+    ``actrain.fused``'s AMX kernel where it applies), for every conv shape of ResNet-18 at
+    ``width`` (the rule ``weight_grad_by_matmul``)."""
+    from actrain import fused
     from actrain.im2col import _cols
 
     w, fmt = width, torch.channels_last
@@ -182,9 +184,12 @@ def wgrad(width: int) -> None:
             return torch.mm(cols.t(), gm)
 
         onednn = cpu_ms(lambda: torch.ops.aten.convolution_backward(*args, [False, True, False]))  # noqa: B023
+        amx = ""
+        if k == 3 and s == 1 and fused.amx_weight_grad_fits(x, g, wt):
+            amx = f", AMX kernel {cpu_ms(lambda: fused.amx_weight_grad(x, g)):.2f} ms"  # noqa: B023
         print(
             f"{c_in} -> {c_out} ch {k}x{k} stride {s}, {out}x{out} out: weight gradient oneDNN"
-            f" {onednn:.2f} ms, matmul {cpu_ms(matmul):.2f} ms"
+            f" {onednn:.2f} ms, matmul {cpu_ms(matmul):.2f} ms{amx}"
         )
 
 
