@@ -9,6 +9,7 @@ python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without o
                                             # fork, convfuse, wgrad, bf16cvt, projbn,
                                             # amxwgrad (lever())
 python benchmarks/micro.py wgradshare 16  # a train pass with/without the weight gradients
+python benchmarks/micro.py trainpass amxwgrad 16  # a train pass with/without one lever
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
@@ -282,9 +283,9 @@ def lever(name: str, on: bool) -> None:
         resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
 
 
-def wgradshare(width: int) -> None:
-    """A trainer's G train pass (fused kernels and all, caches evicted before each as in a
-    step) with and without the convolutions' weight gradients: what they cost in place."""
+def _trainer_pass(width: int) -> tuple[Callable[[], None], torch.nn.Module]:
+    """A trainer's G train pass (fused kernels and all) with the caches evicted before it, as
+    in a step, where a block's saved activations come back from memory; and G."""
     from actrain import bench
 
     trainer = bench.synthetic_trainer(bench.BenchSpec(method="madry", width=width).train_config())
@@ -297,12 +298,27 @@ def wgradshare(width: int) -> None:
             out = g(x)
         F.cross_entropy(out.float(), y).backward()
 
+    return lambda: cpu_ms(train_pass, 9, before=lambda: evict.add_(1)), g
+
+
+def wgradshare(width: int) -> None:
+    """A train pass with and without the convolutions' weight gradients: what they cost in
+    place."""
+    timed, g = _trainer_pass(width)
     convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
     for on in (True, False, True, False):
         for c in convs:
             c.weight.requires_grad_(on)
-        ms = cpu_ms(train_pass, 7, before=lambda: evict.add_(1))
-        print(f"width {width}, conv weight gradients {'on ' if on else 'off'}: {ms:.1f} ms")
+        print(f"width {width}, conv weight gradients {'on ' if on else 'off'}: {timed():.1f} ms")
+
+
+def trainpass(name: str, width: int) -> None:
+    """A train pass with one lever (see :func:`lever`) off, on, off, on."""
+    timed, _ = _trainer_pass(width)
+    for on in (False, True, False, True):
+        lever(name, on)
+        print(f"width {width}, {name} {'on ' if on else 'off'}: {timed():.1f} ms per train pass")
+    lever(name, True)
 
 
 def kernels() -> None:
@@ -395,8 +411,8 @@ def fold(width: int, rounds: int = 15) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
-    if what == "toggle":
-        toggle(rest[0], int(rest[1]) if len(rest) > 1 else 16)
+    if what in ("toggle", "trainpass"):
+        {"toggle": toggle, "trainpass": trainpass}[what](rest[0], int(rest[1]) if rest[1:] else 16)
         sys.exit()
     width = int(rest[0]) if rest else 16
     if what in ("conv", "shapes", "fusedbn", "kernels"):
