@@ -350,6 +350,17 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* One transpose stage: within each group of g registers, pair j (registers 2j, 2j + 1)
+ * gives out[j] (64-bit lanes picked by lo) and out[j + g / 2] (by hi). */
+static void interleave_pairs(const __m512i *in, __m512i *out, int g, __m512i lo, __m512i hi) {
+    for (int base = 0; base < 16; base += g)
+        for (int j = 0; j < g / 2; j++) {
+            __m512i a = in[base + 2 * j], b = in[base + 2 * j + 1];
+            out[base + j] = _mm512_permutex2var_epi64(a, lo, b);
+            out[base + j + g / 2] = _mm512_permutex2var_epi64(a, hi, b);
+        }
+}
+
 /* x[w][i] (32 x 16) to xt[i * 34 + 1 + w]: pixel pairs as dwords, then a 16 x 16 dword
  * transpose in four permute stages. */
 static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
@@ -363,22 +374,11 @@ static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
         e[p] = _mm512_permutex2var_epi32(d[2 * p], lo32, d[2 * p + 1]);
         e[p + 8] = _mm512_permutex2var_epi32(d[2 * p], hi32, d[2 * p + 1]);
     }
-    const __m512i lo64 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-    const __m512i hi64 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-    for (int half = 0; half < 2; half++)
-        for (int q = 0; q < 4; q++) {
-            __m512i a = e[8 * half + 2 * q], b = e[8 * half + 2 * q + 1];
-            d[8 * half + q] = _mm512_permutex2var_epi64(a, lo64, b);
-            d[8 * half + q + 4] = _mm512_permutex2var_epi64(a, hi64, b);
-        }
-    const __m512i lo128 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    const __m512i hi128 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (int g = 0; g < 4; g++)
-        for (int r = 0; r < 2; r++) {
-            __m512i a = d[4 * g + 2 * r], b = d[4 * g + 2 * r + 1];
-            e[4 * g + r] = _mm512_permutex2var_epi64(a, lo128, b);
-            e[4 * g + r + 2] = _mm512_permutex2var_epi64(a, hi128, b);
-        }
+    /* 64-bit, then 128-bit units of register pairs, within groups of 8, then 4 registers */
+    interleave_pairs(e, d, 8, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11),
+                     _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15));
+    interleave_pairs(d, e, 4, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11),
+                     _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15));
     for (int c = 0; c < 16; c += 2) { /* e[c]: channels c, c + 1 of pairs 0-7; e[c + 1]: 8-15 */
         _mm512_storeu_si512(xt + 34 * c + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44));
         _mm512_storeu_si512(xt + 34 * (c + 1) + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE));
