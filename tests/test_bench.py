@@ -85,6 +85,28 @@ def test_bf16_fast_step_matches_the_plain_step_within_tolerance(method):
         assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.75, role
 
 
+def test_fp16_step_scales_the_loss_and_matches_the_plain_step():
+    """fp16 (a GPU option; CPUs run it too) takes a GradScaler: gradients scaled for the
+    backward, unscaled before the optimiser steps, so the update is the plain step's."""
+    trainer, ref, x, y = _pair("act", precision="fp16", width=16)
+    assert trainer.scaler is not None and trainer.channels_last
+    before = _params(trainer.models)
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    assert trainer.scaler.get_scale() == 2.0**16  # no overflow: the initial scale is kept
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=0.01, atol=0.01), role
+        keys = [k for k in mine if k.startswith(f"{role}.") and "running" not in k]
+        keys = [k for k in keys if mine[k].is_floating_point()]
+        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
+        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
+        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.9, role
+        assert 0.8 < float(moved.norm() / ref_moved.norm()) < 1.25, role  # unscaled
+
+
 def _trained_bn_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("resnet18", width=4, num_classes=10)
@@ -149,6 +171,31 @@ def test_bench_json_has_the_reported_keys(capsys):
     assert set(result["breakdown_ms"]) == {"attack", "g_update", "f_update", "data", "other"}
     assert result["images_per_s"] > 0 and result["speedup_vs_reference"] > 0
     assert result["method"] == "act" and result["steps"] == 1
+    assert result["model_gflop_per_step"] > 0 and result["matmul_tflops"] > 0
+    assert result["model_tflops"] == pytest.approx(
+        result["model_gflop_per_step"] / result["ms_per_step"], rel=0.01
+    )
+
+
+def _flops(method: str, steps: int, batch: int) -> float:
+    cfg = bench.BenchSpec(method=method, **{**TINY, "steps": steps}).train_config()
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return bench.model_flops_per_step(cfg, x, y)
+
+
+def test_step_flops_count_one_attack_pass_per_pgd_step_and_scale_with_the_batch():
+    act = [_flops("act", k, 8) for k in (1, 2, 3)]
+    attack_pass = act[1] - act[0]
+    assert attack_pass > 0 and act[2] - act[1] == pytest.approx(attack_pass)
+    # ACT's step beyond its attack is one forward/backward of G and one of F; Madry's of G only
+    madry = _flops("madry", 1, 8)
+    natural = _flops("natural", 1, 8)
+    assert act[0] - madry == pytest.approx(natural)
+    assert madry - natural == pytest.approx(attack_pass)
+    # An attack pass (forward + input gradient) costs about two forwards, a training pass
+    # (forward + input and weight gradients) about three
+    assert 1.3 < natural / attack_pass < 1.6
+    assert 2 * _flops("act", 1, 4) == pytest.approx(act[0])  # counted on 2 images, scaled
 
 
 def test_bench_rejects_bad_flags(capsys):

@@ -67,6 +67,7 @@ class BenchSpec:
     fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
     fused_bn: bool | None = None  # None: the Trainer's default (actrain.fused)
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode (e.g. "max-autotune-no-cudagraphs")
     dataset: str = "cifar10"  # only its shape (channels, size, classes) and augmentation
     device: str = "auto"
     threads: int | None = None
@@ -74,6 +75,7 @@ class BenchSpec:
     warmup: int = 2
     reference: bool = True
     reference_iters: int = 2
+    flops: bool = True  # count the step's FLOPs and time a large matrix product beside it
     seed: int = 0
     clock: str = "wall"  # "cpu": this process's CPU time, load-independent with threads=1
     extra: dict[str, Any] = field(default_factory=dict)  # further TrainConfig values
@@ -432,7 +434,7 @@ def fold_active(trainer: T.Trainer) -> bool:
     return attack_model(g, trainer.fold_bn, trainer.precision) is not g
 
 
-def _compile(trainer: T.Trainer) -> None:
+def _compile(trainer: T.Trainer, mode: str | None = None) -> None:
     """torch.compile every model and G's attack model (BN-folded view when folding is on)."""
     fold = trainer.fold_bn
     g = trainer.models["g"]
@@ -441,12 +443,12 @@ def _compile(trainer: T.Trainer) -> None:
         view = AttackView(g, autocast_dtype(trainer.precision))
     train_models = getattr(trainer, "train_models", trainer.models)
     for role, model in list(trainer.models.items()):
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
         if train_models is not trainer.models:
             train_models[role] = compiled
         trainer.models[role] = compiled
     if view is not None:
-        view.module = torch.compile(view.module)
+        view.module = torch.compile(view.module, mode=mode)
         use_attack_view(trainer.models["g"], view)
     else:  # the attack runs on (compiled) G itself
         trainer.fold_bn = False
@@ -486,7 +488,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     batches = endless_batches(trainer.data.train)
     compile_s = 0.0
     if spec.compile:
-        _compile(trainer)
+        _compile(trainer, spec.compile_mode)
         x, y = next(batches)
         t0 = time.perf_counter()
         trainer.train_step(x, y)
@@ -550,6 +552,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         ),
         "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
         "compile": spec.compile,
+        "compile_mode": spec.compile_mode,
         "compile_s": round(compile_s, 2),
         "images_per_s": bs / (step + data_t),
         "ms_per_step": 1000 * (step + data_t),
@@ -575,6 +578,13 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         result["reference_ms_per_step"] = 1000 * ref
         result["reference_images_per_s"] = bs / ref
         result["speedup_vs_reference"] = ref / (step + data_t)
+    if spec.flops:
+        flops = model_flops_per_step(cfg, x, y)
+        peak = matmul_tflops(device, autocast_dtype(result["precision"]) or torch.float32)
+        result["model_gflop_per_step"] = flops / 1e9
+        result["model_tflops"] = flops / (step + data_t) / 1e12
+        result["matmul_tflops"] = peak
+        result["matmul_share"] = result["model_tflops"] / peak
     result["env"] = environment(device, threads)
     return result
 
@@ -585,6 +595,49 @@ def time_reference(cfg: TrainConfig, x: Tensor, y: Tensor, iters: int) -> float:
     ref = PlainReference(cfg, info.in_channels, info.num_classes or 1000)
     x = x.float().contiguous()
     return _timed(lambda: ref.step(x, y), iters, ref.device)
+
+
+def model_flops_per_step(cfg: TrainConfig, x: Tensor, y: Tensor) -> float:
+    """FLOPs of one training step of ``cfg`` on the batch (x, y), counted with PyTorch's
+    per-operator FLOP formulas on the plain reference step (convolutions and matrix products,
+    forward and backward, attack passes included): the method's work whatever implementation
+    runs it, so FLOPs / step time compares with the hardware's matrix rate. Counted on two
+    images and scaled (the count is linear in the batch), so that it costs almost nothing."""
+    # FlopCounterMode itself tracks modules with backward hooks, which autograd.grad w.r.t. a
+    # leaf (the attack's input gradient) rejects; only its formulas are used here.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    formulas = FlopCounterMode(display=False).flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = formulas.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    info = D.get_dataset_info(cfg.dataset)
+    ref = PlainReference(cfg, info.in_channels, info.num_classes or 1000)
+    n = min(2, len(x))
+    with Count() as counter:
+        ref.step(x[:n].float().contiguous(), y[:n])
+    return counter.total * len(x) / n
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, reps: int = 5) -> float:
+    """The rate of a large square matrix product in ``dtype`` on ``device`` (TFLOP/s, median
+    of ``reps``): the ceiling a training step's FLOPs are compared with."""
+    n = 8192 if device.type == "cuda" else 2048
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    seconds = _timed(lambda: torch.mm(a, b), reps, device)
+    return 2 * n**3 / seconds / 1e12
 
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
@@ -718,12 +771,18 @@ def format_line(r: dict[str, Any]) -> str:
         f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
         f"{' mmWgrad' if r.get('mm_wgrad') else ''}"
         f"{' fusedBN' if r.get('fused_bn') else ''}"
-        f"{' compile' if r['compile'] else ''}:"
+        f"{' compile' if r['compile'] else ''}"
+        f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
         f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
         f" data {b['data']:.1f}, other {b['other']:.0f} ms; step/essential"
         f" {r['overhead_ratio']:.3f}), peak {r['peak_mem_mb']:.0f} MiB"
     )
+    if r.get("model_tflops"):
+        text += (
+            f"; {r['model_tflops']:.2f} model TFLOP/s ({100 * r['matmul_share']:.0f}% of a"
+            f" {r['precision']} matmul's {r['matmul_tflops']:.1f})"
+        )
     if r.get("speedup_vs_reference"):
         text += (
             f"; plain fp32 reference {r['reference_ms_per_step']:.0f} ms/step"
@@ -735,8 +794,8 @@ def format_line(r: dict[str, Any]) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| method | width | precision | fast path | img/s | ms/step | attack | G | F | data | "
-        "other | step/essential | peak MiB | vs plain ref | vs Madry |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "other | step/essential | peak MiB | TFLOP/s (of matmul) | vs plain ref | vs Madry |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -751,13 +810,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")
+        tflops = "-"
+        if r.get("model_tflops"):
+            tflops = f"{r['model_tflops']:.2f} ({100 * r['matmul_share']:.0f}%)"
         attack = attack_label(r)
         label = r["method"] if attack.startswith("K=") else f"{r['method']} {attack}"
         lines.append(
             f"| {label} | {r['width']} | {r['precision']} | {'+'.join(levers) or '-'} "
             f"| {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {b['attack']:.0f} "
             f"| {b['g_update']:.0f} | {b['f_update']:.0f} | {b['data']:.1f} | {b['other']:.0f} "
-            f"| {r['overhead_ratio']:.3f} | {r['peak_mem_mb']:.0f} "
+            f"| {r['overhead_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {tflops} "
             f"| {f'{ref:.2f}x' if ref else '-'} | {f'{mad:.2f}x' if mad else '-'} |"
         )
     refs = {r["width"]: r["reference_ms_per_step"] for r in rows if r.get("reference_ms_per_step")}

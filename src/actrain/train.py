@@ -62,6 +62,7 @@ from actrain.runtime import (
 )
 
 EVAL_BATCH = 256
+FP16_ATTACK_SCALE = 2.0**10  # power of two: exact in every precision
 
 
 def model_kwargs(cfg: TrainConfig, role: str, info: D.DatasetInfo, num_classes: int) -> dict:
@@ -239,6 +240,8 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN's fastest algorithms
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
         if self.dist.enabled and hasattr(self.method, "batch_fraction"):
@@ -293,6 +296,9 @@ class Trainer:
             )
             for r, m in self.models.items()
         }
+        # fp16 (an option on GPUs): dynamic loss scaling keeps small gradients from flushing to
+        # zero; steps whose scaled gradients overflow are skipped by the scaler. bf16 needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.schedulers = {
             r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=self.milestones, gamma=cfg.gamma)
             for r, o in self.optimizers.items()
@@ -370,11 +376,19 @@ class Trainer:
             return {"losses": out.losses, "logits": out.logits, "finite": False}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total.backward()  # each loss reaches only its own model (see actrain.losses)
+        if self.scaler is None:
+            total.backward()  # each loss reaches only its own model (see actrain.losses)
+        else:
+            self.scaler.scale(total).backward()
         if attack is not None and x_adv is not x:
             attack.after_backward(x, x_adv)  # Free-AT: delta from this backward's input grad
         for opt in self.optimizers.values():
-            opt.step()
+            if self.scaler is None:
+                opt.step()
+            else:
+                self.scaler.step(opt)
+        if self.scaler is not None:
+            self.scaler.update()
         return {"losses": out.losses, "logits": out.logits, "finite": True}
 
     def _attack(self, x: Tensor, y: Tensor, ctx: dict[str, Tensor]) -> Tensor:
@@ -388,6 +402,12 @@ class Trainer:
         # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
         # The attack runs on the plain G: input gradients only, no gradient all-reduce.
         g = attack_model(self.models["g"], self.fold_bn, self.precision)
+        if self.precision == "fp16":  # fp16: a fixed scale keeps the input gradient's signs
+            unscaled = objective  # (only signs are used) out of fp16's underflow range
+
+            def objective(logits: Tensor) -> Tensor:
+                return unscaled(logits) * FP16_ATTACK_SCALE
+
         return attack.perturb(g, x, objective, self.autocast)
 
     # ---- epochs ---------------------------------------------------------------------------
@@ -650,6 +670,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "models": {r: m.state_dict() for r, m in self.models.items()},
             "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
             "partial": part,
             "history": json.dumps(self.history),
@@ -677,6 +698,8 @@ class Trainer:
             sched = ckpt["schedulers"][r]
             sched["milestones"] = collections.Counter(self.milestones)
             self.schedulers[r].load_state_dict(sched)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         if self.train_attack is not None and ckpt.get("train_attack"):
             state = ckpt["train_attack"]

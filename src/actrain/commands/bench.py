@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         " matmuls; auto: on with bf16 on a CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
+    p.add_argument(
+        "--compile-mode",
+        help="torch.compile mode with --compile (default, reduce-overhead, max-autotune, ...)",
+    )
     p.add_argument("--dataset", default="cifar10", help="shape and augmentation of the data")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
@@ -53,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference-iters", type=int, default=2)
     p.add_argument("--no-reference", dest="reference", action="store_false")
+    p.add_argument(
+        "--no-flops",
+        dest="flops",
+        action="store_false",
+        help="skip counting the step's FLOPs and timing a matrix product beside it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--clock",
@@ -83,6 +93,11 @@ def _spec(ns: argparse.Namespace):
         raise UsageError(f"--width: must be >= 1, got {ns.width}")
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads: must be >= 1, got {ns.threads}")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if ns.compile_mode is not None and ns.compile_mode not in modes:
+        raise UsageError(
+            f"--compile-mode: expected one of {', '.join(modes)}, got {ns.compile_mode!r}"
+        )
     return BenchSpec(
         method=ns.method,
         arch=ns.arch,
@@ -95,7 +110,9 @@ def _spec(ns: argparse.Namespace):
         channels_last=ONOFF[ns.channels_last],
         fold_bn=ONOFF[ns.fold_bn],
         fused_bn=ONOFF[ns.fused_bn],
-        compile=ns.compile,
+        compile=ns.compile or ns.compile_mode is not None,
+        compile_mode=ns.compile_mode,
+        flops=ns.flops,
         dataset=ns.dataset,
         device=ns.device,
         threads=ns.threads,

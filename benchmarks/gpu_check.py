@@ -1,0 +1,153 @@
+"""The device check for a lent GPU, as one script (the lease is short: run it once, read after).
+
+    OUT=gpu-out PYTHONPATH=src python3 benchmarks/gpu_check.py
+
+Runs, each part under its own time limit and each result written as soon as it exists:
+the CUDA tests (tests/test_cuda.py), the benchmark matrix (`actrain bench --all --device
+cuda`), the levers one at a time on a full-width ACT step, the paper's larger models, and
+torch.compile. Results go to $OUT: tests.txt, results-gpu.md, levers.jsonl, log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("OUT", "gpu-out"))
+START = time.time()
+
+
+def log(text: str) -> None:
+    line = f"[{time.time() - START:6.1f}s] {text}"
+    print(line, flush=True)
+    with open(OUT / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def run(cmd: list[str], limit: int, out: str, env: dict[str, str] | None = None) -> None:
+    log(f"$ {' '.join(cmd)}")
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit, env=env)
+        text = done.stdout + done.stderr
+        log(f"exit {done.returncode}")
+    except subprocess.TimeoutExpired as exc:
+        text = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMED OUT after {limit} s"
+        log(f"timed out after {limit} s")
+    (OUT / out).write_text(text if isinstance(text, str) else text.decode())
+    print(text[-3000:], flush=True)
+
+
+def levers(budget_s: float) -> None:
+    """Full-width ACT at batch 128, K = 10: each lever on its own, in one process."""
+    from actrain import bench
+
+    base = bench.BenchSpec(device="cuda", width=64, iters=20, warmup=3, reference_iters=5)
+    if os.environ.get("DRY_RUN"):  # the script's own check on a CPU: tiny and quick
+        base = bench.BenchSpec(
+            device="cpu", width=4, batch_size=4, steps=1, iters=1, warmup=0, reference_iters=1
+        )
+    variants = [
+        ("default (auto)", {}),
+        ("fp32 NCHW no fold (TF32 convs)", {"precision": "fp32", "channels_last": False}),
+        ("bf16, NCHW", {"channels_last": False}),
+        ("bf16, no BN folding", {"fold_bn": False}),
+        ("fp16 + GradScaler", {"precision": "fp16"}),
+        ("madry default", {"method": "madry"}),
+        ("batch 512", {"batch_size": 512, "iters": 10}),
+        ("wrn-28-10 batch 128", {"arch": "wrn-28-10", "width": None, "iters": 5}),
+        (
+            "resnet50 imagenet batch 64 K=2",
+            {
+                "arch": "resnet50",
+                "width": None,
+                "dataset": "imagefolder",
+                "batch_size": 64,
+                "steps": 2,
+                "iters": 5,
+                "reference_iters": 2,
+            },
+        ),
+        ("compile", {"compile": True, "iters": 10}),
+    ]
+    for label, change in variants:
+        if time.time() - START > budget_s:
+            log(f"skipped (time): {label}")
+            continue
+        spec = bench.BenchSpec(**{**asdict(base), **change})
+        if os.environ.get("DRY_RUN"):
+            small = {"iters": 1, "batch_size": min(spec.batch_size, 4), "steps": 1}
+            spec = bench.BenchSpec(**{**asdict(spec), **small, "reference_iters": 1})
+        spec.reference = label in ("default (auto)", "wrn-28-10 batch 128") or "resnet50" in label
+        try:
+            row = bench.run_bench(spec)
+        except Exception as exc:  # one lever failing must not cost the others
+            log(f"{label}: FAILED {type(exc).__name__}: {exc}")
+            continue
+        row["label"] = label
+        log(f"{label}: {bench.format_line(row)}")
+        with open(OUT / "levers.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    empty = Path("/tmp/actrain-no-shared-data")
+    (empty / "cifar10-jpeg").mkdir(parents=True, exist_ok=True)  # conftest asks for the dir
+    env.setdefault("ACTRAIN_SHARED_DATA", str(empty))
+    run(["nvidia-smi"], 20, "env.txt")
+    import torch
+
+    cudnn = torch.backends.cudnn.version()
+    log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cudnn {cudnn}")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_cuda.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+        ],
+        int(os.environ.get("TESTS_S", "150")),
+        "tests.txt",
+        env,
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "actrain",
+            "bench",
+            "--all",
+            "--device",
+            "cuda",
+            "--iters",
+            "20",
+            "--warmup",
+            "3",
+            "--reference-iters",
+            "5",
+            "--out",
+            str(OUT / "results-gpu.md"),
+        ],
+        int(os.environ.get("MATRIX_S", "200")),
+        "bench-all.txt",
+        env,
+    )
+    sys.path.insert(0, str(ROOT / "src"))
+    levers(float(os.environ.get("LEVERS_UNTIL_S", "480")))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The CUDA paths: the same checks as on the CPU, run where a GPU is present.
+
+CI has no GPU, so these are skipped there; `benchmarks/gpu_check.sh` runs them on a lent GPU
+(benchmarks/README.md has the results).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_bench import _pair, _params
+from test_train import DIGITS
+
+from actrain import bench, load_model
+from actrain.config import build_config
+from actrain.data import load_split
+from actrain.evaluate import robust_accuracy
+from actrain.train import run_training
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _moved(before, after, role):
+    keys = [k for k in after if k.startswith(f"{role}.") and "running" not in k]
+    keys = [k for k in keys if after[k].is_floating_point()]
+    return torch.cat([(after[k] - before[k]).flatten().float() for k in keys])
+
+
+@pytest.mark.parametrize("method", ["act", "madry", "trades", "natural"])
+def test_cuda_fp32_trainer_step_matches_the_plain_step(method):
+    trainer, ref, x, y = _pair(method, precision="fp32", device="cuda")
+    assert trainer.device.type == "cuda" and x.is_cuda
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=1e-4, atol=1e-5), role
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for k in mine:
+        assert torch.allclose(mine[k].float(), theirs[k].float(), rtol=1e-3, atol=1e-5), k
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_fast_step_matches_the_plain_step_within_tolerance(precision):
+    trainer, ref, x, y = _pair("act", precision=precision, width=16, device="cuda")
+    assert trainer.channels_last and bench.fold_active(trainer)
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    before = _params(trainer.models)
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=0.05, atol=0.02), role
+        moved, ref_moved = _moved(before, mine, role), _moved(before, theirs, role)
+        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.75, role
+        assert 0.7 < float(moved.norm() / ref_moved.norm()) < 1.4, role
+
+
+def test_cuda_step_matches_the_cpu_step_in_fp32():
+    """Same weights, same batch, same random start: the GPU computes the CPU's step (TF32
+    convolutions and cuDNN's summation order aside)."""
+    cpu, _, x, y = _pair("act", precision="fp32", device="cpu")
+    gpu, _, _, _ = _pair("act", precision="fp32", device="cuda")
+    for role, model in gpu.models.items():
+        model.load_state_dict(cpu.models[role].state_dict())
+    torch.manual_seed(1)
+    out_cpu = cpu.train_step(x.cpu(), y.cpu())
+    torch.manual_seed(1)
+    out_gpu = gpu.train_step(x.cuda(), y.cuda())
+    for role in ("g", "f"):
+        a, b = out_cpu["losses"][role].detach(), out_gpu["losses"][role].detach().cpu()
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), role
+
+
+def test_cuda_digits_run_trains_evaluates_and_reloads(tmp_path):
+    """A whole run on the GPU with the defaults a user gets there (precision auto = bf16)."""
+    values = {**DIGITS, "method": "act", "epochs": 6, "device": "cuda", "precision": "auto"}
+    run = run_training(build_config({}, {**values, "out": str(tmp_path / "r")}))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss_g"] < 0.7 * metrics[0]["loss_g"]
+    assert metrics[-1]["test_clean_acc_g"] > 60.0
+    model = load_model(run)
+    test = load_split("digits", "test")
+    x = test.images.float() / 255
+    on_gpu = robust_accuracy(model.cuda(), x.cuda(), test.labels.cuda(), eps=0.1, steps=10)
+    on_cpu = robust_accuracy(model.cpu(), x, test.labels, eps=0.1, steps=10)
+    assert on_gpu["clean_acc"] == pytest.approx(on_cpu["clean_acc"], abs=0.5)
+    assert on_gpu["robust_acc"] == pytest.approx(on_cpu["robust_acc"], abs=2.0)
