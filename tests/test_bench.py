@@ -10,6 +10,7 @@ import json
 import platform
 import resource
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +274,18 @@ def test_consecutive_cpu_steps_do_not_page_fault_their_activations_in_again():
         trainer.train_step(*next(batches))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert sorted(faults)[1] < 5000, faults
+
+
+def test_cuda_graphs_on_a_cpu_is_one_clear_error_and_leaves_no_run_folder(tmp_path, capsys):
+    assert main(["bench", "--cuda-graphs", "on", "--device", "cpu", "--width", "2"]) == 2
+    assert "--cuda-graphs: needs a CUDA device" in capsys.readouterr().err
+    config = Path(__file__).resolve().parents[1] / "configs/quickstart/digits_act.yaml"
+    argv = ["train", "--config", str(config), "--device", "cpu"]
+    out = tmp_path / "new"
+    assert main([*argv, "--cuda-graphs", "--out", str(out)]) == 2
+    assert "--cuda-graphs" in capsys.readouterr().err
+    assert not out.exists()  # the folder made for the run is removed again
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main([*argv, "--cuda-graphs", "--out", str(mine)]) == 2
+    assert mine.is_dir()  # a folder the user made stays

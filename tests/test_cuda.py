@@ -17,6 +17,7 @@ from actrain import bench, load_model
 from actrain.config import build_config
 from actrain.data import load_split
 from actrain.evaluate import robust_accuracy
+from actrain.runtime import attack_model
 from actrain.train import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -91,3 +92,49 @@ def test_cuda_digits_run_trains_evaluates_and_reloads(tmp_path):
     on_cpu = robust_accuracy(model.cpu(), x, test.labels, eps=0.1, steps=10)
     assert on_gpu["clean_acc"] == pytest.approx(on_cpu["clean_acc"], abs=0.5)
     assert on_gpu["robust_acc"] == pytest.approx(on_cpu["robust_acc"], abs=2.0)
+
+
+def _attack_both_ways(trainer, x, y, seed=3):
+    """The trainer's attack replayed from its CUDA graph, and the eager attack, from the same
+    random start."""
+    models = trainer.models
+    with trainer.autocast(), torch.no_grad():
+        ctx = trainer.method.prepare(models, x, y)
+    g = attack_model(models["g"], trainer.fold_bn, trainer.precision)
+    torch.manual_seed(seed)
+    graphed = trainer.graphed_attack(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
+    torch.manual_seed(seed)
+    eager = trainer.train_attack.perturb(g, x, trainer._attack_objective(ctx, y), trainer.autocast)
+    return graphed, eager
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphed_attack_finds_the_eager_attack_and_follows_the_weights(precision):
+    trainer, _, x, y = _pair("act", precision=precision, width=8, device="cuda")
+    assert trainer.graphed_attack is not None
+    for _ in range(3):  # the graph reads the weights each step's update changed
+        graphed, eager = _attack_both_ways(trainer, x, y)
+        assert graphed.shape == x.shape and not torch.equal(graphed, x)
+        assert (graphed - x).abs().max() <= trainer.cfg.eps + 1e-6
+        same = (graphed == eager).float().mean().item()
+        assert same > 0.99, same
+        trainer.train_step(x, y)
+    assert trainer.graphed_attack.captures == 1
+    graphed, eager = _attack_both_ways(trainer, x[:5], y[:5])  # a last, smaller batch
+    assert trainer.graphed_attack.captures == 2 and graphed.shape == (5, *x.shape[1:])
+    assert (graphed == eager).float().mean().item() > 0.99
+
+
+def test_cuda_step_with_graphs_matches_the_step_without():
+    with_graphs, _, x, y = _pair("act", precision="bf16", width=16, device="cuda")
+    without, _, _, _ = _pair("act", precision="bf16", width=16, device="cuda", cuda_graphs=False)
+    without.models["g"].load_state_dict(with_graphs.models["g"].state_dict())
+    without.models["f"].load_state_dict(with_graphs.models["f"].state_dict())
+    assert with_graphs.graphed_attack is not None and without.graphed_attack is None
+    for _ in range(3):
+        torch.manual_seed(1)
+        a = with_graphs.train_step(x, y)["losses"]
+        torch.manual_seed(1)
+        b = without.train_step(x, y)["losses"]
+        for role in ("g", "f"):
+            assert torch.allclose(a[role].detach(), b[role].detach(), rtol=0.02, atol=0.01)

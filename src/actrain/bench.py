@@ -66,6 +66,7 @@ class BenchSpec:
     channels_last: bool | None = None  # None: on with bf16/fp16 (the Trainer's default)
     fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
     fused_bn: bool | None = None  # None: the Trainer's default (actrain.fused)
+    cuda_graphs: bool | None = None  # None: the Trainer's default (on with CUDA)
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode (e.g. "max-autotune-no-cudagraphs")
     dataset: str = "cifar10"  # only its shape (channels, size, classes) and augmentation
@@ -94,6 +95,7 @@ class BenchSpec:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "fused_bn": self.fused_bn,
+            "cuda_graphs": self.cuda_graphs,
             "device": self.device,
             "seed": self.seed,
             "epochs": 1,
@@ -390,6 +392,9 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor) -> dict[str, Call
                 with trainer.autocast():
                     method.prepare(models, x, y)
             g = attack_model(models["g"], fold, trainer.precision)
+            if trainer.graphed_attack is not None:  # the step's own replayed CUDA graph
+                graphed = trainer.graphed_attack
+                return graphed(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
             return attack_obj.perturb(g, x, objective, trainer.autocast)
 
         passes["attack"] = attack
@@ -551,6 +556,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
             getattr(m, "matmul_weight_grad_used", False) for m in _all_modules(trainer)
         ),
         "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
+        "cuda_graphs": trainer.graphed_attack is not None,
         "compile": spec.compile,
         "compile_mode": spec.compile_mode,
         "compile_s": round(compile_s, 2),
@@ -722,7 +728,7 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
         if width < 32:  # at full width the plain reference row says the same, faster
             plain = BenchSpec(**{**asdict(base), "width": width, "precision": "fp32"})
             plain.channels_last, plain.fold_bn, plain.reference = False, False, False
-            plain.fused_bn = False
+            plain.fused_bn, plain.cuda_graphs = False, False
             row = run_bench(plain)
             log(format_line(row))
             rows.append(row)
@@ -771,6 +777,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
         f"{' mmWgrad' if r.get('mm_wgrad') else ''}"
         f"{' fusedBN' if r.get('fused_bn') else ''}"
+        f"{' graphs' if r.get('cuda_graphs') else ''}"
         f"{' compile' if r['compile'] else ''}"
         f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
@@ -807,6 +814,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             levers.append("mmWgrad")
         if r.get("fused_bn"):
             levers.append("fusedBN")
+        if r.get("cuda_graphs"):
+            levers.append("graphs")
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")

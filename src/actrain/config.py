@@ -97,6 +97,8 @@ class TrainConfig:
     # gradient sums, the attack passes' conv + add + ReLU; the weight-gradient matmuls of
     # actrain.im2col); None: on for bf16 channels_last on a CPU where they build.
     fused_bn: bool | None = None
+    # PGD training attacks replayed from CUDA graphs (actrain.attacks.graphed); None: on CUDA.
+    cuda_graphs: bool | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     val_size: int = 0
@@ -135,6 +137,7 @@ RESUMABLE_CHANGES = {
     "nan_policy",
     "data_dir",
     "deterministic",
+    "cuda_graphs",
     # torchrun (issue 5): a run may resume on another number of processes, so the per-process
     # batch may change with it (the position in an epoch is converted by examples seen)
     "batch_size",

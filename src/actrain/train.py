@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from actrain import data as D
 from actrain import distributed, fused
-from actrain.attacks import LinfBall, pgd_robustness
+from actrain.attacks import LinfBall, Objective, PGDTraining, pgd_robustness
+from actrain.attacks.graphed import GraphedPGD
 from actrain.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -253,6 +254,13 @@ class Trainer:
         # issue 8: PGD, FGSM-RS or Free-AT; Free-AT replays each batch and divides the epochs
         self.train_attack = build_train_attack(cfg, self.method)
         self.replays = self.train_attack.replays if self.train_attack is not None else 1
+        # issue 7: on CUDA the K attack passes are launch-bound; replay them from a CUDA graph
+        graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+        if cfg.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"--cuda-graphs: needs a CUDA device, this run uses {self.device}")
+        self.graphed_attack: GraphedPGD | None = None
+        if graphs and self.device.type == "cuda" and isinstance(self.train_attack, PGDTraining):
+            self.graphed_attack = GraphedPGD(self.train_attack)
         self.num_epochs = scheduled_epochs(cfg)
         self.milestones = scheduled_milestones(cfg)
         self.models: dict[str, nn.Module] = {}
@@ -398,17 +406,21 @@ class Trainer:
             return x
         if not attack.uses_objective:  # Free-AT: x + delta, whose gradient the update yields
             return attack.perturb(None, x, None, self.autocast)
-        objective = self.method.attack_objective(ctx, y)  # ACT: L_G with F(x) detached
         # issue 7: G with BN folded for the eval-mode attack passes (runtime.attack_model)
         # The attack runs on the plain G: input gradients only, no gradient all-reduce.
         g = attack_model(self.models["g"], self.fold_bn, self.precision)
-        if self.precision == "fp16":  # fp16: a fixed scale keeps the input gradient's signs
-            unscaled = objective  # (only signs are used) out of fp16's underflow range
+        if self.graphed_attack is not None:
+            return self.graphed_attack(g, x, y, ctx, self._attack_objective, self.autocast)
+        return attack.perturb(g, x, self._attack_objective(ctx, y), self.autocast)
 
-            def objective(logits: Tensor) -> Tensor:
-                return unscaled(logits) * FP16_ATTACK_SCALE
-
-        return attack.perturb(g, x, objective, self.autocast)
+    def _attack_objective(self, ctx: dict[str, Tensor], y: Tensor) -> Objective:
+        """The method's attack objective (ACT: L_G with F(x) detached)."""
+        objective = self.method.attack_objective(ctx, y)
+        if self.precision != "fp16":
+            return objective
+        # fp16: a fixed scale keeps the input gradient (only its signs are used) out of fp16's
+        # underflow range
+        return lambda logits: objective(logits) * FP16_ATTACK_SCALE
 
     # ---- epochs ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -895,9 +907,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distributed.DistInfo) -> Path:
+    created = False  # whether this call made the run folder (removed again if start fails)
     if resume:
         run_dir = Path(cfg.out)
     else:
+        target = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        created = d.is_main and not target.exists()
         # Rank 0 chooses and prepares the folder; the others learn its name (or its error).
         answer: tuple[str | None, str | None] = (None, None)
         if d.is_main:
@@ -910,7 +925,12 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
             raise ConfigError(answer[1])
         run_dir = Path(answer[0])
         cfg.out = str(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=resume)
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume)
+    except UserError:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that could not start leaves no empty folder behind
+        raise
     roles = "+".join(r.upper() for r in trainer.method.roles)
     if d.is_main:
         # Written once data and models are built, so a run that failed to start blocks

@@ -44,6 +44,20 @@ def pgd(
     """
     x = x.detach()
     x_adv = threat.random_perturb(x, start, generator)
+    return pgd_steps(model, x, x_adv, objective, threat, steps, autocast)
+
+
+def pgd_steps(
+    model: nn.Module,
+    x: Tensor,
+    x_adv: Tensor,
+    objective: Objective,
+    threat: LinfBall,
+    steps: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Tensor:
+    """The K steps of :func:`pgd` from the starting point ``x_adv`` (the part a CUDA graph
+    replays: no host synchronisation, no random numbers)."""
     with eval_mode(model):
         for _ in range(steps):
             grad, _ = _input_grad(model, x_adv, objective, autocast)

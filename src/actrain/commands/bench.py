@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="actrain's fused CPU kernels (BN + add + ReLU, conv post-ops, weight-gradient"
         " matmuls; auto: on with bf16 on a CPU)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        choices=tuple(ONOFF),
+        default="auto",
+        help="replay the PGD attack from a CUDA graph (auto: on with CUDA)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
     p.add_argument(
         "--compile-mode",
@@ -110,6 +116,7 @@ def _spec(ns: argparse.Namespace):
         channels_last=ONOFF[ns.channels_last],
         fold_bn=ONOFF[ns.fold_bn],
         fused_bn=ONOFF[ns.fused_bn],
+        cuda_graphs=ONOFF[ns.cuda_graphs],
         compile=ns.compile or ns.compile_mode is not None,
         compile_mode=ns.compile_mode,
         flops=ns.flops,

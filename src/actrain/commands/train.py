@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="actrain's fused CPU kernels for bf16 (batch norm + add + ReLU, conv post-ops,"
         " weight-gradient matmuls; default: on with bf16)",
     )
+    g.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="replay the PGD training attack from a CUDA graph (default: on with CUDA)",
+    )
     g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
