@@ -45,7 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return ns.func(ns)
+        rc = ns.func(ns)
+        if rc == 0 and "torch.distributed" in sys.modules:
+            from actrain import distributed
+
+            # under torchrun: leave the process group before exiting; gloo's threads, still
+            # running at interpreter exit, abort the process ("terminate called without an
+            # active exception") now and then
+            distributed.cleanup()
+        return rc
     except UserError as exc:
         msg = str(exc).strip("'\"")
         print(f"actrain {ns.command}: error: {msg}", file=sys.stderr)
