@@ -56,6 +56,7 @@ def levers(budget_s: float) -> None:
         ("default (auto)", {}),
         ("no CUDA graphs", {"cuda_graphs": False}),
         ("fp32 NCHW no fold (TF32 convs)", {"precision": "fp32", "channels_last": False}),
+        ("fp16 + GradScaler (attack graph only)", {"precision": "fp16"}),
         ("madry default", {"method": "madry"}),
         ("madry, no CUDA graphs", {"method": "madry", "cuda_graphs": False}),
         ("batch 512", {"batch_size": 512, "iters": 10}),
@@ -73,6 +74,10 @@ def levers(budget_s: float) -> None:
             },
         ),
     ]
+    wanted = os.environ.get("LEVERS")  # a comma-separated subset of the labels' first words
+    if wanted:
+        keep = {w.strip() for w in wanted.split(",")}
+        variants = [(label, c) for label, c in variants if label.split()[0] in keep]
     for label, change in variants:
         if time.time() - START > budget_s:
             log(f"skipped (time): {label}")

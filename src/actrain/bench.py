@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from actrain import data as D
 from actrain import losses as L
 from actrain import train as T
+from actrain.attacks.graphed import GraphedPGD
 from actrain.config import TrainConfig, build_config
 from actrain.fused import fused_bn_active
 from actrain.methods import build_method, build_train_attack
@@ -386,14 +387,16 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor) -> dict[str, Call
     attack_obj = build_train_attack(cfg, method)
     if attack_obj is not None and attack_obj.uses_objective and attack_obj.attack_passes > 0:
         objective = method.attack_objective(ctx, y)
+        graphed = trainer.graphed_attack
+        if graphed is None and trainer.graphed_update is not None:
+            graphed = GraphedPGD(attack_obj)
 
         def attack() -> Tensor:
             if method.name == "trades":
                 with trainer.autocast():
                     method.prepare(models, x, y)
             g = attack_model(models["g"], fold, trainer.precision)
-            if trainer.graphed_attack is not None:  # the step's own replayed CUDA graph
-                graphed = trainer.graphed_attack
+            if graphed is not None:  # replayed from a CUDA graph, as the step does
                 return graphed(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
             return attack_obj.perturb(g, x, objective, trainer.autocast)
 
@@ -557,6 +560,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         ),
         "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
         "cuda_graphs": trainer.graphed_attack is not None,
+        "step_graph": trainer.graphed_update is not None,
         "compile": spec.compile,
         "compile_mode": spec.compile_mode,
         "compile_s": round(compile_s, 2),
@@ -778,6 +782,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{' mmWgrad' if r.get('mm_wgrad') else ''}"
         f"{' fusedBN' if r.get('fused_bn') else ''}"
         f"{' graphs' if r.get('cuda_graphs') else ''}"
+        f"{' stepGraph' if r.get('step_graph') else ''}"
         f"{' compile' if r['compile'] else ''}"
         f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
@@ -816,6 +821,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             levers.append("fusedBN")
         if r.get("cuda_graphs"):
             levers.append("graphs")
+        if r.get("step_graph"):
+            levers.append("stepGraph")
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")

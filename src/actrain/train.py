@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from actrain import data as D
-from actrain import distributed, fused
+from actrain import distributed, fused, step_graph
 from actrain.attacks import LinfBall, Objective, PGDTraining, pgd_robustness
 from actrain.attacks.graphed import GraphedPGD
 from actrain.checkpoint import (
@@ -61,6 +61,7 @@ from actrain.runtime import (
     resolve_device,
     resolve_precision,
 )
+from actrain.step_graph import GraphedUpdate
 
 EVAL_BATCH = 256
 FP16_ATTACK_SCALE = 2.0**10  # power of two: exact in every precision
@@ -254,13 +255,12 @@ class Trainer:
         # issue 8: PGD, FGSM-RS or Free-AT; Free-AT replays each batch and divides the epochs
         self.train_attack = build_train_attack(cfg, self.method)
         self.replays = self.train_attack.replays if self.train_attack is not None else 1
-        # issue 7: on CUDA the K attack passes are launch-bound; replay them from a CUDA graph
-        graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+        # issue 7: on CUDA the passes of a step are launch-bound; replay them from CUDA graphs
+        self.cuda_graphs = (
+            cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+        )
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs: needs a CUDA device, this run uses {self.device}")
-        self.graphed_attack: GraphedPGD | None = None
-        if graphs and self.device.type == "cuda" and isinstance(self.train_attack, PGDTraining):
-            self.graphed_attack = GraphedPGD(self.train_attack)
         self.num_epochs = scheduled_epochs(cfg)
         self.milestones = scheduled_milestones(cfg)
         self.models: dict[str, nn.Module] = {}
@@ -311,6 +311,14 @@ class Trainer:
             r: torch.optim.lr_scheduler.MultiStepLR(o, milestones=self.milestones, gamma=cfg.gamma)
             for r, o in self.optimizers.items()
         }
+        # The whole update up to its gradients as one graph (actrain.step_graph); where that
+        # cannot be (several processes, fp16, FGSM-RS/Free-AT), the PGD attack alone.
+        self.graphed_update: GraphedUpdate | None = None
+        self.graphed_attack: GraphedPGD | None = None
+        if self.cuda_graphs and step_graph.supported(self) is None:
+            self.graphed_update = GraphedUpdate(self)
+        elif self.cuda_graphs and isinstance(self.train_attack, PGDTraining):
+            self.graphed_attack = GraphedPGD(self.train_attack)
         self.guard: OverfitGuard | None = None
         if overfit_guard_on(cfg):
             if self.data.eval_x is None or len(self.data.eval_y) == 0:
@@ -368,28 +376,33 @@ class Trainer:
     def _update(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         """One weight update: method context, attack, losses, one backward, optimiser steps."""
         method, models, attack = self.method, self.train_models, self.train_attack
-        for m in models.values():
-            m.train()
-        for_attack = attack is not None and attack.uses_objective
-        with self.autocast():
-            ctx = method.prepare(models, x, y, for_attack)  # ACT: F(x), computed once
-        x_adv = self._attack(x, y, ctx)
-        with self.autocast():
-            out = method.losses(models, x, x_adv, y, ctx)  # ACT: L_G(delta*), L_F(delta*)
-        total = sum(out.losses.values())
+        if self.graphed_update is not None:  # the same passes and backward, replayed
+            losses, logits, total = self.graphed_update(x, y)
+        else:
+            for m in models.values():
+                m.train()
+            for_attack = attack is not None and attack.uses_objective
+            with self.autocast():
+                ctx = method.prepare(models, x, y, for_attack)  # ACT: F(x), computed once
+            x_adv = self._attack(x, y, ctx)
+            with self.autocast():
+                out = method.losses(models, x, x_adv, y, ctx)  # ACT: L_G(delta*), L_F(delta*)
+            losses, logits = out.losses, out.logits
+            total = sum(losses.values())
         finite = bool(torch.isfinite(total))
         if self.dist.enabled:  # every process skips, or none does (else DDP would hang)
             finite = not bool(distributed.all_reduce_(torch.tensor([float(not finite)]), "max"))
         if not finite:
-            return {"losses": out.losses, "logits": out.logits, "finite": False}
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            total.backward()  # each loss reaches only its own model (see actrain.losses)
-        else:
-            self.scaler.scale(total).backward()
-        if attack is not None and x_adv is not x:
-            attack.after_backward(x, x_adv)  # Free-AT: delta from this backward's input grad
+            return {"losses": losses, "logits": logits, "finite": False}
+        if self.graphed_update is None:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                total.backward()  # each loss reaches only its own model (see actrain.losses)
+            else:
+                self.scaler.scale(total).backward()
+            if attack is not None and x_adv is not x:
+                attack.after_backward(x, x_adv)  # Free-AT: delta from this backward's grad
         for opt in self.optimizers.values():
             if self.scaler is None:
                 opt.step()
@@ -397,7 +410,7 @@ class Trainer:
                 self.scaler.step(opt)
         if self.scaler is not None:
             self.scaler.update()
-        return {"losses": out.losses, "logits": out.logits, "finite": True}
+        return {"losses": losses, "logits": logits, "finite": True}
 
     def _attack(self, x: Tensor, y: Tensor, ctx: dict[str, Tensor]) -> Tensor:
         """The adversarial input of this update (x itself for natural training)."""
