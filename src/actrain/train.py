@@ -255,9 +255,12 @@ class Trainer:
         # issue 8: PGD, FGSM-RS or Free-AT; Free-AT replays each batch and divides the epochs
         self.train_attack = build_train_attack(cfg, self.method)
         self.replays = self.train_attack.replays if self.train_attack is not None else 1
-        # issue 7: on CUDA the passes of a step are launch-bound; replay them from CUDA graphs
+        # issue 7: on CUDA the passes of a step are launch-bound; replay them from CUDA graphs.
+        # Under torchrun only when asked for: capture next to NCCL's own threads is untested.
         self.cuda_graphs = (
-            cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+            cfg.cuda_graphs
+            if cfg.cuda_graphs is not None
+            else self.device.type == "cuda" and not self.dist.enabled
         )
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs: needs a CUDA device, this run uses {self.device}")

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cuda-graphs",
         choices=tuple(ONOFF),
         default="auto",
-        help="replay the PGD attack from a CUDA graph (auto: on with CUDA)",
+        help="replay each update up to its gradients from a CUDA graph (auto: on with CUDA)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
     p.add_argument(

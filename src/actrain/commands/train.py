@@ -93,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
-        help="replay the PGD training attack from a CUDA graph (default: on with CUDA)",
+        help="replay each update up to its gradients from a CUDA graph (default: on with CUDA,"
+        " one process)",
     )
     g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
