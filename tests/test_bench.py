@@ -289,3 +289,24 @@ def test_cuda_graphs_on_a_cpu_is_one_clear_error_and_leaves_no_run_folder(tmp_pa
     mine.mkdir()
     assert main([*argv, "--cuda-graphs", "--out", str(mine)]) == 2
     assert mine.is_dir()  # a folder the user made stays
+
+
+def test_a_failed_graph_capture_falls_back_to_the_eager_update(capsys):
+    """Where capture fails (here: a CPU has no CUDA streams), the step is the eager step and
+    the run goes on without graphs, saying so once."""
+    from actrain.step_graph import GraphedUpdate
+
+    graphed, _, x, y = _pair("act", precision="fp32")
+    eager, _, _, _ = _pair("act", precision="fp32")
+    graphed.graphed_update = GraphedUpdate(graphed)
+    for step in range(2):
+        torch.manual_seed(step)
+        a = graphed.train_step(x, y)
+        torch.manual_seed(step)
+        b = eager.train_step(x, y)
+        for role in ("g", "f"):
+            assert torch.equal(a["losses"][role], b["losses"][role]), role
+    assert graphed.graphed_update is None
+    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
+    mine, theirs = _params(graphed.models), _params(eager.models)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -48,6 +48,7 @@ from actrain.runtime import (
     configure_threads,
     use_attack_view,
 )
+from actrain.step_graph import CaptureFailed
 
 SYNTHETIC_BATCHES = 4  # distinct batches of synthetic images the loader cycles through
 
@@ -397,7 +398,8 @@ def essential_passes(trainer: T.Trainer, x: Tensor, y: Tensor) -> dict[str, Call
                     method.prepare(models, x, y)
             g = attack_model(models["g"], fold, trainer.precision)
             if graphed is not None:  # replayed from a CUDA graph, as the step does
-                return graphed(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
+                with contextlib.suppress(CaptureFailed):
+                    return graphed(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
             return attack_obj.perturb(g, x, objective, trainer.autocast)
 
         passes["attack"] = attack

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 MAX_GRAPHS = 2  # the full batch and an epoch's last, smaller one
 
 
+class CaptureFailed(RuntimeError):
+    """The update could not be captured (an operation CUDA graphs do not allow, say); the
+    trainer then goes on without graphs."""
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -78,20 +83,18 @@ class GraphedUpdate:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[dict, dict, Tensor]:
         attack = self.trainer.train_attack
-        start = None
-        if attack is not None and attack.steps > 0:  # eager, before the replay: same RNG use
-            start = attack.threat.random_perturb(x.detach(), attack.start)
+        attacks = attack is not None and attack.steps > 0
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape))
         entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(x, y, start)
+        if entry is None:  # captured from any start in the ball: x itself
+            entry = self._capture(x, y, x.detach().clone() if attacks else None)
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = entry
         entry.x.copy_(x)
         entry.y.copy_(y)
-        if start is not None:
-            entry.start.copy_(start)
+        if attacks:  # drawn eagerly, from the generator and in the order the eager attack uses
+            entry.start.copy_(attack.threat.random_perturb(x.detach(), attack.start))
         entry.graph.replay()
         for p, g in entry.grads:
             p.grad = g
@@ -118,14 +121,25 @@ class GraphedUpdate:
         return out, total
 
     def _capture(self, x: Tensor, y: Tensor, start: Tensor | None) -> _Graph:
+        buffers = [b for m in self.trainer.models.values() for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        try:
+            return self._capture_graph(x, y, start, buffers, saved)
+        except Exception as exc:
+            with torch.no_grad():  # leave the models as an eager update would find them
+                for b, s in zip(buffers, saved, strict=True):
+                    b.copy_(s)
+            for opt in self.trainer.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _capture_graph(self, x, y, start, buffers, saved) -> _Graph:
         t = self.trainer
         sx, sy = x.detach().clone(), y.clone()
         sstart = start.clone() if start is not None else None
         params = [p for m in t.models.values() for p in m.parameters() if p.requires_grad]
         # Warm-up passes (cuDNN's algorithm search, the attack view, the allocator) must not
         # count as training: batch-norm statistics are put back afterwards.
-        buffers = [b for m in t.models.values() for b in m.buffers()]
-        saved = [b.clone() for b in buffers]
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):

@@ -379,8 +379,14 @@ class Trainer:
     def _update(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         """One weight update: method context, attack, losses, one backward, optimiser steps."""
         method, models, attack = self.method, self.train_models, self.train_attack
+        replayed = None
         if self.graphed_update is not None:  # the same passes and backward, replayed
-            losses, logits, total = self.graphed_update(x, y)
+            try:
+                replayed = self.graphed_update(x, y)
+            except step_graph.CaptureFailed as exc:
+                self._graphs_failed(exc)
+        if replayed is not None:
+            losses, logits, total = replayed
         else:
             for m in models.values():
                 m.train()
@@ -397,7 +403,7 @@ class Trainer:
             finite = not bool(distributed.all_reduce_(torch.tensor([float(not finite)]), "max"))
         if not finite:
             return {"losses": losses, "logits": logits, "finite": False}
-        if self.graphed_update is None:
+        if replayed is None:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
             if self.scaler is None:
@@ -415,6 +421,15 @@ class Trainer:
             self.scaler.update()
         return {"losses": losses, "logits": logits, "finite": True}
 
+    def _graphs_failed(self, exc: Exception) -> None:
+        if self.dist.is_main:
+            print(
+                f"actrain: note: CUDA graph capture failed ({exc}); training goes on without"
+                " CUDA graphs (--no-cuda-graphs silences this)",
+                file=sys.stderr,
+            )
+        self.graphed_update = self.graphed_attack = None
+
     def _attack(self, x: Tensor, y: Tensor, ctx: dict[str, Tensor]) -> Tensor:
         """The adversarial input of this update (x itself for natural training)."""
         attack = self.train_attack
@@ -426,7 +441,10 @@ class Trainer:
         # The attack runs on the plain G: input gradients only, no gradient all-reduce.
         g = attack_model(self.models["g"], self.fold_bn, self.precision)
         if self.graphed_attack is not None:
-            return self.graphed_attack(g, x, y, ctx, self._attack_objective, self.autocast)
+            try:
+                return self.graphed_attack(g, x, y, ctx, self._attack_objective, self.autocast)
+            except step_graph.CaptureFailed as exc:
+                self._graphs_failed(exc)
         return attack.perturb(g, x, self._attack_objective(ctx, y), self.autocast)
 
     def _attack_objective(self, ctx: dict[str, Tensor], y: Tensor) -> Objective:

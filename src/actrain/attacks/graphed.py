@@ -61,7 +61,6 @@ class GraphedPGD:
         attack = self.attack
         if attack.steps == 0:
             return x
-        start = attack.threat.random_perturb(x.detach(), attack.start)  # eager: same RNG
         key = (
             id(model),
             tuple(x.shape),
@@ -72,12 +71,18 @@ class GraphedPGD:
         )
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(model, x, start, y, ctx, make_objective, autocast)
+            try:  # captured from any start in the ball: x itself
+                entry = self._capture(model, x, x.detach(), y, ctx, make_objective, autocast)
+            except Exception as exc:  # the attack changes no state: nothing to put back
+                from actrain.step_graph import CaptureFailed
+
+                raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = entry
         entry.x.copy_(x)
-        entry.start.copy_(start)
+        # drawn eagerly, from the generator and in the order the eager attack uses
+        entry.start.copy_(attack.threat.random_perturb(x.detach(), attack.start))
         entry.y.copy_(y)
         for k, v in ctx.items():
             entry.ctx[k].copy_(v)
