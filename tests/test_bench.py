@@ -310,3 +310,65 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_update(capsys):
     assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
     mine, theirs = _params(graphed.models), _params(eager.models)
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _cpu_stand_in_for_cuda_graphs(params):
+    """``step_graph.capture`` for a CPU: the function runs (as capture's warm-up and capture
+    would), and each replay runs it again and writes its results into the captured outputs
+    and gradient tensors, which is what replaying a CUDA graph does."""
+
+    def capture(run, device, before=None):
+        for _ in range(2):
+            run()
+        if before is not None:
+            before()
+        out, total = run()
+        grads = [(p, p.grad) for p in params]
+
+        class Replay:
+            @staticmethod
+            def replay():
+                held = [p.grad for p in params]  # a replay leaves .grad references alone
+                for p in params:
+                    p.grad = None
+                new, new_total = run()
+                with torch.no_grad():
+                    for (p, g), h in zip(grads, held, strict=True):
+                        g.copy_(p.grad)
+                        p.grad = h
+                    for mine, theirs in ((out.losses, new.losses), (out.logits, new.logits)):
+                        for r in mine:
+                            mine[r].copy_(theirs[r])
+                    total.copy_(new_total)
+
+        return Replay(), (out, total)
+
+    return capture
+
+
+@pytest.mark.parametrize("method", ["act", "madry", "trades", "natural"])
+def test_graphed_update_flow_gives_the_eager_update(method, monkeypatch):
+    """The update graph's bookkeeping, with the CUDA graph itself replaced by re-running the
+    captured function: random start drawn as the eager attack draws it, batch-norm statistics
+    untouched by the capture's warm-up passes, gradients handed back after every replay (also
+    when something set them to None in between). In fp32 the weights come out bit-identical."""
+    from actrain import step_graph
+
+    graphed, _, x, y = _pair(method, precision="fp32")
+    eager, _, _, _ = _pair(method, precision="fp32")
+    params = [p for m in graphed.models.values() for p in m.parameters()]
+    monkeypatch.setattr(step_graph, "capture", _cpu_stand_in_for_cuda_graphs(params))
+    graphed.graphed_update = step_graph.GraphedUpdate(graphed)
+    for step in range(3):
+        torch.manual_seed(step)
+        a = graphed.train_step(x, y)
+        torch.manual_seed(step)
+        b = eager.train_step(x, y)
+        for role in b["losses"]:
+            assert torch.equal(a["losses"][role], b["losses"][role].detach()), role
+        for model in graphed.models.values():
+            model.zero_grad(set_to_none=True)
+    assert graphed.graphed_update.captures == 1
+    mine, theirs = _params(graphed.models), _params(eager.models)
+    for k in mine:
+        assert torch.equal(mine[k], theirs[k]), k

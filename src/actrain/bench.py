@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from actrain import data as D
 from actrain import losses as L
 from actrain import train as T
-from actrain.attacks.graphed import GraphedPGD
+from actrain.attacks.graphed import CaptureFailed, GraphedPGD
 from actrain.config import TrainConfig, build_config
 from actrain.fused import fused_bn_active
 from actrain.methods import build_method, build_train_attack
@@ -48,7 +48,6 @@ from actrain.runtime import (
     configure_threads,
     use_attack_view,
 )
-from actrain.step_graph import CaptureFailed
 
 SYNTHETIC_BATCHES = 4  # distinct batches of synthetic images the loader cycles through
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from actrain.attacks.graphed import CaptureFailed, capture
 from actrain.attacks.pgd import pgd_steps
 from actrain.runtime import attack_model, autocast_dtype
 
@@ -30,11 +31,6 @@ if TYPE_CHECKING:
     from actrain.train import Trainer
 
 MAX_GRAPHS = 2  # the full batch and an epoch's last, smaller one
-
-
-class CaptureFailed(RuntimeError):
-    """The update could not be captured (an operation CUDA graphs do not allow, say); the
-    trainer then goes on without graphs."""
 
 
 @dataclass
@@ -124,36 +120,28 @@ class GraphedUpdate:
         buffers = [b for m in self.trainer.models.values() for b in m.buffers()]
         saved = [b.clone() for b in buffers]
         try:
-            return self._capture_graph(x, y, start, buffers, saved)
+            return self._capture_graph(x, y, start)
         except Exception as exc:
-            with torch.no_grad():  # leave the models as an eager update would find them
-                for b, s in zip(buffers, saved, strict=True):
-                    b.copy_(s)
-            for opt in self.trainer.optimizers.values():
+            for opt in self.trainer.optimizers.values():  # as an eager update would find them
                 opt.zero_grad(set_to_none=True)
             raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:  # the warm-up passes must not count as training: BN statistics put back
+            with torch.no_grad():
+                for b, s in zip(buffers, saved, strict=True):
+                    b.copy_(s)
 
-    def _capture_graph(self, x, y, start, buffers, saved) -> _Graph:
+    def _capture_graph(self, x: Tensor, y: Tensor, start: Tensor | None) -> _Graph:
         t = self.trainer
         sx, sy = x.detach().clone(), y.clone()
         sstart = start.clone() if start is not None else None
         params = [p for m in t.models.values() for p in m.parameters() if p.requires_grad]
-        # Warm-up passes (cuDNN's algorithm search, the attack view, the allocator) must not
-        # count as training: batch-norm statistics are put back afterwards.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(sx, sy, sstart)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        for opt in t.optimizers.values():
-            opt.zero_grad(set_to_none=True)  # the graph's backward allocates them in its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, total = self._body(sx, sy, sstart)
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
+
+        def drop_grads() -> None:  # the graph's backward allocates them in its own pool
+            for opt in t.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+
+        # warm-up passes: cuDNN's algorithm search, the attack view, the allocator
+        graph, (out, total) = capture(lambda: self._body(sx, sy, sstart), x.device, drop_grads)
         self.captures += 1
         grads = [(p, p.grad) for p in params]
         # Outputs without their autograd graph: kept alive, it would hold the parameters'

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from actrain import data as D
 from actrain import distributed, fused, step_graph
 from actrain.attacks import LinfBall, Objective, PGDTraining, pgd_robustness
-from actrain.attacks.graphed import GraphedPGD
+from actrain.attacks.graphed import CaptureFailed, GraphedPGD
 from actrain.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -383,7 +383,7 @@ class Trainer:
         if self.graphed_update is not None:  # the same passes and backward, replayed
             try:
                 replayed = self.graphed_update(x, y)
-            except step_graph.CaptureFailed as exc:
+            except CaptureFailed as exc:
                 self._graphs_failed(exc)
         if replayed is not None:
             losses, logits, total = replayed
@@ -443,7 +443,7 @@ class Trainer:
         if self.graphed_attack is not None:
             try:
                 return self.graphed_attack(g, x, y, ctx, self._attack_objective, self.autocast)
-            except step_graph.CaptureFailed as exc:
+            except CaptureFailed as exc:
                 self._graphs_failed(exc)
         return attack.perturb(g, x, self._attack_objective(ctx, y), self.autocast)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,32 @@ from actrain.attacks.base import Objective
 from actrain.attacks.pgd import PGDTraining, pgd_steps
 
 MAX_GRAPHS = 4  # shapes kept (full batches, the last partial batch, evaluation-sized probes)
+T = TypeVar("T")
+
+
+class CaptureFailed(RuntimeError):
+    """Work could not be captured (an operation CUDA graphs do not allow, say); the trainer
+    then goes on without graphs."""
+
+
+def capture(
+    run: Callable[[], T], device: torch.device, before: Callable[[], None] | None = None
+) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``run`` as a CUDA graph, and its outputs (rewritten by every replay). Two warm-up calls
+    on a side stream first (cuDNN's algorithm search, the allocator), as capture requires;
+    ``before`` runs between them and the capture."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before is not None:
+        before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
 
 
 @dataclass
@@ -74,8 +101,6 @@ class GraphedPGD:
             try:  # captured from any start in the ball: x itself
                 entry = self._capture(model, x, x.detach(), y, ctx, make_objective, autocast)
             except Exception as exc:  # the attack changes no state: nothing to put back
-                from actrain.step_graph import CaptureFailed
-
                 raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
@@ -100,16 +125,6 @@ class GraphedPGD:
                 model, static_x, static_start, objective, attack.threat, attack.steps, autocast
             )
 
-        # Warm-up on a side stream (cuDNN's algorithm search, the allocator), as CUDA graph
-        # capture requires; then the capture itself, in the graph's own memory pool.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        graph, out = capture(run, x.device)
         self.captures += 1
         return _Graph(graph, static_x, static_start, static_y, static_ctx, out)
