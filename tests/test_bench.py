@@ -312,6 +312,19 @@ def test_a_failed_graph_capture_falls_back_to_the_eager_update(capsys):
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def _steps_side_by_side(graphed, eager, x, y, steps: int = 3):
+    """``steps`` training steps of both trainers from the same seeds, as (graphed's output,
+    eager's output); after each, graphed's gradients are set to None, as a benchmark's own
+    passes do, which a graphed update must survive."""
+    for step in range(steps):
+        torch.manual_seed(step)
+        a = graphed.train_step(x, y)
+        torch.manual_seed(step)
+        yield a, eager.train_step(x, y)
+        for model in graphed.models.values():
+            model.zero_grad(set_to_none=True)
+
+
 def _cpu_stand_in_for_cuda_graphs(params):
     """``step_graph.capture`` for a CPU: the function runs (as capture's warm-up and capture
     would), and each replay runs it again and writes its results into the captured outputs
@@ -359,15 +372,9 @@ def test_graphed_update_flow_gives_the_eager_update(method, monkeypatch):
     params = [p for m in graphed.models.values() for p in m.parameters()]
     monkeypatch.setattr(step_graph, "capture", _cpu_stand_in_for_cuda_graphs(params))
     graphed.graphed_update = step_graph.GraphedUpdate(graphed)
-    for step in range(3):
-        torch.manual_seed(step)
-        a = graphed.train_step(x, y)
-        torch.manual_seed(step)
-        b = eager.train_step(x, y)
+    for a, b in _steps_side_by_side(graphed, eager, x, y):
         for role in b["losses"]:
             assert torch.equal(a["losses"][role], b["losses"][role].detach()), role
-        for model in graphed.models.values():
-            model.zero_grad(set_to_none=True)
     assert graphed.graphed_update.captures == 1
     mine, theirs = _params(graphed.models), _params(eager.models)
     for k in mine:

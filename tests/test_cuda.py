@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_bench import _pair, _params
+from test_bench import _pair, _params, _steps_side_by_side
 from test_train import DIGITS
 
 from actrain import bench, load_model
@@ -156,19 +156,12 @@ def _twins(method: str, precision: str, **kw):
 def test_cuda_graphed_update_is_the_eager_update(method):
     graphed, eager, x, y = _twins(method, "fp32", width=8)
     before = _params(eager.models)
-    for step in range(3):
-        torch.manual_seed(step)
-        a = graphed.train_step(x, y)
-        torch.manual_seed(step)
-        b = eager.train_step(x, y)
+    for a, b in _steps_side_by_side(graphed, eager, x, y):
         for role in b["losses"]:
             assert torch.allclose(a["losses"][role], b["losses"][role], rtol=1e-3, atol=1e-4)
             # The attack's signs amplify cuDNN's run-to-run rounding: on an H200 the logits
             # differed by up to 0.01 (atol 1e-3 failed there), the losses by < 0.1 %
             assert torch.allclose(a["logits"][role], b["logits"][role], atol=0.05)
-        # a benchmark's own passes set the gradients to None in between: nothing changes
-        for model in graphed.models.values():
-            model.zero_grad(set_to_none=True)
     assert graphed.graphed_update.captures == 1
     mine, theirs = _params(graphed.models), _params(eager.models)
     for role in eager.models:

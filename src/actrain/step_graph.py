@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from actrain.attacks.graphed import CaptureFailed, capture
-from actrain.attacks.pgd import pgd_steps
+from actrain.attacks.pgd import PGDTraining, pgd_steps
 from actrain.runtime import attack_model, autocast_dtype
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ class _Graph:
 
 def supported(trainer: Trainer) -> str | None:
     """Why the update of ``trainer`` cannot be graphed (None: it can)."""
-    from actrain.attacks.pgd import PGDTraining
-
     if trainer.device.type != "cuda":
         return "not a CUDA device"
     if trainer.dist.enabled:
