@@ -5,7 +5,8 @@
 Runs, each part under its own time limit and each result written as soon as it exists:
 the CUDA tests (tests/test_cuda.py), the benchmark matrix (`actrain bench --all --device
 cuda`), the levers one at a time on a full-width ACT step, the paper's larger models, and
-torch.compile. Results go to $OUT: tests.txt, results-gpu.md, levers.jsonl, log.txt.
+torch.compile, then fp32 PGD evaluation with and without the BN-folded gradient model.
+Results go to $OUT: tests.txt, results-gpu.md, levers.jsonl, eval.jsonl, log.txt.
 """
 
 from __future__ import annotations
@@ -98,6 +99,34 @@ def levers(budget_s: float) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def evaluation() -> None:
+    """fp32 PGD-20 on a full-width ResNet-18, gradients from the model vs from its BN-folded
+    channels_last view (``--fold-bn``, off by default on a GPU until this says otherwise)."""
+    import torch
+
+    from actrain.evaluation.protocols import robust_accuracy
+    from actrain.models import create_model
+
+    dry = bool(os.environ.get("DRY_RUN"))
+    device = "cpu" if dry else "cuda"
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=4 if dry else 64).to(device).eval()
+    with torch.no_grad():  # batch-norm statistics as a trained model has them, not 0 and 1
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    n = 16 if dry else 1024
+    x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    for fold in (False, True, False, True):
+        r = robust_accuracy(model, x, y, steps=2 if dry else 20, restarts=1, batch_size=512,
+                            early_stop=False, fold_bn=fold)  # fmt: skip
+        row = {"fold_bn": fold, "seconds": r["seconds"], "robust_acc": r["robust_acc"]}
+        log(f"evaluation PGD-20, {n} images: {row}")
+        with open(OUT / "eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
@@ -127,6 +156,10 @@ def main() -> None:
     )
     sys.path.insert(0, str(ROOT / "src"))
     levers(float(os.environ.get("LEVERS_UNTIL_S", "300")))
+    try:
+        evaluation()
+    except Exception as exc:  # must not cost the matrix
+        log(f"evaluation: FAILED {type(exc).__name__}: {exc}")
     left = float(os.environ.get("TOTAL_S", "420")) - (time.time() - START)
     matrix = ["bench", "--all", "--device", "cuda", "--iters", "20", "--warmup", "3"]
     matrix += ["--reference-iters", "5", "--out", str(OUT / "results-gpu.md")]

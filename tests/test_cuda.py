@@ -186,3 +186,28 @@ def test_cuda_graphed_update_in_bf16_and_a_smaller_last_batch():
         for role in ("g", "f"):
             assert torch.allclose(a["losses"][role], b["losses"][role], rtol=0.02, atol=0.01)
     assert graphed.graphed_update.captures == 2  # the full batch and the smaller one
+
+
+def test_cuda_evaluation_with_folded_gradients_matches_the_model():
+    """``--fold-bn on`` on a GPU (off by default there until measured): the same robust
+    accuracy within rounding, every verdict from the model."""
+    from actrain.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=16).cuda().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x, y = torch.rand(200, 3, 32, 32), torch.randint(0, 10, (200,))
+    kw = dict(eps=2 / 255, step_size=0.5 / 255, steps=10, restarts=1, seed=0)
+    plain = robust_accuracy(model, x, y, fold_bn=False, **kw)
+    fold = robust_accuracy(model, x, y, fold_bn=True, **kw)
+    assert plain["attack"]["gradients"] == "model" and "folded" in fold["attack"]["gradients"]
+    assert fold["clean_acc"] == plain["clean_acc"]
+    assert abs(fold["robust_acc"] - plain["robust_acc"]) <= 2.0  # 4 of 200 examples
+    broken = fold["clean_mask"] & ~fold["robust_mask"]
+    with torch.no_grad():
+        pred = model(fold["x_adv"][broken].cuda()).argmax(1).cpu()
+    assert (pred != y[broken]).all()

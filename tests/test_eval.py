@@ -16,6 +16,7 @@ from actrain.attacks import (
     LinfBall,
     fgsm,
     fgsm_k_minimum_perturbation,
+    pgd_robustness,
     pgd_search_minimum_perturbation,
 )
 from actrain.checkpoint import save_weights
@@ -32,6 +33,7 @@ from actrain.evaluation import (
     minimum_perturbation,
 )
 from actrain.models import create_model
+from actrain.runtime import gradient_model
 
 EPS = 0.1  # digits: 8x8 images, the quickstart's training eps
 
@@ -177,6 +179,66 @@ def test_minimum_perturbation_is_below_every_attack_found(digits_model, digits_x
     assert 0 < mp["pgd-search"]["mean"] < mp["fgsm-k"]["mean"]
 
 
+class Negated(nn.Module):
+    """A gradient model that lies: the model's logits negated, so it calls nearly every input
+    misclassified. Shares the model's weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.model(x)
+
+
+def test_folded_gradients_attack_as_strongly_with_verdicts_from_the_model(digits_model, digits_xy):
+    x, y = digits_xy
+    view = gradient_model(digits_model, fold_bn=True)
+    assert view is not digits_model and gradient_model(digits_model, fold_bn=False) is digits_model
+    folded = [m for m in view.modules() if isinstance(m, nn.Conv2d)]
+    assert folded and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in folded)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())
+    with torch.no_grad():  # the same function up to rounding; the model itself is untouched
+        assert torch.allclose(view(x), digits_model(x), atol=1e-4)
+    assert not digits_model.training
+    assert all(p.is_contiguous() for p in digits_model.parameters())  # still NCHW
+    kw = dict(eps=EPS, step_size=0.005, steps=10, restarts=2)
+    accs = {}
+    for fold in (False, True):
+        r = robust_accuracy(digits_model, x, y, seed=0, fold_bn=fold, **kw)
+        accs[fold] = r["robust_acc"]
+        broken = r["clean_mask"] & ~r["robust_mask"]
+        with torch.no_grad():  # every example counted broken fools the model itself
+            assert (digits_model(r["x_adv"][broken]).argmax(1) != y[broken]).all()
+            assert (
+                digits_model(r["x_adv"][r["robust_mask"]]).argmax(1) == y[r["robust_mask"]]
+            ).all()
+        assert ("folded" in r["attack"]["gradients"]) == fold
+    assert 0 < accs[True] < r["clean_acc"]
+    assert abs(accs[True] - accs[False]) <= 2.0  # two of 100 examples: rounding of the path
+    # on a CPU the folded view is the default
+    assert "folded" in robust_accuracy(digits_model, x[:10], y[:10], **kw)["attack"]["gradients"]
+
+
+def test_verdicts_come_from_the_model_not_the_gradient_model(digits_model, digits_xy):
+    x, y = digits_xy
+    liar = Negated(digits_model)
+    for early_stop in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        res = pgd_robustness(digits_model, x, y, EPS, 0.01, 5, 2, early_stop=early_stop,
+                             generator=gen, gradient_model=liar)  # fmt: skip
+        with torch.no_grad():
+            right = digits_model(res.x_adv).argmax(1) == y
+        # the liar calls nearly everything misclassified; only the model's verdicts count
+        assert res.robust.sum() > 50
+        assert torch.equal(res.robust, res.clean_correct & right)
+    mp = pgd_search_minimum_perturbation(digits_model, x[:30], y[:30], search_steps=3,
+                                         generator=torch.Generator().manual_seed(0),
+                                         gradient_model=liar)  # fmt: skip
+    with torch.no_grad():
+        assert (digits_model(mp.x_adv[mp.found]).argmax(1) != y[:30][mp.found]).all()
+
+
 def _sanity_opts(**kw) -> EvalOptions:
     base = dict(
         eps=EPS,
@@ -309,6 +371,11 @@ def test_cli_several_runs_and_transfer(run_files, tmp_path):
     assert agg["values"] == accs and abs(agg["mean"] - sum(accs) / 2) < 1e-9
     assert agg["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
     assert "±" in markdown(res["runs"], aggregate(res["runs"]))
+    assert all("folded" in r["attack"]["gradients"] for r in res["runs"])  # CPU default
+    plain = tmp_path / "plain.json"
+    argv = ["eval", a, "--steps", "10", "--restarts", "1", "--fold-bn", "off", "--json", str(plain)]
+    assert main([*argv, *common]) == 0
+    assert json.loads(plain.read_text())["attack"]["gradients"] == "model"
     tj = tmp_path / "transfer.json"
     assert main(["eval", "--transfer-matrix", a, b, "--json", str(tj), *common]) == 0
     t = json.loads(tj.read_text())

@@ -581,6 +581,7 @@ class Trainer:
         stats: dict[str, float] = {}
         for role, model in self.models.items():
             clean = robust = 0
+            steer = attack_model(model, self.fold_bn, self.precision)  # as the training attack
             for s in starts:
                 seed = base if s == 0 else mix_seed(base, s)
                 gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -594,6 +595,7 @@ class Trainer:
                     restarts=1,
                     autocast=self.autocast,
                     generator=gen,
+                    gradient_model=steer,
                 )
                 clean += int(res.clean_correct.sum())
                 robust += int(res.robust.sum())

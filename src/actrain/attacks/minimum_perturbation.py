@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from actrain.attacks.base import eval_mode
 from actrain.attacks.fgsm import gradient_sign
-from actrain.attacks.pgd import _input_grad, eval_objective
+from actrain.attacks.pgd import _input_grad, confirm_on_model, eval_objective
 
 
 @dataclass
@@ -111,9 +111,11 @@ def _pgd_per_example_eps(
     loss: str,
     generator: torch.Generator | None,
     autocast,
+    steer: nn.Module,
 ) -> tuple[Tensor, Tensor, int]:
-    """PGD with one eps per example (step 2.5 eps / steps, uniform start); returns
-    (fooled mask, the fooling iterate or the last one, forward passes)."""
+    """PGD with one eps per example (step 2.5 eps / steps, uniform start), its gradients from
+    ``steer``, its verdicts from ``model``; returns (fooled mask, the fooling iterate or the
+    last one, forward passes)."""
     e = eps.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     step = 2.5 * e / max(steps, 1)
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -125,12 +127,15 @@ def _pgd_per_example_eps(
         live = (~fooled).nonzero().squeeze(1)
         if live.numel() == 0:
             break
-        grad, logits = _input_grad(model, x_adv[live], eval_objective(loss, y[live]), autocast)
+        cur = x_adv[live]
+        grad, logits = _input_grad(steer, cur, eval_objective(loss, y[live]), autocast)
         passes += live.numel()
         now = logits.argmax(1) != y[live]
+        if steer is not model:
+            passes += confirm_on_model(model, cur, y[live], now, autocast)
         best[live[now]] = x_adv[live[now]]
         fooled[live[now]] = True
-        nxt = x_adv[live] + step[live] * grad.sign()
+        nxt = cur + step[live] * grad.sign()
         nxt = torch.minimum(torch.maximum(nxt, x[live] - e[live]), x[live] + e[live]).clamp(0, 1)
         x_adv[live] = nxt.detach()
     live = (~fooled).nonzero().squeeze(1)
@@ -153,8 +158,10 @@ def pgd_search_minimum_perturbation(
     loss: str = "ce",
     generator: torch.Generator | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    gradient_model: nn.Module | None = None,
 ) -> MinPerturbation:
-    """Bisection over eps per example, each probe a PGD-``steps`` attack.
+    """Bisection over eps per example, each probe a PGD-``steps`` attack (input gradients from
+    ``gradient_model`` if given, as in :func:`actrain.attacks.pgd_robustness`).
 
     ``start`` (e.g. the FGSM^k result on the same examples) supplies a known adversarial
     example as the first upper bound; examples without one first get a PGD probe at
@@ -163,7 +170,8 @@ def pgd_search_minimum_perturbation(
     actually found (kept in ``x_adv``), never larger than the ``start`` distance.
     """
     x = x.detach()
-    with eval_mode(model):
+    steer = model if gradient_model is None else gradient_model
+    with eval_mode(model), eval_mode(steer):
         clean_correct = _predict(model, x, autocast) == y
         n = x.shape[0]
         passes = n
@@ -177,7 +185,7 @@ def pgd_search_minimum_perturbation(
         if todo.numel():
             probe = torch.full((todo.numel(),), max_eps, device=x.device)
             fooled, adv, p = _pgd_per_example_eps(
-                model, x[todo], y[todo], probe, steps, loss, generator, autocast
+                model, x[todo], y[todo], probe, steps, loss, generator, autocast, steer
             )
             passes += p
             ok = todo[fooled]
@@ -190,7 +198,7 @@ def pgd_search_minimum_perturbation(
                 break
             mid = (lo[active] + hi[active]) / 2
             fooled, adv, p = _pgd_per_example_eps(
-                model, x[active], y[active], mid, steps, loss, generator, autocast
+                model, x[active], y[active], mid, steps, loss, generator, autocast, steer
             )
             passes += p
             dist = linf_distance(adv, x[active]).float()

@@ -121,6 +121,15 @@ def _predict(model: nn.Module, x: Tensor, autocast) -> Tensor:
         return model(x).argmax(dim=1)
 
 
+def confirm_on_model(model: nn.Module, x: Tensor, y: Tensor, fooled: Tensor, autocast) -> int:
+    """Keep in ``fooled`` (in place) only the examples ``model`` itself misclassifies, for a
+    verdict first reached on a gradient model; returns the forward passes spent."""
+    hit = fooled.nonzero().squeeze(1)
+    if hit.numel():
+        fooled[hit] = _predict(model, x[hit], autocast) != y[hit]
+    return hit.numel()
+
+
 def pgd_robustness(
     model: nn.Module,
     x: Tensor,
@@ -135,6 +144,7 @@ def pgd_robustness(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     generator: torch.Generator | None = None,
     target: Tensor | None = None,
+    gradient_model: nn.Module | None = None,
 ) -> RobustResult:
     """PGD-k with R restarts, per-example worst case over restarts.
 
@@ -145,10 +155,15 @@ def pgd_robustness(
 
     ``target`` (optional, one class per example) makes the attack targeted: PGD then pushes
     towards that class, and an example still counts as broken as soon as it is misclassified.
+
+    ``gradient_model`` (e.g. :func:`actrain.runtime.gradient_model`, the same function with BN
+    folded) supplies the input gradients; every verdict still comes from ``model``: an iterate
+    the gradient model misclassifies is checked on ``model`` before it counts.
     """
     threat = LinfBall(eps, step_size)
     x = x.detach()
-    with eval_mode(model):
+    steer = model if gradient_model is None else gradient_model
+    with eval_mode(model), eval_mode(steer):
         pred = _predict(model, x, autocast)
         clean_correct = pred == y
         alive = clean_correct.clone()
@@ -170,17 +185,18 @@ def pgd_robustness(
                 if sub.numel() == 0:
                     break
                 ts = None if target is None else target[idx][sub]
-                grad, logits = _input_grad(
-                    model, x_adv[sub], eval_objective(loss, ys[sub], ts), autocast
-                )
+                cur = x_adv[sub]
+                grad, logits = _input_grad(steer, cur, eval_objective(loss, ys[sub], ts), autocast)
                 passes += sub.numel()
-                fooled = logits.argmax(1) != ys[sub]
+                fooled = (logits.argmax(1) != ys[sub]) & active[sub]
+                if steer is not model:
+                    passes += confirm_on_model(model, cur, ys[sub], fooled, autocast)
                 if fooled.any():
                     # Keep the iterate that fooled the model; it is a valid adversarial example.
-                    hit = sub[fooled & active[sub]]
+                    hit = sub[fooled]
                     x_best[idx[hit]] = x_adv[hit]
                     active[hit] = False
-                step = threat.project(threat.step(x_adv[sub], grad), xs[sub])
+                step = threat.project(threat.step(cur, grad), xs[sub])
                 still = active[sub] if early_stop else torch.ones_like(fooled)
                 x_adv[sub[still]] = step[still].detach()
             sub = active.nonzero().squeeze(1)

@@ -100,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch-size", type=int, default=256)
     d.add_argument("--device", default="auto")
     d.add_argument("--precision", default="fp32", help="fp32 (default: full-strength attack)")
+    d.add_argument(
+        "--fold-bn",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="PGD gradients from the model with BN folded into the convs, channels_last;"
+        " verdicts always from the model itself (auto: on for a CPU)",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", help="write the result to this JSON file")
     d.add_argument("--markdown", help="write the Markdown tables to this file")
@@ -215,6 +222,7 @@ def run(ns: argparse.Namespace) -> int:
         targeted=ns.targeted,
         surrogates=tuple(ns.surrogate),
         num_examples=ns.num_examples,
+        fold_bn={"auto": None, "on": True, "off": False}[ns.fold_bn],
     )
     results = []
     for i, path in enumerate(ns.run):

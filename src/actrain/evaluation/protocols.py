@@ -27,7 +27,7 @@ from actrain.attacks.minimum_perturbation import (
     pgd_search_minimum_perturbation,
 )
 from actrain.attacks.pgd import eval_objective, pgd
-from actrain.runtime import autocast_factory, resolve_precision
+from actrain.runtime import autocast_factory, gradient_model, resolve_precision
 
 PAPER_PGD_STEPS = (20, 100, 1000)
 PAPER_EPS_SWEEP = (1, 5, 10, 15, 20, 25, 50, 100)  # units of 1/255 (Table 5)
@@ -90,8 +90,12 @@ def robust_accuracy(
     seed: int = 0,
     progress: bool = False,
     early_stop: bool = True,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     """Clean and white-box PGD accuracy (percent), worst case over restarts per example.
+
+    The input gradients come from :func:`actrain.runtime.gradient_model` (``fold_bn``; by
+    default the BN-folded channels_last view on a CPU), every verdict from ``model``.
 
     ``targeted`` > 0 runs the multi-targeted variant: for each of the ``targeted`` classes with
     the highest clean logits (other than the label), R restarts of targeted PGD; an example is
@@ -99,6 +103,7 @@ def robust_accuracy(
     """
     device = _device(model)
     autocast = autocast_factory(resolve_precision(precision, device), device)
+    steer = gradient_model(model, fold_bn)
     gen = torch.Generator(device=device).manual_seed(seed)
     clean = robust = passes = 0
     robust_mask = torch.zeros(len(y), dtype=torch.bool)
@@ -133,6 +138,7 @@ def robust_accuracy(
                 generator=gen,
                 early_stop=early_stop,
                 target=tgt,
+                gradient_model=steer,
             )
             passes += res.forward_passes
             broken_now = ~res.robust if alive is None else alive & ~res.robust
@@ -187,9 +193,16 @@ def robust_accuracy(
             "worst_case_over_restarts": True,
             "early_stop": early_stop,
             "precision": precision,
+            "gradients": _gradients_from(model, steer),
             "seed": seed,
         },
     }
+
+
+def _gradients_from(model: nn.Module, steer: nn.Module) -> str:
+    if steer is model:
+        return "model"
+    return "model with BN folded into the convs, channels_last (verdicts from the model)"
 
 
 def pgd_result(out: dict[str, Any]) -> dict[str, Any]:
@@ -382,6 +395,7 @@ def minimum_perturbation(
     progress: bool = False,
     keep_examples: bool = False,
     known_adv: Tensor | None = None,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     """Mean minimum L-infinity perturbation over clean-correct examples, per method.
 
@@ -391,6 +405,7 @@ def minimum_perturbation(
     """
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
+    steer = gradient_model(model, fold_bn)
     out: dict[str, Any] = {}
     parts: dict[str, list[MinPerturbation]] = {m: [] for m in methods}
     bar = _bar(len(y), "min-perturbation", progress)
@@ -415,6 +430,7 @@ def minimum_perturbation(
                     steps=pgd_steps,
                     search_steps=search_steps,
                     generator=gen,
+                    gradient_model=steer,
                 )
             )
         bar.update(len(yb))
@@ -444,6 +460,7 @@ def minimum_perturbation(
         settings["pgd-search"] = {
             "probe": f"PGD-{pgd_steps}, CE, uniform start, step 2.5*eps/{pgd_steps}",
             "bisection_steps": search_steps,
+            "gradients": _gradients_from(model, steer),
             "initial_upper_bound": (
                 "closest of FGSM^k and the white-box PGD examples"
                 if known_adv is not None
@@ -473,6 +490,7 @@ def eps_sweep(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     """PGD-k accuracy at each eps (units of 1/255), as in the paper's Table 5."""
     rows = []
@@ -490,6 +508,7 @@ def eps_sweep(
             batch_size=batch_size,
             seed=seed,
             progress=progress,
+            fold_bn=fold_bn,
         )
         rows.append({"eps_255": e, "eps": eps, "robust_acc": r["robust_acc"], "step_size": step})
     return {
@@ -502,6 +521,7 @@ def eps_sweep(
             "loss": "ce",
             "start": "uniform",
             "step_size_rule": f"max({step_size}, 2.5*eps/{steps})",
+            "gradients": _gradients_from(model, gradient_model(model, fold_bn)),
             "seed": seed,
         },
     }
@@ -518,9 +538,12 @@ def transfer_examples(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
+    fold_bn: bool | None = None,
 ) -> Tensor:
-    """PGD-k adversarial examples made on the surrogate (final iterate, one uniform start)."""
+    """PGD-k adversarial examples made on the surrogate (final iterate, one uniform start;
+    gradients from :func:`actrain.runtime.gradient_model`)."""
     device = _device(surrogate)
+    steer = gradient_model(surrogate, fold_bn)
     gen = torch.Generator(device=device).manual_seed(seed)
     threat = LinfBall(eps, step_size)
     out = torch.empty_like(x, device="cpu")
@@ -528,7 +551,7 @@ def transfer_examples(
     for s in range(0, len(y), batch_size):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         out[s : s + len(yb)] = pgd(
-            surrogate, xb, eval_objective("ce", yb), threat, steps, "uniform", generator=gen
+            steer, xb, eval_objective("ce", yb), threat, steps, "uniform", generator=gen
         ).cpu()
         bar.update(len(yb))
     bar.close()

@@ -53,6 +53,7 @@ class EvalOptions:
     test_subset: int | None = None
     batch_size: int = 256
     precision: str = "fp32"
+    fold_bn: bool | None = None  # gradients from the BN-folded view (None: per device)
     seed: int = 0
     save_examples: str | None = None
     num_examples: int = 8
@@ -118,6 +119,7 @@ def evaluate_model(
             loss=opts.loss,
             targeted=opts.targeted,
             precision=opts.precision,
+            fold_bn=opts.fold_bn,
             **common,
         )
         res.update(P.pgd_result(out))
@@ -136,6 +138,7 @@ def evaluate_model(
                 loss=opts.loss,
                 targeted=opts.targeted,
                 precision=opts.precision,
+                fold_bn=opts.fold_bn,
                 **common,
             )
             res["pgd"][str(k)] = P.pgd_result(out)
@@ -179,6 +182,7 @@ def evaluate_model(
             search_steps=opts.min_pert_search_steps,
             keep_examples=bool(opts.save_examples),
             known_adv=keep_adv.get("pgd"),
+            fold_bn=opts.fold_bn,
             **common,
         )
         for m in opts.min_pert:
@@ -195,6 +199,7 @@ def evaluate_model(
             steps=opts.sweep_steps,
             restarts=opts.sweep_restarts,
             step_size=opts.step_size,
+            fold_bn=opts.fold_bn,
             **common,
         )
         accs = ", ".join(
@@ -214,7 +219,14 @@ def evaluate_model(
             bb["transfer"] = {}
             for name, sur in surrogates.items():
                 x_adv = P.transfer_examples(
-                    sur, x, y, eps=opts.eps, step_size=opts.step_size, steps=20, **common
+                    sur,
+                    x,
+                    y,
+                    eps=opts.eps,
+                    step_size=opts.step_size,
+                    steps=20,
+                    fold_bn=opts.fold_bn,
+                    **common,
                 )
                 t = P.transfer_success(model, x, x_adv, y, opts.batch_size)
                 t["attack"] = _transfer_attack(opts)
