@@ -19,6 +19,7 @@ from actrain.attacks import (
     pgd_robustness,
     pgd_search_minimum_perturbation,
 )
+from actrain.attacks.autoattack import autoattack
 from actrain.checkpoint import save_weights
 from actrain.cli import main
 from actrain.data import load_split
@@ -237,6 +238,19 @@ def test_verdicts_come_from_the_model_not_the_gradient_model(digits_model, digit
                                          gradient_model=liar)  # fmt: skip
     with torch.no_grad():
         assert (digits_model(mp.x_adv[mp.found]).argmax(1) != y[:30][mp.found]).all()
+    # AutoAttack (APGD-CE here) queries the searcher, decides on the model
+    x, y = x[:40], y[:40]
+    runs = {
+        name: autoattack(digits_model, x, y, 0.15, attacks=("apgd-ce",), searcher=searcher)
+        for name, searcher in (("model", None), ("folded", gradient_model(digits_model, True)),
+                               ("liar", liar))
+    }  # fmt: skip
+    for r in runs.values():
+        with torch.no_grad():
+            right = digits_model(r.x_adv).argmax(1) == y
+        assert torch.equal(r.robust, r.clean_correct & right)
+    acc = {name: int(r.robust.sum()) for name, r in runs.items()}
+    assert abs(acc["folded"] - acc["model"]) <= 1 and acc["liar"] > acc["model"] + 5, acc
 
 
 def _sanity_opts(**kw) -> EvalOptions:

@@ -66,11 +66,14 @@ def autoattack(
     batch_size: int = 256,
     square_queries: int | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
+    searcher: nn.Module | None = None,
 ) -> AutoAttackResult:
     """Standard AutoAttack (L-infinity) on tensors in [0, 1] on the model's device.
 
     ``on_batch(attack, done, broken)`` is called after every batch of every attack.
     ``square_queries`` overrides Square's 5000 queries (then the run is no longer "standard").
+    ``searcher`` (e.g. :func:`actrain.runtime.gradient_model`) is what the attacks query and
+    differentiate; whether an example is broken is always decided on ``model``.
     """
     paa = _import_pyautoattack()
     device = x.device
@@ -79,9 +82,10 @@ def autoattack(
     logger.addHandler(capture)
     flags: list[str] = []
     try:
-        with eval_mode(model), warnings.catch_warnings(record=True) as caught:
+        search = model if searcher is None else searcher
+        with eval_mode(model), eval_mode(search), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            aa = paa.AutoAttack(model, eps=eps, version="standard", seed=seed, device=device)
+            aa = paa.AutoAttack(search, eps=eps, version="standard", seed=seed, device=device)
             aa.logger = logger
             for sub in (aa.apgd, aa.apgd_targeted, aa.fab, aa.square):
                 if hasattr(sub, "logger"):
@@ -162,15 +166,18 @@ def square_attack(
     seed: int = 0,
     batch_size: int = 256,
     on_batch: Callable[[str, int, int], None] | None = None,
+    searcher: nn.Module | None = None,
 ) -> AutoAttackResult:
-    """Square attack alone on every example: a score-based black-box baseline."""
+    """Square attack alone on every example: a score-based black-box baseline (queries to
+    ``searcher`` if given, verdicts from ``model``, as in :func:`autoattack`)."""
     paa = _import_pyautoattack()
     from pyautoattack.square import SquareAttack
 
     del paa
-    with eval_mode(model):
+    search = model if searcher is None else searcher
+    with eval_mode(model), eval_mode(search):
         sq = SquareAttack(
-            model,
+            search,
             p_init=0.8,
             n_queries=queries,
             eps=eps,

@@ -242,9 +242,13 @@ def autoattack_accuracy(
     batch_size: int = 256,
     square_queries: int | None = None,
     progress: bool = False,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
+    """Standard AutoAttack; the attacks query :func:`actrain.runtime.gradient_model`
+    (``fold_bn``), every verdict comes from ``model``."""
     device = _device(model)
     t0 = time.perf_counter()
+    steer = gradient_model(model, fold_bn)
     bars: dict[str, tqdm] = {}
     state = {"broken": 0}
 
@@ -268,6 +272,7 @@ def autoattack_accuracy(
         batch_size=batch_size,
         square_queries=square_queries,
         on_batch=on_batch,
+        searcher=steer,
     )
     for b in bars.values():
         b.close()
@@ -291,6 +296,7 @@ def autoattack_accuracy(
             "apgd_t_target_classes": 9,
             "fab_t_target_classes": 9,
             "square_queries": square_queries or 5000,
+            "gradients": _gradients_from(model, steer),
             "seed": seed,
         },
         "_mask": res.robust.cpu(),
@@ -307,9 +313,11 @@ def square_accuracy(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     device = _device(model)
     t0 = time.perf_counter()
+    steer = gradient_model(model, fold_bn)
     bar = _bar(len(y), f"Square-{queries}", progress)
     res = square_attack(
         model,
@@ -320,6 +328,7 @@ def square_accuracy(
         seed=seed,
         batch_size=batch_size,
         on_batch=lambda _n, done, _b: (setattr(bar, "n", done), bar.refresh()),
+        searcher=steer,
     )
     bar.close()
     n = len(y)
@@ -335,6 +344,7 @@ def square_accuracy(
             "queries": queries,
             "p_init": 0.8,
             "loss": "margin",
+            "queries_to": _gradients_from(model, steer),
             "seed": seed,
         },
     }

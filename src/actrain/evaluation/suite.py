@@ -162,6 +162,7 @@ def evaluate_model(
             batch_size=opts.batch_size,
             seed=opts.seed,
             progress=opts.progress,
+            fold_bn=opts.fold_bn,
         )
         out.pop("_mask")
         if opts.suite == "basic" and not opts.sanity:
@@ -210,7 +211,13 @@ def evaluate_model(
         bb: dict[str, Any] = {}
         if opts.square_queries > 0:
             bb["square"] = P.square_accuracy(
-                model, x, y, eps=opts.eps, queries=opts.square_queries, **common
+                model,
+                x,
+                y,
+                eps=opts.eps,
+                queries=opts.square_queries,
+                fold_bn=opts.fold_bn,
+                **common,
             )
             _log(
                 opts.progress, f"  Square-{opts.square_queries}: {bb['square']['robust_acc']:.2f}%"
