@@ -101,30 +101,17 @@ def levers(budget_s: float) -> None:
 
 def evaluation() -> None:
     """fp32 PGD-20 on a full-width ResNet-18, gradients from the model vs from its BN-folded
-    channels_last view (``--fold-bn``, off by default on a GPU until this says otherwise)."""
-    import torch
+    channels_last copy (`actrain bench --eval`; `--fold-bn` stays off by default on a GPU
+    until this says otherwise)."""
+    from actrain import bench
 
-    from actrain.evaluation.protocols import robust_accuracy
-    from actrain.models import create_model
-
-    dry = bool(os.environ.get("DRY_RUN"))
-    device = "cpu" if dry else "cuda"
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10, width=4 if dry else 64).to(device).eval()
-    with torch.no_grad():  # batch-norm statistics as a trained model has them, not 0 and 1
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    n = 16 if dry else 1024
-    x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
-    for fold in (False, True, False, True):
-        r = robust_accuracy(model, x, y, steps=2 if dry else 20, restarts=1, batch_size=512,
-                            early_stop=False, fold_bn=fold)  # fmt: skip
-        row = {"fold_bn": fold, "seconds": r["seconds"], "robust_acc": r["robust_acc"]}
-        log(f"evaluation PGD-20, {n} images: {row}")
-        with open(OUT / "eval.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+    spec = bench.BenchSpec(device="cuda", width=64, batch_size=512, steps=20, iters=3)
+    if os.environ.get("DRY_RUN"):
+        spec = bench.BenchSpec(device="cpu", width=4, batch_size=8, steps=2, iters=1)
+    row = bench.run_eval_bench(spec)
+    log(bench.format_eval_line(row))
+    with open(OUT / "eval.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ python benchmarks/micro.py trainpass amxwgrad 16  # a train pass with/without on
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
-python benchmarks/micro.py evalfold 16  # fp32 PGD-20 evaluation, gradients from the model vs folded
 """
 
 from __future__ import annotations
@@ -409,29 +408,6 @@ def fold(width: int, rounds: int = 15) -> None:
         print(f"width {width}, folded weights {k}: {1000 * sorted(ts)[rounds // 2]:.1f} ms/pass")
 
 
-def evalfold(width: int, rounds: int = 2) -> None:
-    """fp32 PGD-20 evaluation (256 images, one restart, no early stop) with the gradients from
-    the model and from its BN-folded channels_last view (``actrain eval --fold-bn``)."""
-    from actrain.evaluation.protocols import robust_accuracy
-
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10, width=width).eval()
-    with torch.no_grad():  # batch-norm statistics as a trained model has them, not 0 and 1
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    x = torch.rand(BATCH * 2, 3, 32, 32)
-    with torch.no_grad():
-        y = model(x).argmax(1)  # every example correct: all of them are attacked
-    for _ in range(rounds):
-        for fold in (False, True):
-            t = time.process_time()
-            r = robust_accuracy(model, x, y, steps=20, restarts=1, early_stop=False, fold_bn=fold)
-            took = time.process_time() - t
-            print(f"width {width}, fold_bn {fold}: {took:.2f} s, robust {r['robust_acc']:.1f} %")
-
-
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
@@ -444,5 +420,4 @@ if __name__ == "__main__":
     else:
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
         commands["wgrad"], commands["wgradshare"] = wgrad, wgradshare
-        commands["evalfold"] = evalfold
         commands[what](width)

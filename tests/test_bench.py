@@ -205,6 +205,23 @@ def test_bench_rejects_bad_flags(capsys):
     assert main(["bench", "--method", "nope"]) == 2
 
 
+def test_bench_eval_times_both_gradient_sources_on_the_same_attack(capsys):
+    argv = ["bench", "--eval", "--width", "4", "--batch-size", "8", "--steps", "3"]
+    assert main([*argv, "--iters", "2", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "eval" and r["steps"] == 3 and r["batch_size"] == 8
+    assert r["images_per_s"] > 0 and r["images_per_s_plain_gradients"] > 0
+    assert r["speedup"] == pytest.approx(r["images_per_s"] / r["images_per_s_plain_gradients"])
+    ms = r["ms_per_batch"]
+    assert r["images_per_s"] == pytest.approx(8000 / ms["folded"])
+    assert "folded" in r["default_gradients"]  # the CPU default
+    # the same attack either way: at most one image of 8 apart (rounding of the path)
+    assert abs(r["robust_acc"]["folded"] - r["robust_acc"]["plain"]) <= 12.5
+    assert main([*argv, "--all"]) == 2
+    assert main([*argv, "--precision", "bf16"]) == 2
+    assert "fp32" in capsys.readouterr().err
+
+
 def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
     out = tmp_path / "table.md"
     argv = [

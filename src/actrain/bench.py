@@ -46,6 +46,7 @@ from actrain.runtime import (
     attack_model,
     autocast_dtype,
     configure_threads,
+    eval_fold_bn_default,
     use_attack_view,
 )
 
@@ -700,6 +701,82 @@ def interleaved_step_ms(specs: list[BenchSpec], rounds: int, block: int = 2) -> 
                 if k > 0:
                     times[i].append(_clock() - t0)
     return [1000 * statistics.median(t) for t in times]
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
+    """``actrain bench --eval``: fp32 PGD-k evaluation throughput of ``spec``'s model, as
+    ``actrain eval`` runs it (NCHW fp32 model, one restart), with the input gradients from the
+    model and from its BN-folded copy (``runtime.gradient_model``), in alternating rounds of
+    one process. Random weights with batch-norm statistics like a trained model's; the labels
+    are the model's own predictions and early stopping is off, so every image is attacked for
+    all k steps and the time measures the attack, not the model's accuracy."""
+    global _clock
+    if spec.clock not in CLOCKS:
+        raise ValueError(f"unknown clock {spec.clock!r} (wall, cpu)")
+    _clock = CLOCKS[spec.clock]
+    threads = configure_threads(spec.threads)
+    cfg = spec.train_config()
+    device = T.resolve_device(cfg.device)
+    info = D.get_dataset_info(cfg.dataset)
+    torch.manual_seed(spec.seed)
+    kw = T.model_kwargs(cfg, "g", info, info.num_classes or 1000)
+    model = create_model(**kw).to(device).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x = synthetic_images(info, spec.batch_size, 1, spec.seed).images.float().div(255).to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    from actrain.evaluation.protocols import robust_accuracy
+
+    def attack(fold: bool) -> Callable[[], dict[str, Any]]:
+        return lambda: robust_accuracy(
+            model, x, y, steps=spec.steps, restarts=1, early_stop=False,
+            batch_size=spec.batch_size, fold_bn=fold,
+        )  # fmt: skip
+
+    results = {fold: attack(fold)() for fold in (False, True)}  # warm-up; the answers
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(spec.iters):
+        for fold in (False, True):
+            times[fold].append(_timed(attack(fold), 1, device, warm=False))
+    seconds = {fold: statistics.median(t) for fold, t in times.items()}
+    rate = {fold: spec.batch_size / s for fold, s in seconds.items()}
+    return {
+        "mode": "eval",
+        "arch": cfg.arch,
+        "width": cfg.width,
+        "dataset": cfg.dataset,
+        "batch_size": spec.batch_size,
+        "steps": spec.steps,
+        "precision": "fp32",
+        "images_per_s": rate[True],
+        "images_per_s_plain_gradients": rate[False],
+        "speedup": rate[True] / rate[False],
+        "default_gradients": results[eval_fold_bn_default(device)]["attack"]["gradients"],
+        "robust_acc": {
+            "folded": results[True]["robust_acc"],
+            "plain": results[False]["robust_acc"],
+        },
+        "ms_per_batch": {"folded": 1000 * seconds[True], "plain": 1000 * seconds[False]},
+        "clock": spec.clock,
+        "environment": environment(device, threads),
+    }
+
+
+def format_eval_line(r: dict[str, Any]) -> str:
+    return (
+        f"eval PGD-{r['steps']} fp32 {r['arch']} w{r['width']} batch {r['batch_size']}:"
+        f" {r['images_per_s']:.1f} img/s with BN-folded gradients,"
+        f" {r['images_per_s_plain_gradients']:.1f} img/s with the model's ({r['speedup']:.2f}x);"
+        f" robust acc {r['robust_acc']['folded']:.1f} / {r['robust_acc']['plain']:.1f} %;"
+        f" default here: {r['default_gradients']}"
+    )
 
 
 # ---- the matrix --------------------------------------------------------------------------------

@@ -244,8 +244,9 @@ _EVAL_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def eval_fold_bn_default(device: torch.device) -> bool:
     """Evaluation attacks take their gradients from the folded channels_last view on a CPU,
-    where it was measured (fp32 PGD, ResNet-18: 1.5-1.8x faster at width 16, 1.3x at full
-    width; docs/evaluation.md); on a GPU it has not been measured yet, so it stays off there."""
+    where it was measured (fp32 PGD, ResNet-18: 1.5-1.85x faster at width 16, 1.3x at full
+    width; docs/evaluation.md, ``actrain bench --eval``); on a GPU it has not been measured
+    yet, so it stays off there."""
     return device.type == "cpu"
 
 

@@ -82,6 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="every method at widths 16 and 64 plus a plain-levers ACT row; writes a table",
     )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="time fp32 PGD-k evaluation (k = --steps) instead of training: gradients from the"
+        " model vs from its BN-folded copy, --iters alternating rounds",
+    )
     p.add_argument("--widths", default="16,64", help="widths for --all")
     p.add_argument("--out", default="benchmarks/results.md", help="Markdown table of --all")
     p.set_defaults(func=run)
@@ -137,6 +143,14 @@ def run(ns: argparse.Namespace) -> int:
 
     spec = _spec(ns)
     spec.train_config()  # validates method, arch, precision, ... before any time is spent
+    if ns.eval:
+        if ns.all:
+            raise UsageError("--eval and --all: choose one")
+        if ns.precision not in ("auto", "fp32"):
+            raise UsageError("--precision: --eval times fp32 evaluation (actrain eval's default)")
+        result = bench.run_eval_bench(spec)
+        print(json.dumps(result) if ns.json else bench.format_eval_line(result))
+        return 0
     if not ns.all:
         result = bench.run_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_line(result))
