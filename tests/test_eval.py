@@ -398,6 +398,15 @@ def test_cli_several_runs_and_transfer(run_files, tmp_path):
     # white-box (surrogate = target) beats transfer from the other model
     assert rates[a][a] >= rates[a][b] and rates[b][b] >= rates[b][a]
     assert t["attack"]["steps"] == 20 and t["indices"] == t["indices"][:50]
+    assert all("folded" in g for g in t["attack"]["gradients"].values())
+    tj_plain = tmp_path / "transfer-plain.json"
+    argv = ["eval", "--transfer-matrix", a, b, "--fold-bn", "off", "--json", str(tj_plain)]
+    assert main([*argv, *common]) == 0
+    t_plain = json.loads(tj_plain.read_text())
+    assert set(t_plain["attack"]["gradients"].values()) == {"model"}
+    for target in (a, b):  # the same attack up to rounding: within 2 of 50 examples
+        for sur in (a, b):
+            assert abs(t_plain["success_rate"][target][sur] - rates[target][sur]) <= 4.0
     assert main(["eval", "--transfer", a, "--no-progress"]) == 2
     assert main(["eval", a, "--min-pert", "foo", "--no-progress"]) == 2
 

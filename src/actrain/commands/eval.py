@@ -184,6 +184,7 @@ def run(ns: argparse.Namespace) -> int:
     out_dir = Path(ns.out) if ns.out else None
     json_path = ns.json or (str(out_dir / "eval.json") if out_dir else None)
     md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)
+    fold_bn = {"auto": None, "on": True, "off": False}[ns.fold_bn]
     common = dict(
         test_subset=ns.test_subset,
         dataset=ns.dataset,
@@ -200,7 +201,9 @@ def run(ns: argparse.Namespace) -> int:
             raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
         surs = list(ns.run) if ns.transfer_matrix else [ns.run[0]]
         tgts = list(ns.run) if ns.transfer_matrix else list(ns.run[1:])
-        result = transfer_matrix(surs, tgts, eps=eps, step_size=step, steps=20, **common)
+        result = transfer_matrix(
+            surs, tgts, eps=eps, step_size=step, steps=20, fold_bn=fold_bn, **common
+        )
         md = "### Black-box transfer (Table 3)\n\n" + table3(result)
         print(md)
         _write(result, md, json_path, md_path, getattr(ns, "argv", None))
@@ -222,7 +225,7 @@ def run(ns: argparse.Namespace) -> int:
         targeted=ns.targeted,
         surrogates=tuple(ns.surrogate),
         num_examples=ns.num_examples,
-        fold_bn={"auto": None, "on": True, "off": False}[ns.fold_bn],
+        fold_bn=fold_bn,
     )
     results = []
     for i, path in enumerate(ns.run):

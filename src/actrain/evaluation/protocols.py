@@ -199,6 +199,11 @@ def robust_accuracy(
     }
 
 
+def gradients_label(model: nn.Module, fold_bn: bool | None = None) -> str:
+    """What an attack on ``model`` takes its gradients from (the ``attack.gradients`` entry)."""
+    return _gradients_from(model, gradient_model(model, fold_bn))
+
+
 def _gradients_from(model: nn.Module, steer: nn.Module) -> str:
     if steer is model:
         return "model"
@@ -531,7 +536,7 @@ def eps_sweep(
             "loss": "ce",
             "start": "uniform",
             "step_size_rule": f"max({step_size}, 2.5*eps/{steps})",
-            "gradients": _gradients_from(model, gradient_model(model, fold_bn)),
+            "gradients": gradients_label(model, fold_bn),
             "seed": seed,
         },
     }

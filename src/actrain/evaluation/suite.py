@@ -458,6 +458,7 @@ def transfer_matrix(
     role: str = "g",
     seed: int = 0,
     progress: bool = True,
+    fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     """Table 3: success rate of PGD-k examples made on each surrogate against each target.
 
@@ -499,6 +500,7 @@ def transfer_matrix(
             batch_size=batch_size,
             seed=seed,
             progress=progress,
+            fold_bn=fold_bn,
         )
         for t in targets:
             r = P.transfer_success(loaded[t][0], x, x_adv, y, batch_size)
@@ -522,6 +524,7 @@ def transfer_matrix(
             "loss": "ce",
             "start": "uniform",
             "examples": "final PGD iterate on the surrogate",
+            "gradients": {s: P.gradients_label(loaded[s][0], fold_bn) for s in surrogates},
             "seed": seed,
         },
     }
