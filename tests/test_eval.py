@@ -221,6 +221,34 @@ def test_folded_gradients_attack_as_strongly_with_verdicts_from_the_model(digits
     assert "folded" in robust_accuracy(digits_model, x[:10], y[:10], **kw)["attack"]["gradients"]
 
 
+class Shifted(nn.Module):
+    """The model's logits + 1e5: the same predictions in fp32 (spacing 0.008 there); in bf16
+    (spacing 512 there) the ranking is mostly rounded away."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) + 100_000
+
+
+def test_a_bf16_search_is_judged_in_fp32(digits_model, digits_xy):
+    x, y = digits_xy
+    shifted = Shifted(digits_model).eval()
+    kw = dict(eps=EPS, step_size=0.01, steps=5, restarts=1, seed=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_right = (shifted(x).argmax(1) == y).float().mean().item()
+    assert bf16_right < 0.5  # judged in bf16 the model would look broken
+    fp32 = robust_accuracy(shifted, x, y, **kw)
+    bf16 = robust_accuracy(shifted, x, y, precision="bf16", **kw)
+    assert bf16["attack"]["precision"] == "bf16" and bf16["attack"]["verdicts"].startswith("fp32")
+    assert bf16["clean_acc"] == fp32["clean_acc"] > 85
+    with torch.no_grad():
+        right = shifted(bf16["x_adv"]).argmax(1) == y
+    assert torch.equal(bf16["robust_mask"], bf16["clean_mask"] & right)
+
+
 def test_verdicts_come_from_the_model_not_the_gradient_model(digits_model, digits_xy):
     x, y = digits_xy
     liar = Negated(digits_model)

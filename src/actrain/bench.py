@@ -707,12 +707,14 @@ def interleaved_step_ms(specs: list[BenchSpec], rounds: int, block: int = 2) -> 
 
 
 def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
-    """``actrain bench --eval``: fp32 PGD-k evaluation throughput of ``spec``'s model, as
-    ``actrain eval`` runs it (NCHW fp32 model, one restart), with the input gradients from the
-    model and from its BN-folded copy (``runtime.gradient_model``), in alternating rounds of
-    one process. Random weights with batch-norm statistics like a trained model's; the labels
-    are the model's own predictions and early stopping is off, so every image is attacked for
-    all k steps and the time measures the attack, not the model's accuracy."""
+    """``actrain bench --eval``: PGD-k evaluation throughput of ``spec``'s model, as
+    ``actrain eval`` runs it (NCHW fp32 model, one restart, verdicts in fp32), with the input
+    gradients from the model in fp32 (the plain path) and from its BN-folded copy
+    (``runtime.gradient_model``) in ``spec.precision`` (auto: fp32, the evaluation default),
+    in alternating rounds of one process. Random weights with batch-norm statistics like a
+    trained model's; the labels are the model's own predictions and early stopping is off, so
+    every image is attacked for all k steps and the time measures the attack, not the model's
+    accuracy."""
     global _clock
     if spec.clock not in CLOCKS:
         raise ValueError(f"unknown clock {spec.clock!r} (wall, cpu)")
@@ -734,10 +736,12 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
         y = model(x).argmax(1)
     from actrain.evaluation.protocols import robust_accuracy
 
+    precision = "fp32" if spec.precision == "auto" else spec.precision
+
     def attack(fold: bool) -> Callable[[], dict[str, Any]]:
         return lambda: robust_accuracy(
             model, x, y, steps=spec.steps, restarts=1, early_stop=False,
-            batch_size=spec.batch_size, fold_bn=fold,
+            batch_size=spec.batch_size, fold_bn=fold, precision=precision if fold else "fp32",
         )  # fmt: skip
 
     results = {fold: attack(fold)() for fold in (False, True)}  # warm-up; the answers
@@ -754,7 +758,7 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "batch_size": spec.batch_size,
         "steps": spec.steps,
-        "precision": "fp32",
+        "precision": precision,
         "images_per_s": rate[True],
         "images_per_s_plain_gradients": rate[False],
         "speedup": rate[True] / rate[False],
@@ -771,9 +775,10 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
 
 def format_eval_line(r: dict[str, Any]) -> str:
     return (
-        f"eval PGD-{r['steps']} fp32 {r['arch']} w{r['width']} batch {r['batch_size']}:"
-        f" {r['images_per_s']:.1f} img/s with BN-folded gradients,"
-        f" {r['images_per_s_plain_gradients']:.1f} img/s with the model's ({r['speedup']:.2f}x);"
+        f"eval PGD-{r['steps']} {r['arch']} w{r['width']} batch {r['batch_size']}:"
+        f" {r['images_per_s']:.1f} img/s with BN-folded {r['precision']} gradients,"
+        f" {r['images_per_s_plain_gradients']:.1f} img/s with the model's fp32 ones"
+        f" ({r['speedup']:.2f}x);"
         f" robust acc {r['robust_acc']['folded']:.1f} / {r['robust_acc']['plain']:.1f} %;"
         f" default here: {r['default_gradients']}"
     )

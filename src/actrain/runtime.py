@@ -250,10 +250,13 @@ def eval_fold_bn_default(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def gradient_model(model: torch.nn.Module, fold_bn: bool | None = None) -> torch.nn.Module:
-    """The module whose input gradients steer an evaluation attack on ``model``: its fp32
+def gradient_model(
+    model: torch.nn.Module, fold_bn: bool | None = None, precision: str = "fp32"
+) -> torch.nn.Module:
+    """The module whose input gradients steer an evaluation attack on ``model``: its
     :class:`AttackView` with channels_last weights (``fold_bn``, default
-    :func:`eval_fold_bn_default`), refreshed from the model's current weights; or the model.
+    :func:`eval_fold_bn_default`; folded weights stored in the attack's ``precision``),
+    refreshed from the model's current weights; or the model.
 
     The same function up to float rounding, so the attack is as strong; evaluations still take
     every verdict (is this example misclassified?) from ``model`` itself."""
@@ -262,7 +265,7 @@ def gradient_model(model: torch.nn.Module, fold_bn: bool | None = None) -> torch
         fold_bn = eval_fold_bn_default(param.device if param is not None else torch.device("cpu"))
     if not fold_bn:
         return model
-    return _cached_view(_EVAL_VIEWS, model, None, channels_last=True)
+    return _cached_view(_EVAL_VIEWS, model, autocast_dtype(precision), channels_last=True)
 
 
 def use_attack_view(model: torch.nn.Module, view: AttackView | None) -> None:

@@ -145,6 +145,7 @@ def pgd_robustness(
     generator: torch.Generator | None = None,
     target: Tensor | None = None,
     gradient_model: nn.Module | None = None,
+    verdict_autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> RobustResult:
     """PGD-k with R restarts, per-example worst case over restarts.
 
@@ -158,13 +159,17 @@ def pgd_robustness(
 
     ``gradient_model`` (e.g. :func:`actrain.runtime.gradient_model`, the same function with BN
     folded) supplies the input gradients; every verdict still comes from ``model``: an iterate
-    the gradient model misclassifies is checked on ``model`` before it counts.
+    the gradient model misclassifies is checked on ``model`` before it counts. The verdicts
+    run under ``verdict_autocast`` (default: ``autocast``, the gradients' precision), so a
+    bf16 search can be judged in fp32.
     """
     threat = LinfBall(eps, step_size)
     x = x.detach()
     steer = model if gradient_model is None else gradient_model
+    judge = autocast if verdict_autocast is None else verdict_autocast
+    checked = steer is not model or judge is not autocast  # verdicts need a pass of their own
     with eval_mode(model), eval_mode(steer):
-        pred = _predict(model, x, autocast)
+        pred = _predict(model, x, judge)
         clean_correct = pred == y
         alive = clean_correct.clone()
         x_best = x.clone()
@@ -189,8 +194,8 @@ def pgd_robustness(
                 grad, logits = _input_grad(steer, cur, eval_objective(loss, ys[sub], ts), autocast)
                 passes += sub.numel()
                 fooled = (logits.argmax(1) != ys[sub]) & active[sub]
-                if steer is not model:
-                    passes += confirm_on_model(model, cur, ys[sub], fooled, autocast)
+                if checked:
+                    passes += confirm_on_model(model, cur, ys[sub], fooled, judge)
                 if fooled.any():
                     # Keep the iterate that fooled the model; it is a valid adversarial example.
                     hit = sub[fooled]
@@ -201,7 +206,7 @@ def pgd_robustness(
                 x_adv[sub[still]] = step[still].detach()
             sub = active.nonzero().squeeze(1)
             if sub.numel():
-                final = _predict(model, x_adv[sub], autocast)
+                final = _predict(model, x_adv[sub], judge)
                 passes += sub.numel()
                 fooled = final != ys[sub]
                 x_best[idx[sub[fooled]]] = x_adv[sub[fooled]]

@@ -85,8 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--eval",
         action="store_true",
-        help="time fp32 PGD-k evaluation (k = --steps) instead of training: gradients from the"
-        " model vs from its BN-folded copy, --iters alternating rounds",
+        help="time PGD-k evaluation (k = --steps) instead of training: fp32 gradients from the"
+        " model vs gradients from its BN-folded copy in --precision (auto: fp32), --iters"
+        " alternating rounds",
     )
     p.add_argument("--widths", default="16,64", help="widths for --all")
     p.add_argument("--out", default="benchmarks/results.md", help="Markdown table of --all")
@@ -146,8 +147,11 @@ def run(ns: argparse.Namespace) -> int:
     if ns.eval:
         if ns.all:
             raise UsageError("--eval and --all: choose one")
-        if ns.precision not in ("auto", "fp32"):
-            raise UsageError("--precision: --eval times fp32 evaluation (actrain eval's default)")
+        if ns.precision not in ("auto", "fp32", "bf16"):
+            raise UsageError(
+                f"--precision: --eval takes fp32 (auto, the evaluation default) or bf16,"
+                f" got {ns.precision!r}"
+            )
         result = bench.run_eval_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_eval_line(result))
         return 0

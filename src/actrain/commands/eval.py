@@ -99,7 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default="g", help="which model of the run: g (robust) or f (ACT)")
     d.add_argument("--batch-size", type=int, default=256)
     d.add_argument("--device", default="auto")
-    d.add_argument("--precision", default="fp32", help="fp32 (default: full-strength attack)")
+    d.add_argument(
+        "--precision",
+        default="fp32",
+        help="the attacks' gradients: fp32 (default) or bf16; verdicts are always fp32",
+    )
     d.add_argument(
         "--fold-bn",
         choices=("auto", "on", "off"),

@@ -7,6 +7,7 @@ maps them back to test-set indices.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -95,15 +96,17 @@ def robust_accuracy(
     """Clean and white-box PGD accuracy (percent), worst case over restarts per example.
 
     The input gradients come from :func:`actrain.runtime.gradient_model` (``fold_bn``; by
-    default the BN-folded channels_last view on a CPU), every verdict from ``model``.
+    default the BN-folded channels_last view on a CPU) in ``precision``; every verdict comes
+    from ``model`` in fp32, so a bf16 search never counts an example the model gets right.
 
     ``targeted`` > 0 runs the multi-targeted variant: for each of the ``targeted`` classes with
     the highest clean logits (other than the label), R restarts of targeted PGD; an example is
     robust only if it survives all of them.
     """
     device = _device(model)
-    autocast = autocast_factory(resolve_precision(precision, device), device)
-    steer = gradient_model(model, fold_bn)
+    precision = resolve_precision(precision, device)
+    autocast = autocast_factory(precision, device)
+    steer = gradient_model(model, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)
     clean = robust = passes = 0
     robust_mask = torch.zeros(len(y), dtype=torch.bool)
@@ -139,6 +142,7 @@ def robust_accuracy(
                 early_stop=early_stop,
                 target=tgt,
                 gradient_model=steer,
+                verdict_autocast=contextlib.nullcontext,
             )
             passes += res.forward_passes
             broken_now = ~res.robust if alive is None else alive & ~res.robust
@@ -193,6 +197,7 @@ def robust_accuracy(
             "worst_case_over_restarts": True,
             "early_stop": early_stop,
             "precision": precision,
+            "verdicts": "fp32, on the model",
             "gradients": _gradients_from(model, steer),
             "seed": seed,
         },
