@@ -108,10 +108,11 @@ def evaluation() -> None:
     spec = bench.BenchSpec(device="cuda", width=64, batch_size=512, steps=20, iters=3)
     if os.environ.get("DRY_RUN"):
         spec = bench.BenchSpec(device="cpu", width=4, batch_size=8, steps=2, iters=1)
-    row = bench.run_eval_bench(spec)
-    log(bench.format_eval_line(row))
-    with open(OUT / "eval.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    for precision in ("fp32", "bf16"):  # bf16: the gradients only, verdicts stay fp32
+        row = bench.run_eval_bench(bench.BenchSpec(**{**asdict(spec), "precision": precision}))
+        log(bench.format_eval_line(row))
+        with open(OUT / "eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
