@@ -74,6 +74,8 @@ def levers(budget_s: float) -> None:
                 "reference_iters": 2,
             },
         ),
+        # last, as it compiles for a minute: Triton's fused BN + ReLU inside the step graph
+        ("compile + step graph", {"compile": True, "iters": 10}),
     ]
     wanted = os.environ.get("LEVERS")  # a comma-separated subset of the labels' first words
     if wanted:
