@@ -252,6 +252,24 @@ def test_bad_flags_exit_2_with_one_line(args, message, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "run", "--fold-bn", "maybe"], "argument --fold-bn: invalid choice: 'maybe'"),
+        (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["bench", "--clock", "sundial"], "argument --clock: invalid choice"),
+        (["trian"], "invalid choice: 'trian'"),
+    ],
+)
+def test_flags_argparse_rejects_get_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--help" in err
+    assert len(err.splitlines()) == 1 and "usage:" not in err
+
+
 def test_bad_config_files(tmp_path, capsys):
     bad_key = tmp_path / "a.yaml"
     bad_key.write_text("method: act\nalpah: 0.5\n")

@@ -15,8 +15,15 @@ from actrain.commands import COMMANDS
 from actrain.errors import EXIT_USAGE, TrainingStopped, UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="actrain", description="Adversarial Concurrent Training and its baselines."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
