@@ -9,6 +9,8 @@ python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without o
                                             # fork, convfuse, wgrad, bf16cvt, projbn,
                                             # amxwgrad (lever())
 python benchmarks/micro.py wgradshare 16  # a train pass with/without the weight gradients
+python benchmarks/micro.py trainprofile 16  # op breakdown of a trainer's train pass, per pass
+python benchmarks/micro.py bandwidth    # one core's copy bandwidth, L2 / L3 / memory sizes
 python benchmarks/micro.py trainpass amxwgrad 16  # a train pass with/without one lever
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
@@ -301,6 +303,48 @@ def _trainer_pass(width: int) -> tuple[Callable[[], None], torch.nn.Module]:
     return lambda: cpu_ms(train_pass, 9, before=lambda: evict.add_(1)), g
 
 
+def trainprofile(width: int) -> None:
+    """Op breakdown of a trainer's G train pass (fused kernels and all), caches evicted before
+    each pass as in a step; per pass."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from actrain import bench
+
+    trainer = bench.synthetic_trainer(bench.BenchSpec(method="madry", width=width).train_config())
+    g = trainer.train_models["g"].train()
+    x, y = next(bench.endless_batches(trainer.data.train))
+    evict = torch.empty(64 * 2**20)
+
+    def train_pass() -> None:
+        g.zero_grad(set_to_none=True)
+        with trainer.autocast():
+            out = g(x)
+        F.cross_entropy(out.float(), y).backward()
+
+    for _ in range(3):
+        evict.add_(1)
+        train_pass()
+    passes = 5
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(passes):
+            evict.add_(1)  # (shows as aten::add_, one call per pass)
+            train_pass()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    for e in rows:
+        print(f"{e.key:40s} {e.self_cpu_time_total / 1000 / passes:7.1f} ms/pass"
+              f" {e.count // passes:4d} calls/pass")  # fmt: skip
+
+
+def bandwidth() -> None:
+    """One core's copy bandwidth by size: L2-, L3- and memory-resident bf16 tensors."""
+    for mb in (1, 4, 16, 64, 256):
+        a = torch.randn(mb * 2**19).to(torch.bfloat16)
+        b = torch.empty_like(a)
+        ms = cpu_ms(lambda: b.copy_(a), reps=max(5, 256 // mb))  # noqa: B023
+        print(f"{mb:4d} MB: copy {2 * mb / 1024 / (ms / 1000):5.1f} GB/s (read + write)")
+
+
 def wgradshare(width: int) -> None:
     """A train pass with and without the convolutions' weight gradients: what they cost in
     place."""
@@ -415,9 +459,11 @@ if __name__ == "__main__":
         {"toggle": toggle, "trainpass": trainpass}[what](rest[0], int(rest[1]) if rest[1:] else 16)
         sys.exit()
     width = int(rest[0]) if rest else 16
-    if what in ("conv", "shapes", "fusedbn", "kernels"):
-        {"conv": conv, "shapes": shapes, "fusedbn": fusedbn, "kernels": kernels}[what]()
+    if what in ("conv", "shapes", "fusedbn", "kernels", "bandwidth"):
+        {"conv": conv, "shapes": shapes, "fusedbn": fusedbn, "kernels": kernels,
+         "bandwidth": bandwidth}[what]()  # fmt: skip
     else:
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
         commands["wgrad"], commands["wgradshare"] = wgrad, wgradshare
+        commands["trainprofile"] = trainprofile
         commands[what](width)
