@@ -247,6 +247,18 @@ def test_a_bf16_search_is_judged_in_fp32(digits_model, digits_xy):
     with torch.no_grad():
         right = shifted(bf16["x_adv"]).argmax(1) == y
     assert torch.equal(bf16["robust_mask"], bf16["clean_mask"] & right)
+    # the whole suite searches in bf16 and judges in fp32
+    x, y = x[:30], y[:30]
+    opts = _sanity_opts(suite="paper", precision="bf16", min_pert_search_steps=2, square_queries=50)
+    res = evaluate_model(shifted, x, y, opts)
+    clean = res["clean_acc"]
+    assert clean == robust_accuracy(shifted, x, y, **kw)["clean_acc"] > 85
+    labels = [res["pgd"]["5"]["attack"]["gradients"], res["eps_sweep"]["attack"]["gradients"],
+              res["min_perturbation"]["attack"]["pgd-search"]["gradients"],
+              res["black_box"]["square"]["attack"]["queries_to"]]  # fmt: skip
+    assert all("bf16" in label for label in labels[:3]), labels
+    assert "bf16" not in labels[3]  # Square compares scores: they stay fp32
+    assert res["min_perturbation"]["pgd-search"]["n_correct"] == round(clean * 30 / 100)
 
 
 def test_verdicts_come_from_the_model_not_the_gradient_model(digits_model, digits_xy):

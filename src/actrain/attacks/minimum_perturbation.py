@@ -112,10 +112,12 @@ def _pgd_per_example_eps(
     generator: torch.Generator | None,
     autocast,
     steer: nn.Module,
+    judge,
 ) -> tuple[Tensor, Tensor, int]:
     """PGD with one eps per example (step 2.5 eps / steps, uniform start), its gradients from
-    ``steer``, its verdicts from ``model``; returns (fooled mask, the fooling iterate or the
-    last one, forward passes)."""
+    ``steer`` under ``autocast``, its verdicts from ``model`` under ``judge``; returns (fooled
+    mask, the fooling iterate or the last one, forward passes)."""
+    checked = steer is not model or judge is not autocast
     e = eps.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     step = 2.5 * e / max(steps, 1)
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -131,8 +133,8 @@ def _pgd_per_example_eps(
         grad, logits = _input_grad(steer, cur, eval_objective(loss, y[live]), autocast)
         passes += live.numel()
         now = logits.argmax(1) != y[live]
-        if steer is not model:
-            passes += confirm_on_model(model, cur, y[live], now, autocast)
+        if checked:
+            passes += confirm_on_model(model, cur, y[live], now, judge)
         best[live[now]] = x_adv[live[now]]
         fooled[live[now]] = True
         nxt = cur + step[live] * grad.sign()
@@ -140,7 +142,7 @@ def _pgd_per_example_eps(
         x_adv[live] = nxt.detach()
     live = (~fooled).nonzero().squeeze(1)
     if live.numel():
-        now = _predict(model, x_adv[live], autocast) != y[live]
+        now = _predict(model, x_adv[live], judge) != y[live]
         passes += live.numel()
         fooled[live[now]] = True
         best[live] = x_adv[live]
@@ -159,9 +161,11 @@ def pgd_search_minimum_perturbation(
     generator: torch.Generator | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     gradient_model: nn.Module | None = None,
+    verdict_autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> MinPerturbation:
     """Bisection over eps per example, each probe a PGD-``steps`` attack (input gradients from
-    ``gradient_model`` if given, as in :func:`actrain.attacks.pgd_robustness`).
+    ``gradient_model`` if given, verdicts under ``verdict_autocast`` if given, as in
+    :func:`actrain.attacks.pgd_robustness`).
 
     ``start`` (e.g. the FGSM^k result on the same examples) supplies a known adversarial
     example as the first upper bound; examples without one first get a PGD probe at
@@ -171,8 +175,9 @@ def pgd_search_minimum_perturbation(
     """
     x = x.detach()
     steer = model if gradient_model is None else gradient_model
+    judge = autocast if verdict_autocast is None else verdict_autocast
     with eval_mode(model), eval_mode(steer):
-        clean_correct = _predict(model, x, autocast) == y
+        clean_correct = _predict(model, x, judge) == y
         n = x.shape[0]
         passes = n
         hi = torch.full((n,), math.inf, device=x.device)
@@ -185,7 +190,7 @@ def pgd_search_minimum_perturbation(
         if todo.numel():
             probe = torch.full((todo.numel(),), max_eps, device=x.device)
             fooled, adv, p = _pgd_per_example_eps(
-                model, x[todo], y[todo], probe, steps, loss, generator, autocast, steer
+                model, x[todo], y[todo], probe, steps, loss, generator, autocast, steer, judge
             )
             passes += p
             ok = todo[fooled]
@@ -198,7 +203,7 @@ def pgd_search_minimum_perturbation(
                 break
             mid = (lo[active] + hi[active]) / 2
             fooled, adv, p = _pgd_per_example_eps(
-                model, x[active], y[active], mid, steps, loss, generator, autocast, steer
+                model, x[active], y[active], mid, steps, loss, generator, autocast, steer, judge
             )
             passes += p
             dist = linf_distance(adv, x[active]).float()

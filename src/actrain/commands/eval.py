@@ -206,8 +206,9 @@ def run(ns: argparse.Namespace) -> int:
         surs = list(ns.run) if ns.transfer_matrix else [ns.run[0]]
         tgts = list(ns.run) if ns.transfer_matrix else list(ns.run[1:])
         result = transfer_matrix(
-            surs, tgts, eps=eps, step_size=step, steps=20, fold_bn=fold_bn, **common
-        )
+            surs, tgts, eps=eps, step_size=step, steps=20, fold_bn=fold_bn,
+            precision=ns.precision, **common,
+        )  # fmt: skip
         md = "### Black-box transfer (Table 3)\n\n" + table3(result)
         print(md)
         _write(result, md, json_path, md_path, getattr(ns, "argv", None))

@@ -75,6 +75,14 @@ def _targets_by_rank(model: nn.Module, x: Tensor, y: Tensor, rank: int) -> Tenso
     return logits.topk(rank, dim=1).indices[:, rank - 1]
 
 
+def _search(model: nn.Module, fold_bn: bool | None, precision: str):
+    """(precision, its autocast factory, the gradient model) of an attack on ``model``: the
+    search runs in ``precision`` (auto: bf16 where it pays), the verdicts always in fp32."""
+    device = _device(model)
+    precision = resolve_precision(precision, device)
+    return precision, autocast_factory(precision, device), gradient_model(model, fold_bn, precision)
+
+
 def robust_accuracy(
     model: nn.Module,
     x: Tensor,
@@ -104,9 +112,7 @@ def robust_accuracy(
     robust only if it survives all of them.
     """
     device = _device(model)
-    precision = resolve_precision(precision, device)
-    autocast = autocast_factory(precision, device)
-    steer = gradient_model(model, fold_bn, precision)
+    precision, autocast, steer = _search(model, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)
     clean = robust = passes = 0
     robust_mask = torch.zeros(len(y), dtype=torch.bool)
@@ -198,21 +204,22 @@ def robust_accuracy(
             "early_stop": early_stop,
             "precision": precision,
             "verdicts": "fp32, on the model",
-            "gradients": _gradients_from(model, steer),
+            "gradients": gradients_label(model, fold_bn, precision),
             "seed": seed,
         },
     }
 
 
-def gradients_label(model: nn.Module, fold_bn: bool | None = None) -> str:
+def gradients_label(model: nn.Module, fold_bn: bool | None = None, precision: str = "fp32") -> str:
     """What an attack on ``model`` takes its gradients from (the ``attack.gradients`` entry)."""
-    return _gradients_from(model, gradient_model(model, fold_bn))
-
-
-def _gradients_from(model: nn.Module, steer: nn.Module) -> str:
-    if steer is model:
-        return "model"
-    return "model with BN folded into the convs, channels_last (verdicts from the model)"
+    precision = resolve_precision(precision, _device(model))
+    if gradient_model(model, fold_bn, precision) is model:
+        where = "model"
+    else:
+        where = "model with BN folded into the convs, channels_last"
+    if precision != "fp32":
+        return f"{where}, in {precision} (verdicts from the model in fp32)"
+    return where if where == "model" else f"{where} (verdicts from the model)"
 
 
 def pgd_result(out: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +262,8 @@ def autoattack_accuracy(
     fold_bn: bool | None = None,
 ) -> dict[str, Any]:
     """Standard AutoAttack; the attacks query :func:`actrain.runtime.gradient_model`
-    (``fold_bn``), every verdict comes from ``model``."""
+    (``fold_bn``) in fp32, every verdict comes from ``model``. No bf16 here: its attacks
+    compare scores, and rounded scores made Square weaker (docs/evaluation.md)."""
     device = _device(model)
     t0 = time.perf_counter()
     steer = gradient_model(model, fold_bn)
@@ -306,7 +314,7 @@ def autoattack_accuracy(
             "apgd_t_target_classes": 9,
             "fab_t_target_classes": 9,
             "square_queries": square_queries or 5000,
-            "gradients": _gradients_from(model, steer),
+            "gradients": gradients_label(model, fold_bn),
             "seed": seed,
         },
         "_mask": res.robust.cpu(),
@@ -325,6 +333,7 @@ def square_accuracy(
     progress: bool = False,
     fold_bn: bool | None = None,
 ) -> dict[str, Any]:
+    """Square alone (the black-box baseline); fp32 scores, as in :func:`autoattack_accuracy`."""
     device = _device(model)
     t0 = time.perf_counter()
     steer = gradient_model(model, fold_bn)
@@ -354,7 +363,7 @@ def square_accuracy(
             "queries": queries,
             "p_init": 0.8,
             "loss": "margin",
-            "queries_to": _gradients_from(model, steer),
+            "queries_to": gradients_label(model, fold_bn),
             "seed": seed,
         },
     }
@@ -416,6 +425,7 @@ def minimum_perturbation(
     keep_examples: bool = False,
     known_adv: Tensor | None = None,
     fold_bn: bool | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Mean minimum L-infinity perturbation over clean-correct examples, per method.
 
@@ -425,7 +435,7 @@ def minimum_perturbation(
     """
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
-    steer = gradient_model(model, fold_bn)
+    precision, autocast, steer = _search(model, fold_bn, precision)
     out: dict[str, Any] = {}
     parts: dict[str, list[MinPerturbation]] = {m: [] for m in methods}
     bar = _bar(len(y), "min-perturbation", progress)
@@ -450,7 +460,9 @@ def minimum_perturbation(
                     steps=pgd_steps,
                     search_steps=search_steps,
                     generator=gen,
+                    autocast=autocast,
                     gradient_model=steer,
+                    verdict_autocast=contextlib.nullcontext,
                 )
             )
         bar.update(len(yb))
@@ -480,7 +492,7 @@ def minimum_perturbation(
         settings["pgd-search"] = {
             "probe": f"PGD-{pgd_steps}, CE, uniform start, step 2.5*eps/{pgd_steps}",
             "bisection_steps": search_steps,
-            "gradients": _gradients_from(model, steer),
+            "gradients": gradients_label(model, fold_bn, precision),
             "initial_upper_bound": (
                 "closest of FGSM^k and the white-box PGD examples"
                 if known_adv is not None
@@ -511,6 +523,7 @@ def eps_sweep(
     seed: int = 0,
     progress: bool = False,
     fold_bn: bool | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """PGD-k accuracy at each eps (units of 1/255), as in the paper's Table 5."""
     rows = []
@@ -529,6 +542,7 @@ def eps_sweep(
             seed=seed,
             progress=progress,
             fold_bn=fold_bn,
+            precision=precision,
         )
         rows.append({"eps_255": e, "eps": eps, "robust_acc": r["robust_acc"], "step_size": step})
     return {
@@ -541,7 +555,8 @@ def eps_sweep(
             "loss": "ce",
             "start": "uniform",
             "step_size_rule": f"max({step_size}, 2.5*eps/{steps})",
-            "gradients": gradients_label(model, fold_bn),
+            "precision": precision,
+            "gradients": gradients_label(model, fold_bn, precision),
             "seed": seed,
         },
     }
@@ -559,11 +574,12 @@ def transfer_examples(
     seed: int = 0,
     progress: bool = False,
     fold_bn: bool | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """PGD-k adversarial examples made on the surrogate (final iterate, one uniform start;
     gradients from :func:`actrain.runtime.gradient_model`)."""
     device = _device(surrogate)
-    steer = gradient_model(surrogate, fold_bn)
+    _, autocast, steer = _search(surrogate, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)
     threat = LinfBall(eps, step_size)
     out = torch.empty_like(x, device="cpu")
@@ -571,7 +587,7 @@ def transfer_examples(
     for s in range(0, len(y), batch_size):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         out[s : s + len(yb)] = pgd(
-            steer, xb, eval_objective("ce", yb), threat, steps, "uniform", generator=gen
+            steer, xb, eval_objective("ce", yb), threat, steps, "uniform", autocast, gen
         ).cpu()
         bar.update(len(yb))
     bar.close()

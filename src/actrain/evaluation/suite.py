@@ -184,6 +184,7 @@ def evaluate_model(
             keep_examples=bool(opts.save_examples),
             known_adv=keep_adv.get("pgd"),
             fold_bn=opts.fold_bn,
+            precision=opts.precision,
             **common,
         )
         for m in opts.min_pert:
@@ -201,6 +202,7 @@ def evaluate_model(
             restarts=opts.sweep_restarts,
             step_size=opts.step_size,
             fold_bn=opts.fold_bn,
+            precision=opts.precision,
             **common,
         )
         accs = ", ".join(
@@ -233,6 +235,7 @@ def evaluate_model(
                     step_size=opts.step_size,
                     steps=20,
                     fold_bn=opts.fold_bn,
+                    precision=opts.precision,
                     **common,
                 )
                 t = P.transfer_success(model, x, x_adv, y, opts.batch_size)
@@ -459,6 +462,7 @@ def transfer_matrix(
     seed: int = 0,
     progress: bool = True,
     fold_bn: bool | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Table 3: success rate of PGD-k examples made on each surrogate against each target.
 
@@ -501,6 +505,7 @@ def transfer_matrix(
             seed=seed,
             progress=progress,
             fold_bn=fold_bn,
+            precision=precision,
         )
         for t in targets:
             r = P.transfer_success(loaded[t][0], x, x_adv, y, batch_size)
@@ -524,7 +529,9 @@ def transfer_matrix(
             "loss": "ce",
             "start": "uniform",
             "examples": "final PGD iterate on the surrogate",
-            "gradients": {s: P.gradients_label(loaded[s][0], fold_bn) for s in surrogates},
+            "gradients": {
+                s: P.gradients_label(loaded[s][0], fold_bn, precision) for s in surrogates
+            },
             "seed": seed,
         },
     }
