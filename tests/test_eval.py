@@ -261,6 +261,19 @@ def test_a_bf16_search_is_judged_in_fp32(digits_model, digits_xy):
     assert res["min_perturbation"]["pgd-search"]["n_correct"] == round(clean * 30 / 100)
 
 
+def test_the_gradient_model_follows_a_moved_model(digits_xy):
+    x = digits_xy[0][:8]
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, width=8).eval()
+    view = gradient_model(model, fold_bn=True)
+    assert gradient_model(model, fold_bn=True) is view  # cached while nothing changed
+    model.double()  # (on a GPU machine: .cuda(); the folded copies must follow)
+    moved = gradient_model(model, fold_bn=True)
+    assert moved is not view
+    with torch.no_grad():
+        assert torch.allclose(moved(x.double()), model(x.double()), atol=1e-9)
+
+
 def test_verdicts_come_from_the_model_not_the_gradient_model(digits_model, digits_xy):
     x, y = digits_xy
     liar = Negated(digits_model)

@@ -167,6 +167,7 @@ class AttackView:
                 setattr(view_mods[parent] if parent else self.module, attr, frozen)
                 self._frozen.append((bn, frozen))
         self.entry = _ChannelsLastInput(self.module) if channels_last else self.module
+        self.placement = _placement(model)  # of the folded copies: a moved model needs a new view
         self.refresh()
 
     @torch.no_grad()
@@ -228,7 +229,7 @@ def _cached_view(
     """``model``'s refreshed :class:`AttackView` from ``cache`` (built on first use), or the
     model itself where folding does not apply (untraceable, or no conv -> BN pair)."""
     view = cache.get(model)
-    if view is None or (view and view.dtype != dtype):
+    if view is None or (view and (view.dtype != dtype or view.placement != _placement(model))):
         try:
             view = AttackView(model, dtype, channels_last)
         except Exception:  # untraceable model (data-dependent control flow): use it as it is
@@ -237,6 +238,14 @@ def _cached_view(
             view = False
         cache[model] = view
     return view.refresh() if view else model
+
+
+def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of ``model``'s parameters (a view built for others is stale)."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    return param.device, param.dtype
 
 
 _EVAL_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -261,8 +270,7 @@ def gradient_model(
     The same function up to float rounding, so the attack is as strong; evaluations still take
     every verdict (is this example misclassified?) from ``model`` itself."""
     if fold_bn is None:
-        param = next(model.parameters(), None)
-        fold_bn = eval_fold_bn_default(param.device if param is not None else torch.device("cpu"))
+        fold_bn = eval_fold_bn_default(_placement(model)[0])
     if not fold_bn:
         return model
     return _cached_view(_EVAL_VIEWS, model, autocast_dtype(precision), channels_last=True)
