@@ -289,6 +289,8 @@ def _print_summary(r: dict, ns: argparse.Namespace, eps: float) -> None:
         what = f"PGD-{ns.steps}x{ns.restarts}"
     else:
         what = {"fgsm": "FGSM", "autoattack": "AutoAttack"}[ns.attack]
+    if ns.precision != "fp32" and ns.attack == "pgd":
+        what += f" ({ns.precision} gradients, fp32 verdicts)"
     print(
         f"{r['run']} [{r['model'].upper()}]  clean {r['clean_acc']:.2f}%  "
         f"{what} (eps {eps:.4f}) {r['robust_acc']:.2f}%  on {r['n']} test images"
