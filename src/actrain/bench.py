@@ -480,13 +480,18 @@ def _prime(spec: BenchSpec) -> None:
     _PRIMED.add(key)
 
 
-def run_bench(spec: BenchSpec) -> dict[str, Any]:
-    """Time ``spec`` and return the result record (the ``--json`` object)."""
+def _use_clock_and_threads(spec: BenchSpec) -> int:
+    """Time with ``spec.clock`` and run on ``spec.threads``; returns the thread count."""
     global _clock
     if spec.clock not in CLOCKS:
         raise ValueError(f"unknown clock {spec.clock!r} (wall, cpu)")
     _clock = CLOCKS[spec.clock]
-    threads = configure_threads(spec.threads)
+    return configure_threads(spec.threads)
+
+
+def run_bench(spec: BenchSpec) -> dict[str, Any]:
+    """Time ``spec`` and return the result record (the ``--json`` object)."""
+    threads = _use_clock_and_threads(spec)
     cfg = spec.train_config()
     torch.manual_seed(spec.seed)
     device = T.resolve_device(cfg.device)
@@ -679,9 +684,7 @@ def interleaved_step_ms(specs: list[BenchSpec], rounds: int, block: int = 2) -> 
     speed) then hits every spec alike, which separate runs cannot promise; steps of
     different specs back to back would instead charge each one the others' cache misses.
     This is how the benchmark compares methods (ACT vs Madry)."""
-    global _clock
-    _clock = CLOCKS[specs[0].clock]
-    configure_threads(specs[0].threads)
+    _use_clock_and_threads(specs[0])
     runs = []
     for spec in specs:
         torch.manual_seed(spec.seed)
@@ -715,11 +718,7 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
     trained model's; the labels are the model's own predictions and early stopping is off, so
     every image is attacked for all k steps and the time measures the attack, not the model's
     accuracy."""
-    global _clock
-    if spec.clock not in CLOCKS:
-        raise ValueError(f"unknown clock {spec.clock!r} (wall, cpu)")
-    _clock = CLOCKS[spec.clock]
-    threads = configure_threads(spec.threads)
+    threads = _use_clock_and_threads(spec)
     cfg = spec.train_config()
     device = T.resolve_device(cfg.device)
     info = D.get_dataset_info(cfg.dataset)
