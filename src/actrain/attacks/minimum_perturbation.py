@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from actrain.attacks.base import eval_mode
 from actrain.attacks.fgsm import gradient_sign
-from actrain.attacks.pgd import _input_grad, confirm_on_model, eval_objective
+from actrain.attacks.pgd import _input_grad, _predict, confirm_on_model, eval_objective
 
 
 @dataclass
@@ -37,12 +37,6 @@ class MinPerturbation:
 
 def linf_distance(x_adv: Tensor, x: Tensor) -> Tensor:
     return (x_adv - x).flatten(1).abs().amax(1)
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: Tensor, autocast) -> Tensor:
-    with autocast():
-        return model(x).argmax(1)
 
 
 def fgsm_k_minimum_perturbation(

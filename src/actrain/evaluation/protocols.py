@@ -204,7 +204,7 @@ def robust_accuracy(
             "early_stop": early_stop,
             "precision": precision,
             "verdicts": "fp32, on the model",
-            "gradients": gradients_label(model, fold_bn, precision),
+            "gradients": _describe_gradients(model, steer, precision),
             "seed": seed,
         },
     }
@@ -212,11 +212,12 @@ def robust_accuracy(
 
 def gradients_label(model: nn.Module, fold_bn: bool | None = None, precision: str = "fp32") -> str:
     """What an attack on ``model`` takes its gradients from (the ``attack.gradients`` entry)."""
-    precision = resolve_precision(precision, _device(model))
-    if gradient_model(model, fold_bn, precision) is model:
-        where = "model"
-    else:
-        where = "model with BN folded into the convs, channels_last"
+    precision, _, steer = _search(model, fold_bn, precision)
+    return _describe_gradients(model, steer, precision)
+
+
+def _describe_gradients(model: nn.Module, steer: nn.Module, precision: str) -> str:
+    where = "model" if steer is model else "model with BN folded into the convs, channels_last"
     if precision != "fp32":
         return f"{where}, in {precision} (verdicts from the model in fp32)"
     return where if where == "model" else f"{where} (verdicts from the model)"
@@ -314,7 +315,7 @@ def autoattack_accuracy(
             "apgd_t_target_classes": 9,
             "fab_t_target_classes": 9,
             "square_queries": square_queries or 5000,
-            "gradients": gradients_label(model, fold_bn),
+            "gradients": _describe_gradients(model, steer, "fp32"),
             "seed": seed,
         },
         "_mask": res.robust.cpu(),
@@ -363,7 +364,7 @@ def square_accuracy(
             "queries": queries,
             "p_init": 0.8,
             "loss": "margin",
-            "queries_to": gradients_label(model, fold_bn),
+            "queries_to": _describe_gradients(model, steer, "fp32"),
             "seed": seed,
         },
     }
@@ -492,7 +493,7 @@ def minimum_perturbation(
         settings["pgd-search"] = {
             "probe": f"PGD-{pgd_steps}, CE, uniform start, step 2.5*eps/{pgd_steps}",
             "bisection_steps": search_steps,
-            "gradients": gradients_label(model, fold_bn, precision),
+            "gradients": _describe_gradients(model, steer, precision),
             "initial_upper_bound": (
                 "closest of FGSM^k and the white-box PGD examples"
                 if known_adv is not None
