@@ -188,8 +188,8 @@ def wgrad(width: int) -> None:
 
         onednn = cpu_ms(lambda: torch.ops.aten.convolution_backward(*args, [False, True, False]))  # noqa: B023
         amx = ""
-        if k == 3 and s == 1 and fused.amx_weight_grad_fits(x, g, wt):
-            amx = f", AMX kernel {cpu_ms(lambda: fused.amx_weight_grad(x, g)):.2f} ms"  # noqa: B023
+        if k == 3 and fused.amx_weight_grad_fits(x, g, wt, s):
+            amx = f", AMX kernel {cpu_ms(lambda: fused.amx_weight_grad(x, g, s)):.2f} ms"  # noqa: B023
         print(
             f"{c_in} -> {c_out} ch {k}x{k} stride {s}, {out}x{out} out: weight gradient oneDNN"
             f" {onednn:.2f} ms, matmul {cpu_ms(matmul):.2f} ms{amx}"
@@ -255,7 +255,7 @@ def lever(name: str, on: bool) -> None:
     gradients summed inside the fused backward), ``convfuse`` (attack passes' conv + add +
     ReLU as one oneDNN call), ``wgrad`` (weight gradients as one matmul where oneDNN's are
     slow), ``bf16cvt`` (the kernels' bf16 rounding as one instruction, VCVTNEPS2BF16),
-    ``amxwgrad`` (the 16 -> 16 channel weight gradients on AMX tiles),
+    ``amxwgrad`` (3x3 convs' weight gradients on AMX tiles; off: oneDNN's or the matmul),
     ``projbn`` (the projection shortcuts' batch norm through the fused kernel)."""
     from actrain import fused, im2col
     from actrain.models import resnet
@@ -268,7 +268,7 @@ def lever(name: str, on: bool) -> None:
             "wgrad": im2col.weight_grad_by_matmul,
             "bf16cvt": fused.library,
             "projbn": resnet._ConvBN.forward,
-            "amxwgrad": im2col.weight_grad_by_matmul,
+            "amxwgrad": im2col.amx_weight_grad_pays,
         }[name],
     )
     if name == "fork":
@@ -279,8 +279,8 @@ def lever(name: str, on: bool) -> None:
         im2col.weight_grad_by_matmul = real if on else (lambda *args: False)
     elif name == "bf16cvt":
         fused.library = real if on else portable_kernels
-    elif name == "amxwgrad":  # off: oneDNN's weight gradient for the 16 -> 16 convs again
-        im2col.weight_grad_by_matmul = real if on else _without_amx_shape(real)
+    elif name == "amxwgrad":  # off: oneDNN's weight gradients (or the matmul's) again
+        im2col.amx_weight_grad_pays = real if on else (lambda *args: False)
     else:
         resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
 
@@ -398,15 +398,6 @@ def kernels() -> None:
 
 
 _REAL: dict[str, Callable] = {}
-
-
-def _without_amx_shape(rule: Callable[..., bool]) -> Callable[..., bool]:
-    def wrapped(kernel, in_channels, height, width, stride=1, out_channels=None) -> bool:
-        if kernel == 3 and stride == 1 and in_channels == out_channels == 16:
-            return False
-        return rule(kernel, in_channels, height, width, stride, out_channels)
-
-    return wrapped
 
 
 def toggle(name: str, width: int, rounds: int = 4) -> None:

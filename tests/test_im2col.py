@@ -145,8 +145,13 @@ def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, s
     assert torch.equal(off.weight.grad, results[0][2])
 
 
-def test_the_weight_gradient_rule():
+def test_the_weight_gradient_rule(monkeypatch):
     wg = im2col.weight_grad_by_matmul
+    # 3x3 convs with multiples of 16 channels: the AMX kernel, where the CPU has AMX
+    assert wg(3, 64, 8, 8) == wg(3, 32, 16, 16, out_channels=32) == cpu_has_amx()
+    assert wg(3, 16, 16, 16, stride=2, out_channels=32) == cpu_has_amx()
+    assert not wg(3, 24, 8, 8) and not wg(3, 64, 8, 8, out_channels=40)  # oneDNN's
+    monkeypatch.setattr("actrain.runtime.cpu_has_amx", lambda: False)
     assert wg(3, 128, 4, 4) and wg(3, 64, 4, 4, stride=2) and not wg(3, 64, 8, 8)
     assert not wg(3, 32, 4, 4) and wg(1, 32, 8, 8, stride=2) and not wg(1, 16, 16, 16, stride=2)
 
@@ -154,13 +159,14 @@ def test_the_weight_gradient_rule():
 def test_an_input_gradient_alone_skips_the_weight_gradient(monkeypatch):
     # An attack's autograd.grad w.r.t. the image (pre-activation models keep some convs
     # unfolded, whose weights require grad): PyTorch's conv skips the weight gradient there,
-    # and so must the matmul path, which asks the autograd engine.
+    # and so must the matmul and AMX paths, which ask the autograd engine.
     torch.manual_seed(2)
     conv = torch.nn.Conv2d(64, 32, 3, padding=1, bias=False)
     use_im2col_convs(conv)
     calls = []
-    real = im2col._cols
-    monkeypatch.setattr(im2col, "_cols", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_cols, real_amx = im2col._cols, im2col.amx_weight_grad
+    monkeypatch.setattr(im2col, "_cols", lambda *a, **k: calls.append(1) or real_cols(*a, **k))
+    monkeypatch.setattr(im2col, "amx_weight_grad", lambda *a: calls.append(2) or real_amx(*a))
     x = torch.randn(4, 64, 4, 4).to(memory_format=torch.channels_last).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(x)
@@ -186,7 +192,6 @@ def test_amx_weight_gradient_matches_fp32_better_than_onednn(threads):
     fast = copy.deepcopy(conv)
     use_im2col_convs(fast)
     assert im2col.weight_grad_by_matmul(3, 16, 32, 32, 1, out_channels=16)
-    assert not im2col.weight_grad_by_matmul(3, 16, 32, 32, 1, out_channels=32)
     x = torch.randn(10, 16, 20, 32).bfloat16().float().contiguous(memory_format=torch.channels_last)
     g = torch.randn(10, 16, 20, 32).bfloat16().float()
     w = conv.weight.detach().bfloat16().float()
@@ -212,3 +217,106 @@ def test_amx_weight_gradient_matches_fp32_better_than_onednn(threads):
     gb = g.bfloat16().contiguous(memory_format=torch.channels_last)
     assert fused.amx_weight_grad_fits(xb, gb, conv.weight.bfloat16())
     torch.testing.assert_close(fused.amx_weight_grad(xb, gb), want, rtol=1e-4, atol=1e-3)
+
+
+def _weight_grads(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, stride: int):
+    """The fp32 weight gradient of bf16 x and g (the reference) and oneDNN's bf16 one."""
+    args = (None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    want = torch.ops.aten.convolution_backward(g.float(), x.float(), w.float(), *args)[1]
+    onednn = torch.ops.aten.convolution_backward(g, x, w, *args)[1].float()
+    return want, onednn
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX weight-gradient kernel needs AMX")
+@pytest.mark.parametrize(
+    ("n", "c_in", "c_out", "size", "stride", "threads"),
+    [
+        (3, 32, 32, 16, 1, 1),  # an odd batch; 16 wide: two image rows per 32-pixel block
+        (4, 64, 48, 8, 1, 2),  # three output channel blocks: a lone last tile pair
+        (6, 48, 16, 4, 1, 2),  # 4x4 images: a 32-pixel block spans two images
+        (5, 16, 32, 32, 2, 1),  # stride 2: four parity planes
+        (4, 32, 64, 16, 2, 2),
+        (2, 64, 128, 8, 2, 1),  # into 4x4 outputs
+        (2, 16, 16, 64, 1, 1),  # wider than 32: a row in two blocks
+        (3, 16, 32, 12, 1, 1),  # not square: 12 rows of 32 ... 4 wide below
+    ],
+)
+def test_the_general_amx_weight_gradient_matches_fp32(n, c_in, c_out, size, stride, threads):
+    """fused_bn.c's AMX weight gradient for any 3x3 conv it fits (stride 1 or 2, multiples of
+    16 channels, widths that divide 32 or that 32 divides): fp32 sums of the bf16 products,
+    so it is closer to an fp32 reference than oneDNN's bf16 result, and nearly exact."""
+    from actrain import fused
+
+    torch.manual_seed(n * 100 + c_in + size)
+    h, w = (size, 32) if size == 12 else (size, size)
+    cl = torch.channels_last
+    x = torch.randn(n, c_in, h, w).bfloat16().contiguous(memory_format=cl)
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    g = torch.randn(n, c_out, out_h, out_w).bfloat16().contiguous(memory_format=cl)
+    weight = torch.randn(c_out, c_in, 3, 3).bfloat16()
+    assert fused.amx_weight_grad_fits(x, g, weight, stride)
+    want, onednn = _weight_grads(x, g, weight, stride)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fused.amx_weight_grad(x, g, stride)
+    finally:
+        torch.set_num_threads(previous)
+    assert got is not None and got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert float((got - want).norm()) <= float((onednn - want).norm())
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX weight-gradient kernel needs AMX")
+def test_the_amx_kernel_keeps_its_padding_zero_across_shapes_and_calls():
+    """The kernel keeps each shape's rewrite buffers and writes only where pixels land: shapes
+    called in turn (more of them than it keeps), with new data each time, must each still
+    give the right gradient, as garbage left in a buffer's padding would not."""
+    from actrain import fused
+
+    cl = torch.channels_last
+    shapes = [(4, 32, 32, s, 1) for s in (4, 8, 16, 32)] + [
+        (n, 16, 32, s, 2) for n, s in ((2, 8), (4, 16), (6, 32))
+    ] + [(3, 16, 16, 16, 1), (5, 32, 16, 8, 1), (7, 48, 32, 32, 1)]  # fmt: skip
+    torch.manual_seed(3)
+    for _ in range(2):
+        for n, c_in, c_out, size, stride in shapes:
+            x = (torch.randn(n, c_in, size, size) + 3).bfloat16().contiguous(memory_format=cl)
+            out = (size - 1) // stride + 1
+            g = (torch.randn(n, c_out, out, out) - 2).bfloat16().contiguous(memory_format=cl)
+            want, _ = _weight_grads(x, g, torch.zeros(c_out, c_in, 3, 3).bfloat16(), stride)
+            got = fused.amx_weight_grad(x, g, stride)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX weight-gradient kernel needs AMX")
+def test_convs_the_amx_kernel_does_not_fit_take_onednns_weight_gradient(monkeypatch):
+    """A 3x3 conv routed to its own weight gradient (multiples of 16 channels) whose shape the
+    kernel cannot take (an odd batch of 4x4 images; 6 wide) gets oneDNN's weight gradient, not
+    the matmul over the patches, which is slow at these sizes."""
+    from actrain import fused
+
+    calls = []
+    real = fused.amx_weight_grad
+    monkeypatch.setattr(im2col, "amx_weight_grad", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(im2col, "_cols", lambda *a, **k: pytest.fail("the matmul path ran"))
+    torch.manual_seed(4)
+    for n, size in ((3, 4), (2, 6), (2, 8)):
+        conv = torch.nn.Conv2d(32, 16, 3, padding=1, bias=False)
+        fast = copy.deepcopy(conv)
+        use_im2col_convs(fast)
+        x = torch.randn(n, 32, size, size).to(memory_format=torch.channels_last)
+        grads = []
+        for m in (conv, fast):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            out.float().sum().backward()
+            grads.append(m.weight.grad)
+        assert fast.matmul_weight_grad_used
+        fits = size == 8
+        assert len(calls) == fits
+        if fits:
+            assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-2
+        else:
+            assert torch.equal(grads[0], grads[1])  # oneDNN's weight gradient, bit for bit
+        calls.clear()

@@ -50,6 +50,7 @@ _SIGNATURES = {
     "affine_forward": (None, [_P, _I, _I, _P, _P, _P, _P, _N]),
     "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _P, _N]),
     "wgrad3x3_c16": (_N, [_P, _P, _I, _I, _P, _N]),
+    "wgrad3x3": (_N, [_P, _P, _I, _I, _I, _I, _I, _N, _P, _N]),
 }
 
 
@@ -485,18 +486,25 @@ def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
     )
 
 
-def amx_weight_grad_fits(x: Tensor, grad_out: Tensor, weight: Tensor) -> bool:
-    """The one shape :func:`amx_weight_grad` takes: a 3x3 conv, 16 -> 16 channels, stride 1,
-    padding 1, 32 pixels wide (ResNet-18's first stage at width 16), bf16 channels_last CPU
-    tensors, on a CPU with AMX."""
+def amx_weight_grad_fits(x: Tensor, grad_out: Tensor, weight: Tensor, stride: int = 1) -> bool:
+    """The convs :func:`amx_weight_grad` takes: 3x3, padding 1, stride 1 or 2 (even input
+    size), multiples of 16 channels in and out, an input width that divides 32 or that 32
+    divides, bf16 channels_last CPU tensors, on a CPU with AMX."""
     from actrain.runtime import cpu_has_amx
 
+    if x.dim() != 4 or weight.dim() != 4 or stride not in (1, 2):
+        return False
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     return (
-        tuple(weight.shape) == (16, 16, 3, 3)
-        and x.dim() == 4
-        and x.shape[1] == 16
-        and x.shape[3] == 32
-        and tuple(grad_out.shape) == tuple(x.shape)
+        tuple(weight.shape) == (o, c, 3, 3)
+        and c % 16 == 0
+        and o % 16 == 0
+        and (32 % w == 0 or w % 32 == 0)
+        and ((h * w) % 32 == 0 or ((h * w) % 16 == 0 and n % 2 == 0))
+        and (stride == 1 or (h % 2 == 0 and w % 2 == 0 and w >= 4))
+        and tuple(grad_out.shape) == (n, o, out_h, out_w)
         and all(
             t.device.type == "cpu"
             and t.dtype == torch.bfloat16
@@ -508,16 +516,19 @@ def amx_weight_grad_fits(x: Tensor, grad_out: Tensor, weight: Tensor) -> bool:
     )
 
 
-def amx_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor | None:
+def amx_weight_grad(x: Tensor, grad_out: Tensor, stride: int = 1) -> Tensor | None:
     """The weight gradient of a conv that :func:`amx_weight_grad_fits`, in fp32 (O, I, 3, 3),
-    from the AMX kernel of ``fused_bn.c`` (about half oneDNN's time; `python
-    benchmarks/micro.py wgrad 16`); None where the kernel cannot run (no AMX in the build or
+    from the AMX kernels of ``fused_bn.c``; None where they cannot run (no AMX in the build or
     no permission from the OS), so that the caller falls back to oneDNN."""
-    n, _, h, _ = x.shape
-    out = torch.empty(3, 3, 16, 16)  # [kh][kw][i][o]
-    status = library().wgrad3x3_c16(
-        _ptr(x), _ptr(grad_out), n, h, _ptr(out), torch.get_num_threads()
-    )
+    n, c, h, w = x.shape
+    o = grad_out.shape[1]
+    lib, threads = library(), torch.get_num_threads()
+    if stride == 1 and c == o == 16 and w == 32:  # the first kernel, written for this shape
+        out = torch.empty(3, 3, 16, 16)  # [kh][kw][i][o]
+        status = lib.wgrad3x3_c16(_ptr(x), _ptr(grad_out), n, h, _ptr(out), threads)
+        return None if status else out.permute(3, 2, 0, 1)
+    out = torch.empty(3, 3, c, o)
+    status = lib.wgrad3x3(_ptr(x), _ptr(grad_out), n, h, w, c, o, stride, _ptr(out), threads)
     return None if status else out.permute(3, 2, 0, 1)
 
 

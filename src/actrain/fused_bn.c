@@ -470,7 +470,357 @@ int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, fl
     free(parts);
     return failed ? -1 : 0;
 }
+
+/* ---- weight gradient of a 3x3, padding-1 conv, stride 1 or 2, on AMX tiles ----------------
+ * dW[kh][kw][i][o] = sum over output pixels p of x[p + tap offset][i] * dy[p][o]: a matrix
+ * product whose reduction runs over pixels. The positions are laid out flat, row after row,
+ * with one zero column after each row (the right padding of one row is the left padding of
+ * the next) and one zero row after each image, so that a tap is a fixed offset into the flat
+ * layout and a tile may run across rows and images. x goes to xt[plane][i][flat]
+ * (channel-major, the tiles' first operand; for stride 2 its four row/column parities are four
+ * planes of the output's size, and each tap reads one of them), dy to pixel pairs interleaved
+ * per channel (the second operand), in two copies a position apart, so that dy shifted by any
+ * tap's offset is a run of whole rows: sum_f xt[i][f] dy[f - offset][o]. Each thread rewrites
+ * a group of images at a time into buffers that stay in its L2 cache, so x and dy are read
+ * from memory once, as a plain convolution backward reads them; a whole-batch rewrite written
+ * back to memory and read again cost more than the kernel saved. The 16-channel kernel above
+ * stays the faster one for its shape. */
+
+typedef struct {
+    int64_t N, Ho, Wo, P, chunks, L, D0, R, Ci, Co;
+    int stride;
+} wg_geom;
+
+static inline int64_t flat_pos(const wg_geom *g, int64_t n, int64_t h, int64_t w) {
+    return (n * (g->Ho + 1) + h + 1) * g->P + w;
+}
+
+/* 32 pixels x 16 channels (rows of `stride` elements) to v[c] = the 32 pixels of channel c. */
+static void transpose32x16(const uint16_t *x, int64_t stride, __m512i v[16]) {
+    static const uint16_t ix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i pairs = _mm512_loadu_si512(ix);
+    __m512i d[16], e[16];
+    for (int k = 0; k < 16; k++) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(x + (2 * k) * stride));
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(x + (2 * k + 1) * stride));
+        d[k] = _mm512_permutexvar_epi16(pairs, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    }
+    /* d[k]: dword n = (pixel 2k, 2k+1) of channel n. A 16 x 16 dword transpose. */
+    const __m512i lo32 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi32 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int p = 0; p < 8; p++) {
+        e[p] = _mm512_permutex2var_epi32(d[2 * p], lo32, d[2 * p + 1]);
+        e[p + 8] = _mm512_permutex2var_epi32(d[2 * p], hi32, d[2 * p + 1]);
+    }
+    const __m512i lo64a = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi64a = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    for (int base = 0; base < 16; base += 8)
+        for (int j = 0; j < 4; j++) {
+            __m512i a = e[base + 2 * j], b = e[base + 2 * j + 1];
+            d[base + j] = _mm512_permutex2var_epi64(a, lo64a, b);
+            d[base + j + 4] = _mm512_permutex2var_epi64(a, hi64a, b);
+        }
+    const __m512i lo64b = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi64b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int base = 0; base < 16; base += 4)
+        for (int j = 0; j < 2; j++) {
+            __m512i a = d[base + 2 * j], b = d[base + 2 * j + 1];
+            e[base + j] = _mm512_permutex2var_epi64(a, lo64b, b);
+            e[base + j + 2] = _mm512_permutex2var_epi64(a, hi64b, b);
+        }
+    for (int c = 0; c < 16; c += 2) {
+        v[c] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44);
+        v[c + 1] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE);
+    }
+}
+
+/* lanes [lane0, lane0 + len) of v to dst[0 .. len) */
+static inline void store_lanes(uint16_t *dst, __m512i v, int lane0, int len) {
+    __mmask32 m = (__mmask32)((len == 32 ? 0xFFFFFFFFu : ((1u << len) - 1u)) << lane0);
+    _mm512_mask_storeu_epi16(dst - lane0, m, v);
+}
+
+/* x (N x H x W x Ci, bf16) into the planes; W divides 32 or 32 divides W. */
+static void fill_xt(const uint16_t *x, const wg_geom *g, int64_t H, int64_t W, uint16_t *xt) {
+    const int64_t blocks = g->N * H * W / 32, Ci = g->Ci;
+    const int seg = W < 32 ? (int)W : 32;
+    uint16_t ix[32];
+    for (int j = 0; j < 32; j++) { /* stride 2: each segment's even pixels, then its odd */
+        int s = j / seg, r = j % seg, half = seg / 2;
+        ix[j] = (uint16_t)(s * seg + (r < half ? 2 * r : 2 * (r - half) + 1));
+    }
+    const __m512i split = _mm512_loadu_si512(ix);
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i v[16];
+        for (int64_t ib = 0; ib < Ci; ib += 16) {
+            transpose32x16(x + b * 32 * Ci + ib, Ci, v);
+            if (g->stride == 2)
+                for (int c = 0; c < 16; c++) v[c] = _mm512_permutexvar_epi16(split, v[c]);
+            for (int s = 0; s < 32 / seg; s++) {
+                int64_t p = b * 32 + s * seg; /* first pixel of the segment */
+                int64_t w0 = p % W, h = (p / W) % H, n = p / (W * H);
+                for (int c = 0; c < 16; c++) {
+                    if (g->stride == 1) {
+                        uint16_t *dst = xt + (ib + c) * g->L + flat_pos(g, n, h, w0);
+                        store_lanes(dst, v[c], s * seg, seg);
+                    } else {
+                        int64_t pl = (h & 1) * 2;
+                        int64_t f = flat_pos(g, n, h >> 1, w0 >> 1);
+                        uint16_t *e = xt + (pl * Ci + ib + c) * g->L + f;
+                        uint16_t *o = xt + ((pl + 1) * Ci + ib + c) * g->L + f;
+                        store_lanes(e, v[c], s * seg, seg / 2);
+                        store_lanes(o, v[c], s * seg + seg / 2, seg / 2);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* dy (N x Ho x Wo x Co) into dyv[copy][ob][row][32]: pixel pairs interleaved per channel,
+ * row j of copy c holding positions 2j + c - D0 and the next (two copies, so that a tap's
+ * shifted run of positions starts a row whatever its parity). */
+static void fill_dyv(const uint16_t *dy, const wg_geom *g, uint16_t *dyv) {
+    static const uint16_t ix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i pairs = _mm512_loadu_si512(ix);
+    const int64_t Co = g->Co, Wo = g->Wo, NB = Co / 16;
+    for (int64_t row = 0; row < g->N * g->Ho; row++) {
+        int64_t n = row / g->Ho, h = row % g->Ho, u0 = flat_pos(g, n, h, 0) + g->D0;
+        const uint16_t *src = dy + row * Wo * Co;
+        for (int64_t c = 0; c < 2; c++)
+            for (int64_t j = (u0 - c) >> 1; j <= (u0 + Wo - 1 - c) >> 1; j++) {
+                int64_t a = 2 * j + c - u0, b = a + 1; /* pixels of the pair within the row */
+                for (int64_t ob = 0; ob < NB; ob++) {
+                    __m256i lo = a >= 0 ? _mm256_loadu_si256((const __m256i *)(src + a * Co + ob * 16))
+                                        : _mm256_setzero_si256();
+                    __m256i hi = b < Wo ? _mm256_loadu_si256((const __m256i *)(src + b * Co + ob * 16))
+                                        : _mm256_setzero_si256();
+                    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    _mm512_storeu_si512(dyv + ((c * NB + ob) * g->R + j) * 32,
+                                        _mm512_permutexvar_epi16(pairs, v));
+                }
+            }
+    }
+}
+
+/* tap t = kh * 3 + kw: its plane and offset in the flat layout */
+static void tap_source(const wg_geom *g, int t, int64_t *plane, int64_t *offset) {
+    int kh = t / 3, kw = t % 3;
+    if (g->stride == 1) {
+        *plane = 0;
+        *offset = (kh - 1) * g->P + (kw - 1);
+    } else { /* input row 2h + kh - 1: kh 1 -> even rows, h; kh 0 -> odd, h - 1; kh 2 -> odd, h */
+        *plane = (kh != 1) * 2 + (kw != 1);
+        *offset = -(kh == 0) * g->P - (kw == 0);
+    }
+}
+
+/* Chunks of 32 positions per block of the reduction: a block's second operands (two 16-channel
+ * blocks of dy) and one input-channel block of x's rows stay in L1 while the nine taps of that
+ * block run over them (consecutive a share the channel block); longer blocks spill L1. */
+#define KB 8
+
+/* chunks [c0, c1) into acc[tap][i][o] (fp32; accumulated, or overwritten where `fresh`):
+ * C[tap][i][o] += xt[plane(tap)][i][f] . dy[f - offset(tap)][o] over the chunks' positions f,
+ * so that x's tiles are aligned and shared by the taps that read one plane, and each tap's dy
+ * tile is a run of whole rows of one of dyv's copies. */
+static void wgrad_chunks(const wg_geom *g, const uint16_t *xt, const uint16_t *dyv, int64_t c0,
+                         int64_t c1, float *acc, int fresh) {
+    const int64_t NI = g->Ci / 16, NB = g->Co / 16, planes = g->stride == 1 ? 1 : 4;
+    const int64_t astride = g->L * 2, cstride = g->Co * 4;
+    int64_t plane_of[9], dy_row[9];
+    for (int t = 0; t < 9; t++) {
+        int64_t off, c;
+        tap_source(g, t, &plane_of[t], &off);
+        c = (g->D0 - off) & 1; /* the copy whose rows start at this tap's runs */
+        dy_row[t] = c * NB * g->R + (g->D0 - off - c) / 2;
+    }
+    for (int64_t k0 = c0; k0 < c1; k0 += KB) {
+        int64_t k1 = k0 + KB < c1 ? k0 + KB : c1;
+        int zero = fresh && k0 == c0;
+        for (int64_t pl = 0; pl < planes; pl++) {
+            int taps[9], nt = 0;
+            for (int t = 0; t < 9; t++)
+                if (plane_of[t] == pl) taps[nt++] = t;
+            const int64_t nbi = nt * NB; /* (ob, tap) pairs, ob-major: neighbours share dy */
+            for (int64_t ib = 0; ib < NI; ib += 2) {
+                int two_a = ib + 1 < NI;
+                const uint16_t *a0 = xt + (pl * g->Ci + ib * 16) * g->L, *a1 = a0 + 16 * g->L;
+                for (int64_t bi = 0; bi < nbi; bi += 2) {
+                    int two_b = bi + 1 < nbi;
+                    int64_t ob0 = bi / nt, t0 = taps[bi % nt];
+                    int64_t ob1 = two_b ? (bi + 1) / nt : ob0, t1 = two_b ? taps[(bi + 1) % nt] : t0;
+                    const uint16_t *b0 = dyv + (dy_row[t0] + ob0 * g->R) * 32;
+                    const uint16_t *b1 = dyv + (dy_row[t1] + ob1 * g->R) * 32;
+                    float *c00 = acc + (t0 * g->Ci + ib * 16) * g->Co + ob0 * 16;
+                    float *c01 = acc + (t1 * g->Ci + ib * 16) * g->Co + ob1 * 16;
+                    float *c10 = c00 + 16 * g->Co, *c11 = c01 + 16 * g->Co;
+                    if (zero) {
+                        _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+                    } else {
+                        _tile_loadd(4, c00, cstride);
+                        if (two_b) _tile_loadd(5, c01, cstride);
+                        if (two_a) _tile_loadd(6, c10, cstride);
+                        if (two_a && two_b) _tile_loadd(7, c11, cstride);
+                    }
+                    if (two_a && two_b) {
+                        for (int64_t k = k0; k < k1; k++) {
+                            _tile_loadd(0, a0 + k * 32, astride);
+                            _tile_loadd(2, b0 + k * 512, 64);
+                            _tile_dpbf16ps(4, 0, 2);
+                            _tile_loadd(3, b1 + k * 512, 64);
+                            _tile_dpbf16ps(5, 0, 3);
+                            _tile_loadd(1, a1 + k * 32, astride);
+                            _tile_dpbf16ps(6, 1, 2);
+                            _tile_dpbf16ps(7, 1, 3);
+                        }
+                    } else if (two_a) {
+                        for (int64_t k = k0; k < k1; k++) {
+                            _tile_loadd(2, b0 + k * 512, 64);
+                            _tile_loadd(0, a0 + k * 32, astride);
+                            _tile_dpbf16ps(4, 0, 2);
+                            _tile_loadd(1, a1 + k * 32, astride);
+                            _tile_dpbf16ps(6, 1, 2);
+                        }
+                    } else if (two_b) {
+                        for (int64_t k = k0; k < k1; k++) {
+                            _tile_loadd(0, a0 + k * 32, astride);
+                            _tile_loadd(2, b0 + k * 512, 64);
+                            _tile_dpbf16ps(4, 0, 2);
+                            _tile_loadd(3, b1 + k * 512, 64);
+                            _tile_dpbf16ps(5, 0, 3);
+                        }
+                    } else {
+                        for (int64_t k = k0; k < k1; k++) {
+                            _tile_loadd(0, a0 + k * 32, astride);
+                            _tile_loadd(2, b0 + k * 512, 64);
+                            _tile_dpbf16ps(4, 0, 2);
+                        }
+                    }
+                    _tile_stored(4, c00, cstride);
+                    if (two_b) _tile_stored(5, c01, cstride);
+                    if (two_a) _tile_stored(6, c10, cstride);
+                    if (two_a && two_b) _tile_stored(7, c11, cstride);
+                }
+            }
+        }
+    }
+}
+
+/* The flat layout of images [0, N) (see above) */
+static wg_geom geometry(int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co, int stride) {
+    wg_geom g = {N, (H - 1) / stride + 1, (W - 1) / stride + 1, 0, 0, 0, 0, 0, Ci, Co, stride};
+    g.P = g.Wo + 1;
+    g.chunks = ((N * (g.Ho + 1) + 1) * g.P + 31) / 32;
+    g.L = (g.chunks | 1) * 32; /* an odd number of 64-byte lines: a tile's rows in 16 sets */
+    g.D0 = (g.P + 2) & ~(int64_t)1; /* dy's margin: taps shift by up to P + 1 positions */
+    g.R = (g.D0 + g.chunks * 32 + g.D0) / 2 + 1;
+    return g;
+}
+
+/* Each thread keeps the rewrite buffers of the last few shapes: data lands on the same places
+ * for every group of one shape, so their padding is zeroed once, not on every call. */
+#define WG_CACHED 8
+typedef struct {
+    int64_t key[6];
+    uint16_t *xt, *dyv;
+} wg_buffers;
+static __thread wg_buffers wg_cache[WG_CACHED];
+static __thread int wg_oldest;
+
+static wg_buffers *buffers_for(const wg_geom *g) {
+    const int64_t key[6] = {g->N, g->Ho, g->Wo, g->Ci, g->Co, g->stride};
+    for (int j = 0; j < WG_CACHED; j++)
+        if (wg_cache[j].xt && !memcmp(wg_cache[j].key, key, sizeof key)) return &wg_cache[j];
+    wg_buffers *b = &wg_cache[wg_oldest];
+    wg_oldest = (wg_oldest + 1) % WG_CACHED;
+    free(b->xt);
+    free(b->dyv);
+    size_t xt_bytes = (size_t)((g->stride == 1 ? 1 : 4) * g->Ci * g->L) * 2;
+    size_t dyv_bytes = (size_t)(2 * g->Co / 16 * g->R * 32) * 2;
+    b->xt = aligned_alloc(64, xt_bytes);
+    b->dyv = aligned_alloc(64, dyv_bytes);
+    if (!b->xt || !b->dyv) {
+        free(b->xt);
+        free(b->dyv);
+        b->xt = b->dyv = NULL;
+        return NULL;
+    }
+    memset(b->xt, 0, xt_bytes);
+    memset(b->dyv, 0, dyv_bytes);
+    memcpy(b->key, key, sizeof key);
+    return b;
+}
+
+/* Images [n0, n1) into acc (see wgrad_chunks), a group of G at a time. 0, or -1 (out of
+ * memory). */
+static int wgrad_images3x3(const uint16_t *x, const uint16_t *dy, int64_t n0, int64_t n1,
+                           int64_t G, int64_t H, int64_t W, int64_t Ci, int64_t Co, int stride,
+                           float *acc) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    int status = 0;
+    for (int64_t n = n0; n < n1; n += G) {
+        int64_t count = n + G < n1 ? G : n1 - n;
+        wg_geom g = geometry(count, H, W, Ci, Co, stride);
+        wg_buffers *b = buffers_for(&g);
+        if (!b) {
+            status = -1;
+            break;
+        }
+        fill_xt(x + n * H * W * Ci, &g, H, W, b->xt);
+        fill_dyv(dy + n * g.Ho * g.Wo * Co, &g, b->dyv);
+        wgrad_chunks(&g, b->xt, b->dyv, 0, g.chunks, acc, n == n0);
+    }
+    _tile_release();
+    return status;
+}
+
+/* x: N x H x W x Ci, dy: N x Ho x Wo x Co (bf16, channels_last), Ci and Co multiples of 16,
+ * 32 divisible by W or W by 32, H * W a multiple of 32 or N even; out: [kh][kw][i][o] fp32.
+ * Returns 0, or -1 where the kernel cannot run (no AMX permission, out of memory). */
+int wgrad3x3(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, int64_t W, int64_t Ci,
+             int64_t Co, int stride, float *out, int nthreads) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
+        return -1;
+    const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+    const int64_t unit = (H * W) % 32 == 0 ? 1 : 2; /* images per 32-pixel transpose block */
+    int64_t G = 2048 / ((Ho + 1) * (Wo + 1)); /* about 64 tile columns of the reduction */
+    G = G < unit ? unit : G - G % unit;
+    if (nthreads > N / unit) nthreads = (int)(N / unit);
+    if (nthreads < 1) nthreads = 1;
+    const int64_t size = 9 * Ci * Co;
+    float *parts = nthreads > 1 ? malloc(sizeof(float) * size * (nthreads - 1)) : NULL;
+    if (nthreads > 1 && !parts) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t units = N / unit, n0 = units * t / nt * unit, n1 = units * (t + 1) / nt * unit;
+        float *acc = t == 0 ? out : parts + (size_t)(t - 1) * size; /* overwritten */
+        failed |= wgrad_images3x3(x, dy, n0, n1, G, H, W, Ci, Co, stride, acc) != 0;
+    }
+    for (int t = 1; t < nthreads; t++) {
+        const float *p = parts + (size_t)(t - 1) * size;
+        for (int64_t j = 0; j < size; j++) out[j] += p[j];
+    }
+    free(parts);
+    return failed ? -1 : 0;
+}
+
 #else
+int wgrad3x3(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, int64_t W, int64_t Ci,
+             int64_t Co, int stride, float *out, int nthreads) {
+    (void)x, (void)dy, (void)N, (void)H, (void)W, (void)Ci, (void)Co, (void)stride, (void)out;
+    (void)nthreads;
+    return -1;
+}
 int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, float *out,
                  int nthreads) {
     (void)x, (void)dy, (void)N, (void)H, (void)out, (void)nthreads;

@@ -8,10 +8,13 @@ where it measured faster (:func:`im2col_pays`) under bf16 autocast on a CPU (the
 switches it on where the CPU has AMX, the only kind measured); everywhere else
 (GPUs, fp32, other shapes) it is a plain ``nn.Conv2d``.
 
-Where only oneDNN's weight gradient is slow (small outputs: 3x at 128 channels 4x4, the last
-stage at width 16; 1x1 projections), the conv keeps oneDNN's forward and input gradient and
-takes the weight gradient alone as one matmul (:func:`weight_grad_by_matmul`). Patches go
-to a reused per-thread buffer: a fresh one of megabytes per call costs its page faults.
+Where only oneDNN's weight gradient is slow, the conv keeps oneDNN's forward and input
+gradient and takes the weight gradient alone (:func:`weight_grad_by_matmul`): for 3x3 convs
+with multiples of 16 channels from the AMX kernel of ``fused_bn.c``
+(:func:`actrain.fused.amx_weight_grad`; oneDNN's bf16 weight gradients run at a third to a
+half of its forward rate here), elsewhere as one matmul over the patches (small outputs: 3x
+at 128 channels 4x4 without AMX; 1x1 projections). Patches go to a reused per-thread buffer:
+a fresh one of megabytes per call costs its page faults.
 """
 
 from __future__ import annotations
@@ -127,8 +130,9 @@ class _Im2colConv(torch.autograd.Function):
 
 
 class _MatmulWeightGradConv(torch.autograd.Function):
-    """oneDNN's convolution and input gradient, with the weight gradient as one bf16 matmul
-    over the patches (3x3, padding 1) or the strided input (1x1, no padding)."""
+    """oneDNN's convolution and input gradient, with the weight gradient from the AMX kernels
+    of ``fused_bn.c`` (3x3, padding 1, where they fit) or as one bf16 matmul over the patches
+    (3x3) or the strided input (1x1, no padding)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
@@ -151,22 +155,23 @@ class _MatmulWeightGradConv(torch.autograd.Function):
                 [True, False, False],
             )[0]  # fmt: skip
         gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # rows (n, i, j), a view of channels_last g
-        if _wanted(ctx, 1) and s == 1 and amx_weight_grad_fits(x, g, weight):
-            grad_w = amx_weight_grad(x, g)
-            if grad_w is None:  # the kernel could not run: oneDNN's, as a plain conv would
+        if _wanted(ctx, 1):
+            if k == 3 and amx_weight_grad_pays(c, o, s) and amx_weight_grad_fits(x, g, weight, s):
+                grad_w = amx_weight_grad(x, g, s)  # None where the kernel could not run
+            if grad_w is None and (k == 1 or _matmul_pays(c, g.shape[2], g.shape[3])):
+                cols = (
+                    _cols(x, s, reuse=True)
+                    if k == 3
+                    else x[:, :, ::s, ::s].permute(0, 2, 3, 1).reshape(-1, c)
+                )
+                gw = torch.mm(cols.t(), gm)  # (k * k * c, o)
+                grad_w = gw.t().view(o, k, k, c).permute(0, 3, 1, 2)
+            elif grad_w is None:  # oneDNN's, as a plain conv would
                 grad_w = torch.ops.aten.convolution_backward(
-                    g, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    g, x, weight, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1,
                     [False, True, False],
                 )[1]  # fmt: skip
             grad_w = grad_w.to(weight.dtype)
-        elif _wanted(ctx, 1):
-            cols = (
-                _cols(x, s, reuse=True)
-                if k == 3
-                else x[:, :, ::s, ::s].permute(0, 2, 3, 1).reshape(-1, c)
-            )
-            gw = torch.mm(cols.t(), gm)  # (k * k * c, o)
-            grad_w = gw.t().view(o, k, k, c).permute(0, 3, 1, 2)
         if ctx.has_bias and _wanted(ctx, 2):
             grad_b = gm.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -200,23 +205,37 @@ def weight_grad_by_matmul(
     stride: int = 1,
     out_channels: int | None = None,
 ) -> bool:
-    """Where oneDNN's bf16 weight gradient is slow and one matmul over the patches beats it
-    (`python benchmarks/micro.py wgrad 16`), by output positions: 3x3 convs with at most 4x4
-    outputs and at least 64 input channels (128 channels 4x4: 3.41 -> 1.72 ms; 64 -> 128 into
-    4x4: 2.13 -> 1.19 ms; 64 channels at 8x8 would take 1.7x longer), and 1x1 stride-2
-    projections from at least 32 channels (64 -> 128: 0.50 -> 0.23 ms; 0.8x at 32 channels,
-    1.5x at 16). Where :func:`im2col_pays`, im2col takes the whole convolution instead.
-    3x3 stride-1 convs of 16 -> 16 channels 32 wide go to a hand-written AMX kernel instead of a
-    matmul, where the CPU has AMX (:func:`actrain.fused.amx_weight_grad`: 16 channels at
-    32x32, 1.8 -> 0.9 ms)."""
+    """Where the conv takes its weight gradient apart from oneDNN's backward (by output
+    positions): 3x3 convs with multiples of 16 channels in and out, where the CPU has AMX, go
+    to the AMX kernel of ``fused_bn.c`` (:func:`amx_weight_grad_pays`); other 3x3 convs with
+    at most 4x4 outputs and at least 64 input channels to one matmul over the patches (128
+    channels 4x4: 3.41 -> 1.72 ms; 64 -> 128 into 4x4: 2.13 -> 1.19 ms; 64 channels at 8x8
+    would take 1.7x longer); 1x1 stride-2 projections from at least 32 channels to one matmul
+    (64 -> 128: 0.50 -> 0.23 ms; 0.8x at 32 channels, 1.5x at 16). Where
+    :func:`im2col_pays`, im2col takes the whole convolution instead."""
     if kernel == 1:
         return stride == 2 and in_channels >= 32
-    if stride == 1 and in_channels == out_channels == 16 and width == 32:
-        from actrain.fused import available
-        from actrain.runtime import cpu_has_amx
+    if amx_weight_grad_pays(in_channels, out_channels or in_channels, stride):
+        return True
+    return _matmul_pays(in_channels, height, width)
 
-        return cpu_has_amx() and available()
+
+def _matmul_pays(in_channels: int, height: int, width: int) -> bool:
     return height * width <= 16 and in_channels >= 64
+
+
+def amx_weight_grad_pays(in_channels: int, out_channels: int, stride: int = 1) -> bool:
+    """3x3 convs whose weight gradient goes to the AMX kernels of ``fused_bn.c``: every shape
+    of ResNet-18 at width 16 and 64 that they take, on a CPU with AMX. Measured against
+    oneDNN's bf16 weight gradient (`python benchmarks/micro.py wgrad 16`, `... wgrad 64`; one
+    thread, batch 128): 0.5-0.8 ms where oneDNN takes 0.9-3.1 ms at width 16, and 7-15 ms
+    where it takes 9-70 ms at full width."""
+    if in_channels % 16 or out_channels % 16 or stride not in (1, 2):
+        return False
+    from actrain.fused import available
+    from actrain.runtime import cpu_has_amx
+
+    return cpu_has_amx() and available()
 
 
 class Im2colConv2d(nn.Conv2d):
