@@ -479,8 +479,8 @@ int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, fl
  * layout and a tile may run across rows and images. x goes to xt[plane][i][flat]
  * (channel-major, the tiles' first operand; for stride 2 its four row/column parities are four
  * planes of the output's size, and each tap reads one of them), dy to pixel pairs interleaved
- * per channel (the second operand), in two copies a position apart, so that dy shifted by any
- * tap's offset is a run of whole rows: sum_f xt[i][f] dy[f - offset][o]. Each thread rewrites
+ * per channel (the second operand), and each tap is sum_f xt[i][f] dy[f - offset][o], dy's
+ * side a run of whole rows (see wgrad_chunks for odd offsets). Each thread rewrites
  * a group of images at a time into buffers that stay in its L2 cache, so x and dy are read
  * from memory once, as a plain convolution backward reads them; a whole-batch rewrite written
  * back to memory and read again cost more than the kernel saved. The 16-channel kernel above
@@ -576,9 +576,8 @@ static void fill_xt(const uint16_t *x, const wg_geom *g, int64_t H, int64_t W, u
     }
 }
 
-/* dy (N x Ho x Wo x Co) into dyv[copy][ob][row][32]: pixel pairs interleaved per channel,
- * row j of copy c holding positions 2j + c - D0 and the next (two copies, so that a tap's
- * shifted run of positions starts a row whatever its parity). */
+/* dy (N x Ho x Wo x Co) into dyv[ob][row][32]: pixel pairs interleaved per channel, row j
+ * holding positions 2j - D0 and 2j + 1 - D0. */
 static void fill_dyv(const uint16_t *dy, const wg_geom *g, uint16_t *dyv) {
     static const uint16_t ix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -587,19 +586,17 @@ static void fill_dyv(const uint16_t *dy, const wg_geom *g, uint16_t *dyv) {
     for (int64_t row = 0; row < g->N * g->Ho; row++) {
         int64_t n = row / g->Ho, h = row % g->Ho, u0 = flat_pos(g, n, h, 0) + g->D0;
         const uint16_t *src = dy + row * Wo * Co;
-        for (int64_t c = 0; c < 2; c++)
-            for (int64_t j = (u0 - c) >> 1; j <= (u0 + Wo - 1 - c) >> 1; j++) {
-                int64_t a = 2 * j + c - u0, b = a + 1; /* pixels of the pair within the row */
-                for (int64_t ob = 0; ob < NB; ob++) {
-                    __m256i lo = a >= 0 ? _mm256_loadu_si256((const __m256i *)(src + a * Co + ob * 16))
-                                        : _mm256_setzero_si256();
-                    __m256i hi = b < Wo ? _mm256_loadu_si256((const __m256i *)(src + b * Co + ob * 16))
-                                        : _mm256_setzero_si256();
-                    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                    _mm512_storeu_si512(dyv + ((c * NB + ob) * g->R + j) * 32,
-                                        _mm512_permutexvar_epi16(pairs, v));
-                }
+        for (int64_t j = u0 >> 1; j <= (u0 + Wo - 1) >> 1; j++) {
+            int64_t a = 2 * j - u0, b = a + 1; /* pixels of the pair within the row */
+            for (int64_t ob = 0; ob < NB; ob++) {
+                __m256i lo = a >= 0 ? _mm256_loadu_si256((const __m256i *)(src + a * Co + ob * 16))
+                                    : _mm256_setzero_si256();
+                __m256i hi = b < Wo ? _mm256_loadu_si256((const __m256i *)(src + b * Co + ob * 16))
+                                    : _mm256_setzero_si256();
+                __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                _mm512_storeu_si512(dyv + (ob * g->R + j) * 32, _mm512_permutexvar_epi16(pairs, v));
             }
+        }
     }
 }
 
@@ -622,30 +619,33 @@ static void tap_source(const wg_geom *g, int t, int64_t *plane, int64_t *offset)
 
 /* chunks [c0, c1) into acc[tap][i][o] (fp32; accumulated, or overwritten where `fresh`):
  * C[tap][i][o] += xt[plane(tap)][i][f] . dy[f - offset(tap)][o] over the chunks' positions f,
- * so that x's tiles are aligned and shared by the taps that read one plane, and each tap's dy
- * tile is a run of whole rows of one of dyv's copies. */
+ * so that x's tiles are shared by the taps that read one plane and each tap's dy tile is a run
+ * of whole rows of dyv; where that run would start mid-pair (an odd offset), both sides move
+ * one position: x's tile starts at f + 1, dy's at the pair boundary. */
 static void wgrad_chunks(const wg_geom *g, const uint16_t *xt, const uint16_t *dyv, int64_t c0,
                          int64_t c1, float *acc, int fresh) {
     const int64_t NI = g->Ci / 16, NB = g->Co / 16, planes = g->stride == 1 ? 1 : 4;
     const int64_t astride = g->L * 2, cstride = g->Co * 4;
-    int64_t plane_of[9], dy_row[9];
+    int64_t plane_of[9], dy_row[9], x_shift[9];
     for (int t = 0; t < 9; t++) {
-        int64_t off, c;
+        int64_t off;
         tap_source(g, t, &plane_of[t], &off);
-        c = (g->D0 - off) & 1; /* the copy whose rows start at this tap's runs */
-        dy_row[t] = c * NB * g->R + (g->D0 - off - c) / 2;
+        x_shift[t] = (g->D0 - off) & 1;
+        dy_row[t] = (g->D0 - off + x_shift[t]) / 2;
     }
     for (int64_t k0 = c0; k0 < c1; k0 += KB) {
         int64_t k1 = k0 + KB < c1 ? k0 + KB : c1;
         int zero = fresh && k0 == c0;
-        for (int64_t pl = 0; pl < planes; pl++) {
+        for (int64_t part = 0; part < 2 * planes; part++) { /* taps of one plane and shift */
+            int64_t pl = part / 2, shift = part % 2;
             int taps[9], nt = 0;
             for (int t = 0; t < 9; t++)
-                if (plane_of[t] == pl) taps[nt++] = t;
+                if (plane_of[t] == pl && x_shift[t] == shift) taps[nt++] = t;
             const int64_t nbi = nt * NB; /* (ob, tap) pairs, ob-major: neighbours share dy */
-            for (int64_t ib = 0; ib < NI; ib += 2) {
+            for (int64_t ib = 0; ib < NI && nt; ib += 2) {
                 int two_a = ib + 1 < NI;
-                const uint16_t *a0 = xt + (pl * g->Ci + ib * 16) * g->L, *a1 = a0 + 16 * g->L;
+                const uint16_t *a0 = xt + (pl * g->Ci + ib * 16) * g->L + shift;
+                const uint16_t *a1 = a0 + 16 * g->L;
                 for (int64_t bi = 0; bi < nbi; bi += 2) {
                     int two_b = bi + 1 < nbi;
                     int64_t ob0 = bi / nt, t0 = taps[bi % nt];
@@ -712,7 +712,8 @@ static wg_geom geometry(int64_t N, int64_t H, int64_t W, int64_t Ci, int64_t Co,
     wg_geom g = {N, (H - 1) / stride + 1, (W - 1) / stride + 1, 0, 0, 0, 0, 0, Ci, Co, stride};
     g.P = g.Wo + 1;
     g.chunks = ((N * (g.Ho + 1) + 1) * g.P + 31) / 32;
-    g.L = (g.chunks | 1) * 32; /* an odd number of 64-byte lines: a tile's rows in 16 sets */
+    g.L = ((g.chunks + 1) | 1) * 32; /* odd 64-byte lines (a tile's rows in 16 cache sets), */
+                                      /* with room for the last tile read one position on */
     g.D0 = (g.P + 2) & ~(int64_t)1; /* dy's margin: taps shift by up to P + 1 positions */
     g.R = (g.D0 + g.chunks * 32 + g.D0) / 2 + 1;
     return g;
@@ -737,7 +738,7 @@ static wg_buffers *buffers_for(const wg_geom *g) {
     free(b->xt);
     free(b->dyv);
     size_t xt_bytes = (size_t)((g->stride == 1 ? 1 : 4) * g->Ci * g->L) * 2;
-    size_t dyv_bytes = (size_t)(2 * g->Co / 16 * g->R * 32) * 2;
+    size_t dyv_bytes = (size_t)(g->Co / 16 * g->R * 32) * 2;
     b->xt = aligned_alloc(64, xt_bytes);
     b->dyv = aligned_alloc(64, dyv_bytes);
     if (!b->xt || !b->dyv) {
