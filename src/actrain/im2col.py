@@ -2,8 +2,10 @@
 
 On this project's AMX CPU oneDNN runs ResNet-18's last stage at full width (512 channels at
 4x4) at a quarter of its speed elsewhere: its backward takes 90 ms where the same FLOPs at
-128 channels and 16x16 take 16 ms. Written as im2col + matmul its backward takes 35 ms
-(`python benchmarks/micro.py conv`). :class:`Im2colConv2d` takes that path for the shapes
+128 channels and 16x16 take 16 ms. Written as im2col + matmul its backward takes 24.5 ms
+(`python benchmarks/micro.py conv`; 28 ms while the input gradient of a stride-1 conv was
+nine matmul outputs scattered back, now it is the conv of the output gradient with the
+flipped weights). :class:`Im2colConv2d` takes that path for the shapes
 where it measured faster (:func:`im2col_pays`) under bf16 autocast on a CPU (the Trainer
 switches it on where the CPU has AMX, the only kind measured); everywhere else
 (GPUs, fp32, other shapes) it is a plain ``nn.Conv2d``.
