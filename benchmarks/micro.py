@@ -356,6 +356,12 @@ def wgradshare(width: int) -> None:
         print(f"width {width}, conv weight gradients {'on ' if on else 'off'}: {timed():.1f} ms")
 
 
+def onepass(width: int) -> None:
+    """A trainer's G train pass as in a step (see :func:`_trainer_pass`), all levers as set."""
+    timed, _ = _trainer_pass(width)
+    print(f"width {width}: {timed():.1f} ms per train pass (median of 9, caches evicted)")
+
+
 def trainpass(name: str, width: int) -> None:
     """A train pass with one lever (see :func:`lever`) off, on, off, on."""
     timed, _ = _trainer_pass(width)
@@ -456,5 +462,5 @@ if __name__ == "__main__":
     else:
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
         commands["wgrad"], commands["wgradshare"] = wgrad, wgradshare
-        commands["trainprofile"] = trainprofile
+        commands["trainprofile"], commands["pass"] = trainprofile, onepass
         commands[what](width)
