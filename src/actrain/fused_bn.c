@@ -350,6 +350,32 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* Whether the OS lets this process use AMX tiles (asked on every call: it is cheap, and a
+ * first call may come from any thread). */
+static int amx_permitted(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+/* All eight tiles as 16 rows of 64 bytes, the one shape these kernels use. The barrier keeps
+ * GCC from dropping the stores into cfg: it does not see LDTILECFG read them (inlined into a
+ * caller, the configuration was loaded half-written and the CPU faulted). */
+static void configure_tiles(void) {
+    tile_config cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+/* Word index of a permutation that interleaves two 16-word halves (a[0], b[0], a[1], ...):
+ * two pixels' 16 channels into channel pairs, the layout of AMX's second operand. */
+static const uint16_t PAIRS[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 /* One transpose stage: within each group of g registers, pair j (registers 2j, 2j + 1)
  * gives out[j] (64-bit lanes picked by lo) and out[j + g / 2] (by hi). */
 static void interleave_pairs(const __m512i *in, __m512i *out, int g, __m512i lo, __m512i hi) {
@@ -392,24 +418,14 @@ static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
 /* Images [n0, n1) into out[9][16 i][16 o] (fp32, overwritten). 0, or -1 (out of memory). */
 static int wgrad_images(const uint16_t *x, const uint16_t *dy, int64_t n0, int64_t n1,
                         int64_t H, float *out) {
-    uint16_t ix[32];
-    for (int n = 0; n < 16; n++)
-        for (int j = 0; j < 2; j++) ix[2 * n + j] = (uint16_t)(j * 16 + n);
-    const __m512i pairs = _mm512_loadu_si512(ix);
+    const __m512i pairs = _mm512_loadu_si512(PAIRS);
     uint16_t *xs = calloc((size_t)(H + 2) * 16 * 34, sizeof(uint16_t));
     uint16_t *bb = aligned_alloc(64, (size_t)H * 1024);
     float *keep = aligned_alloc(64, 3 * 1024), *acc = aligned_alloc(64, 3 * 1024);
     int status = -1;
     if (!xs || !bb || !keep || !acc) goto done;
     memset(acc, 0, 3 * 1024);
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
+    configure_tiles();
     _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t h = 0; h < H; h++) {
@@ -449,8 +465,7 @@ done:
  * -1 where the kernel cannot run (no AMX permission from the kernel, out of memory). */
 int wgrad3x3_c16(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, float *out,
                  int nthreads) {
-    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
-        return -1;
+    if (!amx_permitted()) return -1;
     if (nthreads > N) nthreads = (int)N;
     if (nthreads < 1) nthreads = 1;
     float *parts = calloc((size_t)nthreads * 2304, sizeof(float));
@@ -497,9 +512,7 @@ static inline int64_t flat_pos(const wg_geom *g, int64_t n, int64_t h, int64_t w
 
 /* 32 pixels x 16 channels (rows of `stride` elements) to v[c] = the 32 pixels of channel c. */
 static void transpose32x16(const uint16_t *x, int64_t stride, __m512i v[16]) {
-    static const uint16_t ix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i pairs = _mm512_loadu_si512(ix);
+    const __m512i pairs = _mm512_loadu_si512(PAIRS);
     __m512i d[16], e[16];
     for (int k = 0; k < 16; k++) {
         __m256i lo = _mm256_loadu_si256((const __m256i *)(x + (2 * k) * stride));
@@ -579,9 +592,7 @@ static void fill_xt(const uint16_t *x, const wg_geom *g, int64_t H, int64_t W, u
 /* dy (N x Ho x Wo x Co) into dyv[ob][row][32]: pixel pairs interleaved per channel, row j
  * holding positions 2j - D0 and 2j + 1 - D0. */
 static void fill_dyv(const uint16_t *dy, const wg_geom *g, uint16_t *dyv) {
-    static const uint16_t ix[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i pairs = _mm512_loadu_si512(ix);
+    const __m512i pairs = _mm512_loadu_si512(PAIRS);
     const int64_t Co = g->Co, Wo = g->Wo, NB = Co / 16;
     for (int64_t row = 0; row < g->N * g->Ho; row++) {
         int64_t n = row / g->Ho, h = row % g->Ho, u0 = flat_pos(g, n, h, 0) + g->D0;
@@ -760,14 +771,7 @@ static wg_buffers *buffers_for(const wg_geom *g) {
 static int wgrad_images3x3(const uint16_t *x, const uint16_t *dy, int64_t n0, int64_t n1,
                            int64_t G, int64_t H, int64_t W, int64_t Ci, int64_t Co, int stride,
                            float *acc) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
+    configure_tiles();
     int status = 0;
     for (int64_t n = n0; n < n1; n += G) {
         int64_t count = n + G < n1 ? G : n1 - n;
@@ -790,8 +794,7 @@ static int wgrad_images3x3(const uint16_t *x, const uint16_t *dy, int64_t n0, in
  * Returns 0, or -1 where the kernel cannot run (no AMX permission, out of memory). */
 int wgrad3x3(const uint16_t *x, const uint16_t *dy, int64_t N, int64_t H, int64_t W, int64_t Ci,
              int64_t Co, int stride, float *out, int nthreads) {
-    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
-        return -1;
+    if (!amx_permitted()) return -1;
     const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
     const int64_t unit = (H * W) % 32 == 0 ? 1 : 2; /* images per 32-pixel transpose block */
     int64_t G = 2048 / ((Ho + 1) * (Wo + 1)); /* about 64 tile columns of the reduction */
