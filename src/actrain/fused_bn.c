@@ -387,12 +387,19 @@ static void interleave_pairs(const __m512i *in, __m512i *out, int g, __m512i lo,
         }
 }
 
-/* x[w][i] (32 x 16) to xt[i * 34 + 1 + w]: pixel pairs as dwords, then a 16 x 16 dword
- * transpose in four permute stages. */
-static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
+/* 32 pixels x 16 channels (pixel rows `stride` elements apart) to v[c] = the 32 pixels of
+ * channel c: pixel pairs as dwords, then a 16 x 16 dword transpose in four permute stages. */
+static void transpose32x16(const uint16_t *x, int64_t stride, __m512i v[16]) {
+    const __m512i pairs = _mm512_loadu_si512(PAIRS);
     __m512i d[16], e[16];
-    for (int k = 0; k < 16; k++)
-        d[k] = _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512(x + 32 * k));
+    for (int k = 0; k < 16; k++) {
+        __m512i two = stride == 16
+            ? _mm512_loadu_si512(x + 32 * k)
+            : _mm512_inserti64x4(
+                  _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x + 2 * k * stride))),
+                  _mm256_loadu_si256((const __m256i *)(x + (2 * k + 1) * stride)), 1);
+        d[k] = _mm512_permutexvar_epi16(pairs, two);
+    }
     const __m512i lo32 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi32 =
         _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -406,9 +413,16 @@ static void transpose_row(const uint16_t *x, uint16_t *xt, __m512i pairs) {
     interleave_pairs(d, e, 4, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11),
                      _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15));
     for (int c = 0; c < 16; c += 2) { /* e[c]: channels c, c + 1 of pairs 0-7; e[c + 1]: 8-15 */
-        _mm512_storeu_si512(xt + 34 * c + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44));
-        _mm512_storeu_si512(xt + 34 * (c + 1) + 1, _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE));
+        v[c] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44);
+        v[c + 1] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE);
     }
+}
+
+/* x[w][i] (32 x 16) to xt[i * 34 + 1 + w] */
+static void transpose_row(const uint16_t *x, uint16_t *xt) {
+    __m512i v[16];
+    transpose32x16(x, 16, v);
+    for (int c = 0; c < 16; c++) _mm512_storeu_si512(xt + 34 * c + 1, v[c]);
 }
 
 #define TAP(T, KH, KW)                                                  \
@@ -430,7 +444,7 @@ static int wgrad_images(const uint16_t *x, const uint16_t *dy, int64_t n0, int64
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t h = 0; h < H; h++) {
             const size_t row = (size_t)(n * H + h) * 32 * 16;
-            transpose_row(x + row, xs + (size_t)(h + 1) * 16 * 34, pairs);
+            transpose_row(x + row, xs + (size_t)(h + 1) * 16 * 34);
             for (int k = 0; k < 16; k++)
                 _mm512_store_si512(bb + h * 512 + k * 32,
                                    _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512(dy + row + k * 32)));
@@ -508,42 +522,6 @@ typedef struct {
 
 static inline int64_t flat_pos(const wg_geom *g, int64_t n, int64_t h, int64_t w) {
     return (n * (g->Ho + 1) + h + 1) * g->P + w;
-}
-
-/* 32 pixels x 16 channels (rows of `stride` elements) to v[c] = the 32 pixels of channel c. */
-static void transpose32x16(const uint16_t *x, int64_t stride, __m512i v[16]) {
-    const __m512i pairs = _mm512_loadu_si512(PAIRS);
-    __m512i d[16], e[16];
-    for (int k = 0; k < 16; k++) {
-        __m256i lo = _mm256_loadu_si256((const __m256i *)(x + (2 * k) * stride));
-        __m256i hi = _mm256_loadu_si256((const __m256i *)(x + (2 * k + 1) * stride));
-        d[k] = _mm512_permutexvar_epi16(pairs, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-    }
-    /* d[k]: dword n = (pixel 2k, 2k+1) of channel n. A 16 x 16 dword transpose. */
-    const __m512i lo32 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi32 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (int p = 0; p < 8; p++) {
-        e[p] = _mm512_permutex2var_epi32(d[2 * p], lo32, d[2 * p + 1]);
-        e[p + 8] = _mm512_permutex2var_epi32(d[2 * p], hi32, d[2 * p + 1]);
-    }
-    const __m512i lo64a = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi64a = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-    for (int base = 0; base < 16; base += 8)
-        for (int j = 0; j < 4; j++) {
-            __m512i a = e[base + 2 * j], b = e[base + 2 * j + 1];
-            d[base + j] = _mm512_permutex2var_epi64(a, lo64a, b);
-            d[base + j + 4] = _mm512_permutex2var_epi64(a, hi64a, b);
-        }
-    const __m512i lo64b = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi64b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (int base = 0; base < 16; base += 4)
-        for (int j = 0; j < 2; j++) {
-            __m512i a = d[base + 2 * j], b = d[base + 2 * j + 1];
-            e[base + j] = _mm512_permutex2var_epi64(a, lo64b, b);
-            e[base + j + 2] = _mm512_permutex2var_epi64(a, hi64b, b);
-        }
-    for (int c = 0; c < 16; c += 2) {
-        v[c] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0x44);
-        v[c + 1] = _mm512_shuffle_i64x2(e[c], e[c + 1], 0xEE);
-    }
 }
 
 /* lanes [lane0, lane0 + len) of v to dst[0 .. len) */
