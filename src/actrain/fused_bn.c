@@ -652,40 +652,26 @@ static void wgrad_chunks(const wg_geom *g, const uint16_t *xt, const uint16_t *d
                         if (two_a) _tile_loadd(6, c10, cstride);
                         if (two_a && two_b) _tile_loadd(7, c11, cstride);
                     }
-                    if (two_a && two_b) {
-                        for (int64_t k = k0; k < k1; k++) {
-                            _tile_loadd(0, a0 + k * 32, astride);
-                            _tile_loadd(2, b0 + k * 512, 64);
-                            _tile_dpbf16ps(4, 0, 2);
-                            _tile_loadd(3, b1 + k * 512, 64);
-                            _tile_dpbf16ps(5, 0, 3);
-                            _tile_loadd(1, a1 + k * 32, astride);
-                            _tile_dpbf16ps(6, 1, 2);
-                            _tile_dpbf16ps(7, 1, 3);
-                        }
-                    } else if (two_a) {
-                        for (int64_t k = k0; k < k1; k++) {
-                            _tile_loadd(2, b0 + k * 512, 64);
-                            _tile_loadd(0, a0 + k * 32, astride);
-                            _tile_dpbf16ps(4, 0, 2);
-                            _tile_loadd(1, a1 + k * 32, astride);
-                            _tile_dpbf16ps(6, 1, 2);
-                        }
-                    } else if (two_b) {
-                        for (int64_t k = k0; k < k1; k++) {
-                            _tile_loadd(0, a0 + k * 32, astride);
-                            _tile_loadd(2, b0 + k * 512, 64);
-                            _tile_dpbf16ps(4, 0, 2);
-                            _tile_loadd(3, b1 + k * 512, 64);
-                            _tile_dpbf16ps(5, 0, 3);
-                        }
-                    } else {
-                        for (int64_t k = k0; k < k1; k++) {
-                            _tile_loadd(0, a0 + k * 32, astride);
-                            _tile_loadd(2, b0 + k * 512, 64);
-                            _tile_dpbf16ps(4, 0, 2);
-                        }
-                    }
+                    /* tile numbers must be constants: one loop per block shape */
+#define A0 _tile_loadd(0, a0 + k * 32, astride);
+#define A1 _tile_loadd(1, a1 + k * 32, astride);
+#define B0 _tile_loadd(2, b0 + k * 512, 64);
+#define B1 _tile_loadd(3, b1 + k * 512, 64);
+#define CHUNKS(BODY) for (int64_t k = k0; k < k1; k++) { BODY }
+                    if (two_a && two_b)
+                        CHUNKS(A0 B0 _tile_dpbf16ps(4, 0, 2); B1 _tile_dpbf16ps(5, 0, 3);
+                               A1 _tile_dpbf16ps(6, 1, 2); _tile_dpbf16ps(7, 1, 3);)
+                    else if (two_a)
+                        CHUNKS(B0 A0 _tile_dpbf16ps(4, 0, 2); A1 _tile_dpbf16ps(6, 1, 2);)
+                    else if (two_b)
+                        CHUNKS(A0 B0 _tile_dpbf16ps(4, 0, 2); B1 _tile_dpbf16ps(5, 0, 3);)
+                    else
+                        CHUNKS(A0 B0 _tile_dpbf16ps(4, 0, 2);)
+#undef CHUNKS
+#undef B1
+#undef B0
+#undef A1
+#undef A0
                     _tile_stored(4, c00, cstride);
                     if (two_b) _tile_stored(5, c01, cstride);
                     if (two_a) _tile_stored(6, c10, cstride);
