@@ -3,10 +3,11 @@
     OUT=gpu-out PYTHONPATH=src python3 benchmarks/gpu_check.py
 
 Runs, each part under its own time limit and each result written as soon as it exists:
-the CUDA tests (tests/test_cuda.py), the benchmark matrix (`actrain bench --all --device
-cuda`), the levers one at a time on a full-width ACT step, the paper's larger models, and
-torch.compile, then fp32 PGD evaluation with and without the BN-folded gradient model.
-Results go to $OUT: tests.txt, results-gpu.md, levers.jsonl, eval.jsonl, log.txt.
+the CUDA tests (tests/test_cuda.py), ACT with and without --model-streams against Madry, the
+levers one at a time on a full-width ACT step, the paper's larger models and torch.compile
+(LEVERS_UNTIL_S=0 skips them), the benchmark matrix (`actrain bench --all --device cuda`),
+then fp32 PGD evaluation with and without the BN-folded gradient model. Results go to $OUT:
+tests.txt, streams.jsonl, levers.jsonl, results-gpu.md, eval.jsonl, log.txt.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def run(cmd: list[str], limit: int, out: str, env: dict[str, str] | None = None)
     except subprocess.TimeoutExpired as exc:
         text = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMED OUT after {limit} s"
         log(f"timed out after {limit} s")
+    except OSError as exc:  # a missing program (nvidia-smi in a dry run)
+        text = f"{exc}"
+        log(text)
     (OUT / out).write_text(text if isinstance(text, str) else text.decode())
     print(text[-3000:], flush=True)
 
@@ -101,6 +105,32 @@ def levers(budget_s: float) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def streams() -> None:
+    """ACT with F on its own CUDA stream (--model-streams, the default) and without, against
+    Madry, timed in interleaved rounds in one process, for three model sizes."""
+    from actrain import bench
+
+    sizes = [("resnet18", 64, 10), ("resnet18", 16, 10), ("wrn-28-10", None, 4)]
+    for arch, width, rounds in sizes:
+        base = bench.BenchSpec(device="cuda", arch=arch, width=width, flops=False)
+        if os.environ.get("DRY_RUN"):
+            base = bench.BenchSpec(device="cpu", width=4, batch_size=4, steps=1)
+            rounds = 1
+        on = os.environ.get("DRY_RUN") is None or None  # None: a CPU has no streams
+        specs = [
+            bench.BenchSpec(**{**asdict(base), "model_streams": on}),
+            bench.BenchSpec(**{**asdict(base), "model_streams": False}),
+            bench.BenchSpec(**{**asdict(base), "method": "madry"}),
+        ]
+        act_on, act_off, madry = bench.interleaved_step_ms(specs, rounds)
+        row = {"arch": arch, "width": width, "rounds": rounds, "act_streams_ms": act_on}
+        row |= {"act_one_stream_ms": act_off, "madry_ms": madry}
+        row |= {"ratio_streams": act_on / madry, "ratio_one_stream": act_off / madry}
+        log(f"streams: {json.dumps(row)}")
+        with open(OUT / "streams.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def evaluation() -> None:
     """fp32 PGD-20 on a full-width ResNet-18, gradients from the model vs from its BN-folded
     channels_last copy (`actrain bench --eval`; `--fold-bn` stays off by default on a GPU
@@ -127,7 +157,8 @@ def main() -> None:
     import torch
 
     cudnn = torch.backends.cudnn.version()
-    log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cudnn {cudnn}")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    log(f"torch {torch.__version__}, {name}, cudnn {cudnn}")
     run(
         [
             sys.executable,
@@ -145,15 +176,24 @@ def main() -> None:
         env,
     )
     sys.path.insert(0, str(ROOT / "src"))
+    for part in (streams,):  # each must not cost the rest
+        try:
+            part()
+        except Exception as exc:
+            log(f"{part.__name__}: FAILED {type(exc).__name__}: {exc}")
     levers(float(os.environ.get("LEVERS_UNTIL_S", "300")))
-    try:
-        evaluation()
-    except Exception as exc:  # must not cost the matrix
-        log(f"evaluation: FAILED {type(exc).__name__}: {exc}")
     left = float(os.environ.get("TOTAL_S", "420")) - (time.time() - START)
     matrix = ["bench", "--all", "--device", "cuda", "--iters", "20", "--warmup", "3"]
     matrix += ["--reference-iters", "5", "--out", str(OUT / "results-gpu.md")]
+    if os.environ.get("DRY_RUN"):
+        matrix = ["bench", "--all", "--device", "cpu", "--widths", "4", "--batch-size", "4"]
+        matrix += ["--steps", "1", "--iters", "1", "--reference-iters", "1"]
+        matrix += ["--out", str(OUT / "results-gpu.md")]
     run([sys.executable, "-m", "actrain", *matrix], int(max(10, left)), "bench-all.txt", env)
+    try:
+        evaluation()
+    except Exception as exc:
+        log(f"evaluation: FAILED {type(exc).__name__}: {exc}")
     log("done")
 
 

@@ -308,6 +308,21 @@ def test_cuda_graphs_on_a_cpu_is_one_clear_error_and_leaves_no_run_folder(tmp_pa
     assert mine.is_dir()  # a folder the user made stays
 
 
+def test_model_streams_without_the_update_graph_is_one_clear_error(tmp_path, capsys):
+    assert main(["bench", "--model-streams", "on", "--device", "cpu", "--width", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-streams: needs the update graph" in err and "not a CUDA device" in err
+    config = Path(__file__).resolve().parents[1] / "configs/quickstart/digits_act.yaml"
+    out = tmp_path / "new"
+    argv = ["train", "--config", str(config), "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--model-streams"]) == 2
+    assert "--model-streams" in capsys.readouterr().err and not out.exists()
+    # off, or left to its default, trains as before on a CPU
+    assert main([*argv, "--no-model-streams", "--epochs", "1", "--train-subset", "200"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_streams"] is False
+    assert (out / "final.json").exists() and (out / "model_f.safetensors").exists()
+
+
 def test_a_failed_graph_capture_falls_back_to_the_eager_update(capsys):
     """Where capture fails (here: a CPU has no CUDA streams), the step is the eager step and
     the run goes on without graphs, saying so once."""

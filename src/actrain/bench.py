@@ -69,6 +69,7 @@ class BenchSpec:
     fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
     fused_bn: bool | None = None  # None: the Trainer's default (actrain.fused)
     cuda_graphs: bool | None = None  # None: the Trainer's default (on with CUDA)
+    model_streams: bool | None = None  # None: the Trainer's default (ACT, update graph)
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode (e.g. "max-autotune-no-cudagraphs")
     dataset: str = "cifar10"  # only its shape (channels, size, classes) and augmentation
@@ -98,6 +99,7 @@ class BenchSpec:
             "channels_last": self.channels_last,
             "fused_bn": self.fused_bn,
             "cuda_graphs": self.cuda_graphs,
+            "model_streams": self.model_streams,
             "device": self.device,
             "seed": self.seed,
             "epochs": 1,
@@ -568,6 +570,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
         "cuda_graphs": trainer.graphed_attack is not None,
         "step_graph": trainer.graphed_update is not None,
+        "model_streams": trainer.graphed_update is not None
+        and trainer.graphed_update.side is not None,
         "compile": spec.compile,
         "compile_mode": spec.compile_mode,
         "compile_s": round(compile_s, 2),
@@ -865,6 +869,7 @@ def format_line(r: dict[str, Any]) -> str:
         f"{' fusedBN' if r.get('fused_bn') else ''}"
         f"{' graphs' if r.get('cuda_graphs') else ''}"
         f"{' stepGraph' if r.get('step_graph') else ''}"
+        f"{' streams' if r.get('model_streams') else ''}"
         f"{' compile' if r['compile'] else ''}"
         f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
@@ -905,6 +910,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             levers.append("graphs")
         if r.get("step_graph"):
             levers.append("stepGraph")
+        if r.get("model_streams"):
+            levers.append("streams")
         if r["compile"]:
             levers.append("compile")
         ref, mad = r.get("speedup_vs_reference"), r.get("vs_madry")

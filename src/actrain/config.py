@@ -99,6 +99,9 @@ class TrainConfig:
     fused_bn: bool | None = None
     # PGD training attacks replayed from CUDA graphs (actrain.attacks.graphed); None: on CUDA.
     cuda_graphs: bool | None = None
+    # ACT inside the update graph: F's passes on a second CUDA stream, so that F's backward
+    # runs beside G's on a GPU that one model at batch 128 leaves half idle. None: on there.
+    model_streams: bool | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     val_size: int = 0
@@ -138,6 +141,7 @@ RESUMABLE_CHANGES = {
     "data_dir",
     "deterministic",
     "cuda_graphs",
+    "model_streams",
     # torchrun (issue 5): a run may resume on another number of processes, so the per-process
     # batch may change with it (the position in an epoch is converted by examples seen)
     "batch_size",

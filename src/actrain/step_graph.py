@@ -7,6 +7,11 @@ method's context (ACT: F(x), train mode), the K attack passes on G's BN-folded v
 inside the graph from the current weights), the losses and the backward are captured once per
 batch shape and replayed.
 
+ACT's two models are independent once both forwards are done: with ``model_streams`` F runs
+on a second stream forked from the capture stream, so that its backward (autograd runs each
+backward op on its forward's stream) overlaps G's on the GPU; the graph joins the streams
+before it ends, so what follows a replay sees both gradients.
+
 What stays eager, so that a graphed update is the eager update: the random start (drawn from
 the generator the eager attack uses, before the replay), the finiteness check of the losses
 (one synchronisation, as without graphs) and the optimiser steps with their learning rates.
@@ -17,6 +22,7 @@ replay, so code that set them to None in between (a benchmark's own passes) chan
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,12 +65,20 @@ def supported(trainer: Trainer) -> str | None:
     return None
 
 
+def model_streams_default(trainer: Trainer) -> bool:
+    """``--model-streams`` as asked, else on for methods with two models (ACT)."""
+    asked = trainer.cfg.model_streams
+    return asked if asked is not None else len(trainer.method.roles) > 1
+
+
 class GraphedUpdate:
     """``__call__(x, y)`` returns the update's (losses, logits, total) with every parameter's
     ``.grad`` holding this batch's gradient, as the eager forward and backward leave them."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Trainer, model_streams: bool = False) -> None:
         self.trainer = trainer
+        # the stream the method's context (ACT: F(x)) and so its backward run on
+        self.side = torch.cuda.Stream(device=trainer.device) if model_streams else None
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0
         dtype = autocast_dtype(trainer.precision)
@@ -101,8 +115,14 @@ class GraphedUpdate:
         method, models, attack = t.method, t.models, t.train_attack
         for m in models.values():
             m.train()
-        with self.autocast():
+        side, main = self.side, None
+        if side is not None:  # fork: F's forward, and later its backward, beside G's
+            main = torch.cuda.current_stream(t.device)
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else nullcontext(), self.autocast():
             ctx = method.prepare(models, x, y, attack is not None)
+        if side is not None:  # the attack reads F(x)
+            main.wait_stream(side)
         x_adv = x
         if start is not None:
             g = attack_model(models["g"], t.fold_bn, t.precision)  # refolded in the graph
@@ -112,6 +132,8 @@ class GraphedUpdate:
             out = method.losses(models, x, x_adv, y, ctx)
         total = sum(out.losses.values())
         total.backward()
+        if side is not None:  # join: F's gradients before the graph ends
+            main.wait_stream(side)
         return out, total
 
     def _capture(self, x: Tensor, y: Tensor, start: Tensor | None) -> _Graph:

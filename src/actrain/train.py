@@ -319,9 +319,12 @@ class Trainer:
         self.graphed_update: GraphedUpdate | None = None
         self.graphed_attack: GraphedPGD | None = None
         if self.cuda_graphs and step_graph.supported(self) is None:
-            self.graphed_update = GraphedUpdate(self)
+            self.graphed_update = GraphedUpdate(self, step_graph.model_streams_default(self))
         elif self.cuda_graphs and isinstance(self.train_attack, PGDTraining):
             self.graphed_attack = GraphedPGD(self.train_attack)
+        if cfg.model_streams and self.graphed_update is None:
+            why = step_graph.supported(self) or "--no-cuda-graphs"
+            raise ConfigError(f"--model-streams: needs the update graph, which is off here: {why}")
         self.guard: OverfitGuard | None = None
         if overfit_guard_on(cfg):
             if self.data.eval_x is None or len(self.data.eval_y) == 0:

@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="replay each update up to its gradients from a CUDA graph (auto: on with CUDA)",
     )
+    p.add_argument(
+        "--model-streams",
+        choices=tuple(ONOFF),
+        default="auto",
+        help="ACT in the update graph: F's passes on a second CUDA stream (auto: on there)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the models (timed)")
     p.add_argument(
         "--compile-mode",
@@ -124,6 +130,7 @@ def _spec(ns: argparse.Namespace):
         fold_bn=ONOFF[ns.fold_bn],
         fused_bn=ONOFF[ns.fused_bn],
         cuda_graphs=ONOFF[ns.cuda_graphs],
+        model_streams=ONOFF[ns.model_streams],
         compile=ns.compile or ns.compile_mode is not None,
         compile_mode=ns.compile_mode,
         flops=ns.flops,

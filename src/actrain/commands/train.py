@@ -96,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replay each update up to its gradients from a CUDA graph (default: on with CUDA,"
         " one process)",
     )
+    g.add_argument(
+        "--model-streams",
+        action=argparse.BooleanOptionalAction,
+        help="ACT in the update graph: F's passes on a second CUDA stream, beside G's"
+        " (default: on there)",
+    )
     g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
