@@ -110,7 +110,7 @@ def streams() -> None:
     Madry, timed in interleaved rounds in one process, for three model sizes."""
     from actrain import bench
 
-    sizes = [("resnet18", 64, 10), ("resnet18", 16, 10), ("wrn-28-10", None, 4)]
+    sizes = [("resnet18", 64, 20), ("resnet18", 16, 20), ("wrn-28-10", None, 6)]
     for arch, width, rounds in sizes:
         base = bench.BenchSpec(device="cuda", arch=arch, width=width, flops=False)
         if os.environ.get("DRY_RUN"):

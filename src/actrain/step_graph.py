@@ -7,10 +7,11 @@ method's context (ACT: F(x), train mode), the K attack passes on G's BN-folded v
 inside the graph from the current weights), the losses and the backward are captured once per
 batch shape and replayed.
 
-ACT's two models are independent once both forwards are done: with ``model_streams`` F runs
-on a second stream forked from the capture stream, so that its backward (autograd runs each
-backward op on its forward's stream) overlaps G's on the GPU; the graph joins the streams
-before it ends, so what follows a replay sees both gradients.
+ACT's F(x) is needed only by the attack's loss and the losses: with ``model_streams`` F runs
+on a second stream forked from the capture stream, so that its forward overlaps G's first
+attack forward and its backward (autograd runs each backward op on its forward's stream)
+overlaps G's on the GPU; the graph joins the streams before it ends, so what follows a replay
+sees both gradients.
 
 What stays eager, so that a graphed update is the eager update: the random start (drawn from
 the generator the eager attack uses, before the replay), the finiteness check of the losses
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from actrain.attacks import Objective
 from actrain.attacks.graphed import CaptureFailed, capture
 from actrain.attacks.pgd import PGDTraining, pgd_steps
 from actrain.runtime import attack_model, autocast_dtype
@@ -63,6 +65,16 @@ def supported(trainer: Trainer) -> str | None:
     if attack is not None and not isinstance(attack, PGDTraining):
         return f"--train-attack {attack.name}"
     return None
+
+
+def _after(side: torch.cuda.Stream, main: torch.cuda.Stream, objective: Objective) -> Objective:
+    """``objective`` on ``main`` once the work queued on ``side`` (F(x), which it reads) is done."""
+
+    def joined(logits: Tensor) -> Tensor:
+        main.wait_stream(side)
+        return objective(logits)
+
+    return joined
 
 
 def model_streams_default(trainer: Trainer) -> bool:
@@ -121,13 +133,15 @@ class GraphedUpdate:
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else nullcontext(), self.autocast():
             ctx = method.prepare(models, x, y, attack is not None)
-        if side is not None:  # the attack reads F(x)
-            main.wait_stream(side)
         x_adv = x
         if start is not None:
             g = attack_model(models["g"], t.fold_bn, t.precision)  # refolded in the graph
             objective = t._attack_objective(ctx, y)
+            if side is not None:  # G's first attack forward runs beside F(x); its loss waits
+                objective = _after(side, main, objective)
             x_adv = pgd_steps(g, x, start, objective, attack.threat, attack.steps, self.autocast)
+        if side is not None:  # the losses read F(x)
+            main.wait_stream(side)
         with self.autocast():
             out = method.losses(models, x, x_adv, y, ctx)
         total = sum(out.losses.values())
