@@ -391,6 +391,46 @@ def _cpu_stand_in_for_cuda_graphs(params):
     return capture
 
 
+@pytest.mark.parametrize("method", ["act", "trades"])
+def test_graphed_attack_flow_follows_each_replays_context(method, monkeypatch):
+    """GraphedPGD with the CUDA graph replaced by re-running the captured function, as a
+    replay re-runs the captured kernels: the attack of each step equals the eager attack, with
+    that step's context (ACT: F(x)) copied into the graph's inputs. An objective built outside
+    the captured function would keep the capture's context (ACT's and TRADES' objectives
+    compute the reference distribution when built)."""
+    from actrain.attacks import graphed as graphed_module
+    from actrain.attacks.graphed import GraphedPGD
+    from actrain.runtime import attack_model
+
+    def capture(run, device, before=None):
+        for _ in range(2):
+            run()
+        out = run()
+
+        class Replay:
+            @staticmethod
+            def replay():
+                out.copy_(run())
+
+        return Replay(), out
+
+    monkeypatch.setattr(graphed_module, "capture", capture)
+    trainer, _, x, y = _pair(method, precision="fp32")
+    replay = GraphedPGD(trainer.train_attack)
+    for step in range(3):  # each step's update changes F (the context) and G
+        with torch.no_grad():
+            ctx = trainer.method.prepare(trainer.models, x, y)
+        g = attack_model(trainer.models["g"], trainer.fold_bn, trainer.precision)
+        torch.manual_seed(step)
+        mine = replay(g, x, y, ctx, trainer._attack_objective, trainer.autocast)
+        torch.manual_seed(step)
+        objective = trainer._attack_objective(ctx, y)
+        eager = trainer.train_attack.perturb(g, x, objective, trainer.autocast)
+        assert torch.equal(mine, eager), step
+        trainer.train_step(x, y)
+    assert replay.captures == 1
+
+
 @pytest.mark.parametrize("method", ["act", "madry", "trades", "natural"])
 def test_graphed_update_flow_gives_the_eager_update(method, monkeypatch):
     """The update graph's bookkeeping, with the CUDA graph itself replaced by re-running the

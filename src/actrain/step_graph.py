@@ -23,6 +23,7 @@ replay, so code that set them to None in between (a benchmark's own passes) chan
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,12 +68,19 @@ def supported(trainer: Trainer) -> str | None:
     return None
 
 
-def _after(side: torch.cuda.Stream, main: torch.cuda.Stream, objective: Objective) -> Objective:
-    """``objective`` on ``main`` once the work queued on ``side`` (F(x), which it reads) is done."""
+def _after(
+    side: torch.cuda.Stream, main: torch.cuda.Stream, make: Callable[[], Objective]
+) -> Objective:
+    """The objective ``make()`` builds, built on ``main`` at its first call, once the work
+    queued on ``side`` (F(x), which it reads) is done: before that, G's first attack forward
+    runs beside F's."""
+    built: list[Objective] = []
 
     def joined(logits: Tensor) -> Tensor:
-        main.wait_stream(side)
-        return objective(logits)
+        if not built:
+            main.wait_stream(side)
+            built.append(make())
+        return built[0](logits)
 
     return joined
 
@@ -136,9 +144,10 @@ class GraphedUpdate:
         x_adv = x
         if start is not None:
             g = attack_model(models["g"], t.fold_bn, t.precision)  # refolded in the graph
-            objective = t._attack_objective(ctx, y)
-            if side is not None:  # G's first attack forward runs beside F(x); its loss waits
-                objective = _after(side, main, objective)
+            make = functools.partial(t._attack_objective, ctx, y)
+            # G's first attack forward runs beside F(x); the objective, which reads F(x) (and
+            # computes its distribution when built), is built once F(x) is there
+            objective = make() if side is None else _after(side, main, make)
             x_adv = pgd_steps(g, x, start, objective, attack.threat, attack.steps, self.autocast)
         if side is not None:  # the losses read F(x)
             main.wait_stream(side)

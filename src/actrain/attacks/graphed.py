@@ -117,10 +117,12 @@ class GraphedPGD:
     def _capture(self, model, x, start, y, ctx, make_objective, autocast) -> _Graph:
         static_x, static_start, static_y = x.detach().clone(), start.clone(), y.clone()
         static_ctx = {k: v.detach().clone() for k, v in ctx.items()}
-        objective = make_objective(static_ctx, static_y)
         attack = self.attack
 
         def run() -> Tensor:
+            # built inside the graph: an objective may precompute from the context (ACT: F(x)'s
+            # distribution), which must follow each replay's context, not the capture's
+            objective = make_objective(static_ctx, static_y)
             return pgd_steps(
                 model, static_x, static_start, objective, attack.threat, attack.steps, autocast
             )
