@@ -86,7 +86,8 @@ class Trades(Method):
             return {"ref": models["g"](x)}
 
     def attack_objective(self, ctx, y):
-        return L.trades_attack_objective_for(ctx["ref"])
+        ref = ctx["ref"]
+        return lambda logits_adv: L.trades_attack_objective(logits_adv, ref)
 
     def losses(self, models, x, x_adv, y, ctx):
         logits_clean = models["g"](x)
@@ -122,13 +123,14 @@ class ACT(Method):
         a, t, red = cfg.alpha, cfg.attack_temperature, cfg.attack_kl_reduction
         s = self.batch_fraction
         if s == 1.0 or red != "sum":
-            return L.act_attack_objective_for(ref, y, a, t, red)
+            return lambda logits_adv: L.act_attack_objective(logits_adv, ref, y, a, t, red)
         # Under torchrun each process attacks its own shard. With the summed KL the CE mean
         # sets the balance of the two terms, so it is taken over the global batch (x s), as
         # one process with the whole batch would: the same attack whatever the process count.
-        ce = L.act_attack_objective_for(ref, y, 0.0, t, red)
-        kl = L.act_attack_objective_for(ref, y, 1.0, t, red)
-        return lambda logits_adv: (1.0 - a) * s * ce(logits_adv) + a * kl(logits_adv)
+        return lambda logits_adv: (
+            (1.0 - a) * s * L.act_attack_objective(logits_adv, ref, y, 0.0, t, red)
+            + a * L.act_attack_objective(logits_adv, ref, y, 1.0, t, red)
+        )
 
     def losses(self, models, x, x_adv, y, ctx):
         logits_g = models["g"](x_adv)
