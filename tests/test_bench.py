@@ -395,9 +395,9 @@ def _cpu_stand_in_for_cuda_graphs(params):
 def test_graphed_attack_flow_follows_each_replays_context(method, monkeypatch):
     """GraphedPGD with the CUDA graph replaced by re-running the captured function, as a
     replay re-runs the captured kernels: the attack of each step equals the eager attack, with
-    that step's context (ACT: F(x)) copied into the graph's inputs. An objective built outside
-    the captured function would keep the capture's context (ACT's and TRADES' objectives
-    compute the reference distribution when built)."""
+    that step's context (ACT: F(x)) copied into the graph's inputs. (An objective that computed
+    from the context when built, outside the captured function, would keep the capture's
+    context: seen on an H200 with a version of ACT's objective that did.)"""
     from actrain.attacks import graphed as graphed_module
     from actrain.attacks.graphed import GraphedPGD
     from actrain.runtime import attack_model
