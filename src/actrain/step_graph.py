@@ -146,7 +146,7 @@ class GraphedUpdate:
             g = attack_model(models["g"], t.fold_bn, t.precision)  # refolded in the graph
             make = functools.partial(t._attack_objective, ctx, y)
             # G's first attack forward runs beside F(x); the objective, which reads F(x) (and
-            # computes its distribution when built), is built once F(x) is there
+            # may compute from it when built), is built once F(x) is there
             objective = make() if side is None else _after(side, main, make)
             x_adv = pgd_steps(g, x, start, objective, attack.threat, attack.steps, self.autocast)
         if side is not None:  # the losses read F(x)
