@@ -7,7 +7,7 @@ python benchmarks/micro.py fold 16      # attack pass, folded weights stored fp3
 python benchmarks/micro.py wgrad 16     # weight gradients: oneDNN vs one matmul, per conv shape
 python benchmarks/micro.py toggle fork 16   # ACT and Madry steps with/without one lever:
                                             # fork, convfuse, wgrad, bf16cvt, projbn,
-                                            # amxwgrad (lever())
+                                            # amxwgrad, pwdgrad (lever())
 python benchmarks/micro.py wgradshare 16  # a train pass with/without the weight gradients
 python benchmarks/micro.py trainprofile 16  # op breakdown of a trainer's train pass, per pass
 python benchmarks/micro.py bandwidth    # one core's copy bandwidth, L2 / L3 / memory sizes
@@ -256,7 +256,8 @@ def lever(name: str, on: bool) -> None:
     ReLU as one oneDNN call), ``wgrad`` (weight gradients as one matmul where oneDNN's are
     slow), ``bf16cvt`` (the kernels' bf16 rounding as one instruction, VCVTNEPS2BF16),
     ``amxwgrad`` (3x3 convs' weight gradients on AMX tiles; off: oneDNN's or the matmul),
-    ``projbn`` (the projection shortcuts' batch norm through the fused kernel)."""
+    ``projbn`` (the projection shortcuts' batch norm through the fused kernel), ``pwdgrad``
+    (1x1 strided convs' input gradient as one matmul; off: oneDNN's)."""
     from actrain import fused, im2col
     from actrain.models import resnet
 
@@ -269,6 +270,7 @@ def lever(name: str, on: bool) -> None:
             "bf16cvt": fused.library,
             "projbn": resnet._ConvBN.forward,
             "amxwgrad": im2col.amx_weight_grad_pays,
+            "pwdgrad": im2col.strided_pointwise_input_grad,
         }[name],
     )
     if name == "fork":
@@ -281,8 +283,17 @@ def lever(name: str, on: bool) -> None:
         fused.library = real if on else portable_kernels
     elif name == "amxwgrad":  # off: oneDNN's weight gradients (or the matmul's) again
         im2col.amx_weight_grad_pays = real if on else (lambda *args: False)
+    elif name == "pwdgrad":
+        im2col.strided_pointwise_input_grad = real if on else _onednn_pointwise_input_grad
     else:
         resnet._ConvBN.forward = real if on else torch.nn.Sequential.forward
+
+
+def _onednn_pointwise_input_grad(g, weight, input_shape, stride):
+    x = g.new_empty(input_shape).to(memory_format=torch.channels_last)  # its shape only
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+    )[0]
 
 
 def _trainer_pass(width: int) -> tuple[Callable[[], None], torch.nn.Module]:

@@ -145,6 +145,47 @@ def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, s
     assert torch.equal(off.weight.grad, results[0][2])
 
 
+@pytest.mark.parametrize(("c_in", "c_out", "size"), [(16, 32, 8), (32, 64, 8), (8, 16, 7)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_strided_1x1_input_gradient_is_onednns_in_train_and_attack_passes(
+    c_in, c_out, size, frozen, monkeypatch
+):
+    """A projection shortcut's input gradient as one matmul into every other position: the
+    values oneDNN's backward gives, in a train pass and in an attack pass (``frozen``: the
+    folded weights of actrain.runtime.AttackView, which need no gradient); the weight gradient
+    stays oneDNN's where the matmul rule says so (16 input channels)."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(c_in, c_out, 1, stride=2, bias=frozen)
+    conv.requires_grad_(not frozen)
+    fast = copy.deepcopy(conv)
+    assert use_im2col_convs(fast) == 1
+    calls = []
+    real = im2col.strided_pointwise_input_grad
+    monkeypatch.setattr(
+        im2col, "strided_pointwise_input_grad", lambda *a: calls.append(1) or real(*a)
+    )
+    x = torch.randn(5, c_in, size, size).to(memory_format=torch.channels_last)
+    out_size = (size - 1) // 2 + 1
+    g = torch.randn(5, c_out, out_size, out_size)
+    results = []
+    for m in (conv, fast):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xx)
+        out.float().backward(g)
+        results.append([out.float(), xx.grad, m.weight.grad])
+    assert calls == [1]
+    (out_a, gx_a, gw_a), (out_b, gx_b, gw_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert gx_b.shape == x.shape and gx_b[:, :, 1::2].abs().sum() == 0
+    if frozen:
+        assert gw_a is None and gw_b is None
+    else:
+        assert getattr(fast, "matmul_weight_grad_used", False) == (c_in >= 32)
+        if c_in < 32:
+            assert torch.equal(gw_a, gw_b)
+
+
 def test_the_weight_gradient_rule(monkeypatch):
     wg = im2col.weight_grad_by_matmul
     # 3x3 convs with multiples of 16 channels: the AMX kernel, where the CPU has AMX
