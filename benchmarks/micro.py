@@ -290,7 +290,8 @@ def lever(name: str, on: bool) -> None:
 
 
 def _onednn_pointwise_input_grad(g, weight, input_shape, stride):
-    x = g.new_empty(input_shape).to(memory_format=torch.channels_last)  # its shape only
+    # oneDNN reads only the input's shape and layout for the input gradient
+    x = torch.empty(input_shape, dtype=g.dtype, memory_format=torch.channels_last)
     return torch.ops.aten.convolution_backward(
         g, x, weight, None, [stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
     )[0]
