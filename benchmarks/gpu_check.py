@@ -60,6 +60,7 @@ def levers(budget_s: float) -> None:
     variants = [
         ("default (auto)", {}),
         ("no CUDA graphs", {"cuda_graphs": False}),
+        ("no model streams", {"model_streams": False}),
         ("fp32 NCHW no fold (TF32 convs)", {"precision": "fp32", "channels_last": False}),
         ("fp16 + GradScaler (attack graph only)", {"precision": "fp16"}),
         ("madry default", {"method": "madry"}),
