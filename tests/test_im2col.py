@@ -105,6 +105,17 @@ def test_the_trainer_takes_the_path_at_full_width_in_bf16_and_the_benchmark_says
     assert not full["mm_wgrad"] or cpu_has_amx()
 
 
+def _bf16_pass(conv: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> list:
+    """``conv`` forward under bf16 autocast and backward from ``g``: [output, input gradient,
+    weight gradient, bias gradient]."""
+    xx = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(xx)
+    out.float().backward(g)
+    bias_grad = conv.bias.grad if conv.bias is not None else None
+    return [out.float(), xx.grad, conv.weight.grad, bias_grad]
+
+
 @pytest.mark.parametrize(
     ("c_in", "c_out", "size", "kernel", "stride"),
     [(64, 32, 4, 3, 1), (64, 48, 8, 3, 2), (32, 64, 8, 1, 2)],
@@ -118,13 +129,7 @@ def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, s
     assert im2col.weight_grad_by_matmul(kernel, c_in, out_size, out_size, stride)
     x = torch.randn(6, c_in, size, size).to(memory_format=torch.channels_last)
     g = torch.randn(6, c_out, out_size, out_size)
-    results = []
-    for m in (conv, fast):
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(xx)
-        out.float().backward(g)
-        results.append([out.float(), xx.grad, m.weight.grad, m.bias.grad])
+    results = [_bf16_pass(m, x, g) for m in (conv, fast)]
     assert getattr(fast, "matmul_weight_grad_used", False)
     assert fast.weight.grad.dtype == torch.float32 and fast.weight.grad.shape == conv.weight.shape
     assert torch.equal(results[0][0], results[1][0])  # the forward is oneDNN's, bit for bit
@@ -137,12 +142,8 @@ def test_weight_gradient_as_a_matmul_matches_onednn(c_in, c_out, size, kernel, s
     # weight_grads=False (the Trainer's --no-fused-bn): oneDNN's weight gradient, bit for bit
     off = copy.deepcopy(conv)
     use_im2col_convs(off, weight_grads=False)
-    xx = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = off(xx)
-    out.float().backward(g)
+    assert torch.equal(_bf16_pass(off, x, g)[2], results[0][2])
     assert not getattr(off, "matmul_weight_grad_used", False)
-    assert torch.equal(off.weight.grad, results[0][2])
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "size"), [(16, 32, 8), (32, 64, 8), (8, 16, 7)])
@@ -167,15 +168,8 @@ def test_a_strided_1x1_input_gradient_is_onednns_in_train_and_attack_passes(
     x = torch.randn(5, c_in, size, size).to(memory_format=torch.channels_last)
     out_size = (size - 1) // 2 + 1
     g = torch.randn(5, c_out, out_size, out_size)
-    results = []
-    for m in (conv, fast):
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(xx)
-        out.float().backward(g)
-        results.append([out.float(), xx.grad, m.weight.grad])
+    (out_a, gx_a, gw_a, _), (out_b, gx_b, gw_b, _) = (_bf16_pass(m, x, g) for m in (conv, fast))
     assert calls == [1]
-    (out_a, gx_a, gw_a), (out_b, gx_b, gw_b) = results
     assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
     assert gx_b.shape == x.shape and gx_b[:, :, 1::2].abs().sum() == 0
     if frozen:
