@@ -120,8 +120,8 @@ class GraphedPGD:
         attack = self.attack
 
         def run() -> Tensor:
-            # built inside the graph: an objective may precompute from the context (ACT: F(x)'s
-            # distribution), which must follow each replay's context, not the capture's
+            # built inside the graph: an objective that computes from the context when built
+            # must follow each replay's context, not the capture's
             objective = make_objective(static_ctx, static_y)
             return pgd_steps(
                 model, static_x, static_start, objective, attack.threat, attack.steps, autocast
