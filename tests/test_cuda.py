@@ -1,6 +1,6 @@
 """The CUDA paths: the same checks as on the CPU, run where a GPU is present.
 
-CI has no GPU, so these are skipped there; `benchmarks/gpu_check.sh` runs them on a lent GPU
+CI has no GPU, so these are skipped there; `benchmarks/gpu_check.py` runs them on a lent GPU
 (benchmarks/README.md has the results).
 """
 
