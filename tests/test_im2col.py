@@ -233,6 +233,9 @@ def test_amx_weight_gradient_matches_fp32_better_than_onednn(threads):
     want = torch.ops.aten.convolution_backward(
         g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
     )[1]
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    gb = g.bfloat16().contiguous(memory_format=torch.channels_last)
+    assert fused.amx_weight_grad_fits(xb, gb, conv.weight.bfloat16())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -242,16 +245,40 @@ def test_amx_weight_gradient_matches_fp32_better_than_onednn(threads):
                 out = m(x)
             out.float().backward(g)
             grads.append(m.weight.grad)
+        kernel = fused.amx_weight_grad(xb, gb)
     finally:
         torch.set_num_threads(previous)
     assert getattr(fast, "matmul_weight_grad_used", False)
     err_onednn, err_amx = (float((w - want).norm() / want.norm()) for w in grads)
     assert err_amx < 5e-3 and err_amx <= err_onednn
-    # the kernel itself, before the rounding to the weight's bf16: fp32 sums
-    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
-    gb = g.bfloat16().contiguous(memory_format=torch.channels_last)
-    assert fused.amx_weight_grad_fits(xb, gb, conv.weight.bfloat16())
-    torch.testing.assert_close(fused.amx_weight_grad(xb, gb), want, rtol=1e-4, atol=1e-3)
+    # the kernel's fp32 sums, nearly exact, reach the parameter as they are: not rounded to
+    # bf16 and cast back on the way, and in the parameter's own layout
+    torch.testing.assert_close(kernel, want, rtol=1e-4, atol=1e-3)
+    assert torch.equal(grads[1], kernel) and grads[1].stride() == fast.weight.stride()
+    assert not torch.equal(grads[1], grads[1].bfloat16().float())
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="the AMX weight-gradient kernel needs AMX")
+def test_a_channels_last_models_weight_gradients_arrive_in_fp32_and_its_layout():
+    """In a channels_last model (as the Trainer builds them) every conv's weight gradient is
+    fp32 in the parameter's layout, whichever path computed it (AMX kernel, matmul, oneDNN,
+    im2col), and the AMX kernel's are its fp32 sums, not bf16 values."""
+    torch.manual_seed(5)
+    model = create_model("resnet18", num_classes=10, width=64).to(memory_format=torch.channels_last)
+    use_im2col_convs(model)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(getattr(m, "im2col_used", False) for m in convs)
+    for m in convs:
+        grad = m.weight.grad
+        assert grad.dtype == torch.float32 and grad.stride() == m.weight.stride()
+    amx = [m for m in convs if m.kernel_size == (3, 3) and m.in_channels == 64]
+    assert amx
+    for m in amx:
+        assert not torch.equal(m.weight.grad, m.weight.grad.bfloat16().float())
 
 
 def _weight_grads(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, stride: int):

@@ -47,6 +47,7 @@ from actrain.runtime import (
     autocast_dtype,
     configure_threads,
     eval_fold_bn_default,
+    malloc_in_use,
     use_attack_view,
 )
 
@@ -667,6 +668,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": threads,
         "cpu": platform.processor() or platform.machine(),
+        "malloc": malloc_in_use(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if device.type == "cuda":
@@ -943,7 +945,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     env, last = rows[0]["env"], rows[-1]["env"]
     foot += (
         f"\nClock: {rows[0]['clock']} time; {env['threads']} thread(s); {env['device']}"
-        f" ({env.get('gpu', env['cpu'])}), torch {env['torch']}; 1-min load average"
+        f" ({env.get('gpu', env['cpu'])}), torch {env['torch']}, malloc"
+        f" {env.get('malloc', 'system')}; 1-min load average"
         f" {env['load_avg_1m']} at the first row, {last['load_avg_1m']} at the last."
     )
     return head + "\n".join(lines) + "\n\n" + foot.lstrip("\n") + "\n"

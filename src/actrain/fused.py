@@ -51,6 +51,7 @@ _SIGNATURES = {
     "affine_backward": (None, [_P, _P, _P, _I, _I, _P, _P, _P, _N]),
     "wgrad3x3_c16": (_N, [_P, _P, _I, _I, _P, _N]),
     "wgrad3x3": (_N, [_P, _P, _I, _I, _I, _I, _I, _N, _P, _N]),
+    "transpose_f32": (None, [_P, _P, _I, _I]),
 }
 
 
@@ -517,19 +518,23 @@ def amx_weight_grad_fits(x: Tensor, grad_out: Tensor, weight: Tensor, stride: in
 
 
 def amx_weight_grad(x: Tensor, grad_out: Tensor, stride: int = 1) -> Tensor | None:
-    """The weight gradient of a conv that :func:`amx_weight_grad_fits`, in fp32 (O, I, 3, 3),
-    from the AMX kernels of ``fused_bn.c``; None where they cannot run (no AMX in the build or
-    no permission from the OS), so that the caller falls back to oneDNN."""
+    """The weight gradient of a conv that :func:`amx_weight_grad_fits`, in fp32 (O, I, 3, 3)
+    laid out channels_last (as the models' parameters are), from the AMX kernels of
+    ``fused_bn.c``; None where they cannot run (no AMX in the build or no permission from the
+    OS), so that the caller falls back to oneDNN."""
     n, c, h, w = x.shape
     o = grad_out.shape[1]
     lib, threads = library(), torch.get_num_threads()
+    out = torch.empty(3, 3, c, o)  # [kh][kw][i][o]
     if stride == 1 and c == o == 16 and w == 32:  # the first kernel, written for this shape
-        out = torch.empty(3, 3, 16, 16)  # [kh][kw][i][o]
         status = lib.wgrad3x3_c16(_ptr(x), _ptr(grad_out), n, h, _ptr(out), threads)
-        return None if status else out.permute(3, 2, 0, 1)
-    out = torch.empty(3, 3, c, o)
-    status = lib.wgrad3x3(_ptr(x), _ptr(grad_out), n, h, w, c, o, stride, _ptr(out), threads)
-    return None if status else out.permute(3, 2, 0, 1)
+    else:
+        status = lib.wgrad3x3(_ptr(x), _ptr(grad_out), n, h, w, c, o, stride, _ptr(out), threads)
+    if status:
+        return None
+    grad = torch.empty(o, 3, 3, c)
+    lib.transpose_f32(_ptr(out), _ptr(grad), 9 * c, o)
+    return grad.permute(0, 3, 1, 2)
 
 
 def use_fused_bn(model: nn.Module, on: bool = True) -> int:
