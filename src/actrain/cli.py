@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from actrain import malloc
 from actrain.commands import COMMANDS
 from actrain.errors import EXIT_USAGE, TrainingStopped, UserError
 
@@ -40,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a call from Python): jemalloc where found
+        try:
+            malloc.use_fast_malloc()
+        except FileNotFoundError as exc:
+            print(f"actrain: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError:
+            pass  # the restart failed: go on with the C library's malloc
     parser = build_parser()
     ns = parser.parse_args(argv)
     ns.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with results
