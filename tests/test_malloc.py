@@ -71,3 +71,23 @@ def test_the_command_restarts_with_the_library_and_reports_it(tmp_path: Path):
     # auto: jemalloc where the system has it, the C library's malloc elsewhere
     want = "jemalloc" if malloc.find_jemalloc() else "system"
     assert _bench_malloc(base)[:2] == (0, want)
+
+
+@pytest.mark.skipif(not LINUX, reason="peak RSS is read from /proc on Linux")
+def test_peak_memory_counts_a_region_again_under_the_malloc_in_use():
+    """`actrain bench` measures each row's peak RSS above what the process held at its reset.
+    jemalloc (as actrain runs it, keeping freed memory) would hold on to the first row's pages,
+    and every later row would report 0 MiB; the reset hands them back under either malloc."""
+    code = (
+        "import torch\nfrom actrain.bench import PeakMemory\nm = PeakMemory(torch.device('cpu'))\n"
+        "for _ in range(2):\n    m.reset(); a = torch.ones(64 * 2**20); del a\n"
+        "print(m.peak_mb()[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    lib = malloc.find_jemalloc()
+    if lib:
+        env.update(LD_PRELOAD=lib, MALLOC_CONF=malloc.JEMALLOC_CONF)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert 200 < float(out.stdout.split()[-1]) < 400  # the 256 MiB tensor of the second region
