@@ -58,6 +58,7 @@ from actrain.runtime import (
     autocast_factory,
     cpu_has_amx,
     keep_freed_memory,
+    malloc_in_use,
     resolve_device,
     resolve_precision,
 )
@@ -850,6 +851,13 @@ def _load_state_checked(model: nn.Module, state: dict[str, Tensor], role: str) -
     model.load_state_dict(state)
 
 
+def malloc_note(device: torch.device) -> str:
+    """(malloc jemalloc) on CPUs where actrain.malloc preloaded one (a CPU step's speed
+    depends on it), nothing otherwise."""
+    name = malloc_in_use() if device.type == "cpu" else "system"
+    return "" if name == "system" else f" (malloc {name})"
+
+
 def attack_note(cfg: TrainConfig, trainer: Trainer) -> str:
     """The start line's account of the training attack (issue 8)."""
     attack = trainer.train_attack
@@ -987,8 +995,9 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
         print(
             f"actrain: {cfg.method} on {cfg.dataset}"
             f" ({trainer.data.train.num_examples} train images), {cfg.arch} [{roles}],"
-            f" device {trainer.device}, precision {trainer.precision}, {batch},"
-            f"{attack_note(cfg, trainer)} epochs {trainer.epoch + 1}..{trainer.num_epochs}"
+            f" device {trainer.device}{malloc_note(trainer.device)}, precision"
+            f" {trainer.precision}, {batch},{attack_note(cfg, trainer)}"
+            f" epochs {trainer.epoch + 1}..{trainer.num_epochs}"
             f" -> {run_dir}",
             file=sys.stderr,
         )
