@@ -97,6 +97,16 @@ def _param_grad(ctx, grad: Tensor) -> Tensor:
     return torch.empty_strided(grad.shape, stride, dtype=dtype).copy_(grad)
 
 
+def _flipped_rows(weight: Tensor) -> Tensor:
+    """The weights flipped and transposed, as rows ((i, j, o), c) = weight[o, c, 2 - i, 2 - j]:
+    each row is one of the (o, kh, kw) rows of channels_last weights, so one row gather (0.60
+    ms for 512 channels) instead of flip + reshape, two strided copies (1.14 ms)."""
+    o, c = weight.shape[:2]
+    rows = weight.permute(0, 2, 3, 1).reshape(o * 9, c)  # a view of channels_last weights
+    taps = torch.arange(8, -1, -1, device=weight.device).view(9, 1)  # tap (i, j) reads 8 - t
+    return rows.index_select(0, (torch.arange(o, device=weight.device) * 9 + taps).reshape(-1))
+
+
 class _Im2colConv(torch.autograd.Function):
     """3x3 convolution, padding 1, stride 1 or 2, in ``x``'s dtype; patches are recomputed in
     backward."""
@@ -130,8 +140,7 @@ class _Im2colConv(torch.autograd.Function):
             # the input gradient of a stride-1 conv is the conv of the output gradient with the
             # weights flipped and transposed: patches + one matmul, like the forward (half the
             # time of scattering nine shifted matmul outputs back, 512 channels at 4x4)
-            flipped = weight.permute(2, 3, 0, 1).flip(0, 1).reshape(-1, c)  # ((i, j, o), c)
-            gx = _cols(grad_out, 1, reuse=True) @ flipped
+            gx = _cols(grad_out, 1, reuse=True) @ _flipped_rows(weight)
             grad_x = gx.view(n, h, w, c).permute(0, 3, 1, 2)  # a channels_last NCHW view
         elif _wanted(ctx, 0):
             gc = (g @ weight.permute(0, 2, 3, 1).reshape(o, -1)).view(n, ho, wo, 3, 3, c)
