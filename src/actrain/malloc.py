@@ -1,8 +1,9 @@
 """jemalloc for the ``actrain`` command where the system has it (issue 7).
 
-On this project's CPU a training step under jemalloc ran 11-14 % faster at ResNet-18 width 16
-and 5 % at full width, with a lower peak RSS, than under glibc's malloc (benchmarks/README.md):
-oneDNN's and PyTorch's freshly allocated buffers come back warm in cache. A process cannot
+On this project's CPU a training step under jemalloc ran 9 % faster at ResNet-18 width 16 on
+one thread (4-12 % on both cores) and 5 % at full width, with a lower peak RSS, than under
+glibc's malloc (benchmarks/README.md): the attack passes' oneDNN convs and zero fills ran
+faster (a cache of PyTorch's own tensor blocks alone did not do that). A process cannot
 change its malloc once running, so ``actrain`` starts itself again with jemalloc preloaded
 before it imports anything heavy. Torch-free on purpose: it runs before ``import torch``.
 
@@ -70,9 +71,12 @@ def use_fast_malloc() -> None:
     says so (``os.execve``: same process id, same arguments, nothing run yet). A library path
     in ``ACTRAIN_MALLOC`` that does not exist is a usage error, reported by the caller."""
     choice = os.environ.get(ENV, "auto")
-    if choice not in ("auto", "system") and not Path(choice).is_file():
+    if choice == "system":
+        return
+    if choice != "auto" and not Path(choice).is_file():
         raise FileNotFoundError(f"{ENV}={choice}: no such library (or use auto, system)")
-    command = restart_command(os.environ, sys.orig_argv, find_jemalloc())
+    found = find_jemalloc() if choice == "auto" else None
+    command = restart_command(os.environ, sys.orig_argv, found)
     if command is not None:
         argv, env = command
         sys.stdout.flush()

@@ -316,8 +316,8 @@ def keep_freed_memory() -> bool:
 def malloc_in_use() -> str:
     """The allocator behind this process's CPU tensors: a preloaded jemalloc, tcmalloc or
     mimalloc (found among the process's mapped libraries), else "system". CPU step times
-    depend on it: with jemalloc, freed blocks come back while still in cache, and the attack
-    passes ran ~9 % faster at width 16 (benchmarks/README.md), so benchmarks name it."""
+    depend on it (jemalloc: attack passes ~9 % faster at width 16, benchmarks/README.md), so
+    benchmarks and the run header name it."""
     with contextlib.suppress(OSError):
         maps = Path("/proc/self/maps").read_text()
         for name in ("jemalloc", "tcmalloc", "mimalloc"):
