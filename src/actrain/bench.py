@@ -39,6 +39,7 @@ from actrain import train as T
 from actrain.attacks.graphed import CaptureFailed, GraphedPGD
 from actrain.config import TrainConfig, build_config
 from actrain.fused import fused_bn_active
+from actrain.malloc import malloc_in_use
 from actrain.methods import build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import (
@@ -47,7 +48,6 @@ from actrain.runtime import (
     autocast_dtype,
     configure_threads,
     eval_fold_bn_default,
-    malloc_in_use,
     use_attack_view,
 )
 

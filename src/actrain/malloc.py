@@ -13,6 +13,7 @@ the path of a malloc library to preload (tcmalloc, mimalloc, a jemalloc elsewher
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -82,3 +83,16 @@ def use_fast_malloc() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, argv, env)
+
+
+def malloc_in_use() -> str:
+    """The allocator behind this process's CPU tensors: a preloaded jemalloc, tcmalloc or
+    mimalloc (found among the process's mapped libraries), else "system". CPU step times
+    depend on it (jemalloc: attack passes ~9 % faster at width 16, benchmarks/README.md), so
+    benchmarks and the run header name it."""
+    with contextlib.suppress(OSError):
+        maps = Path("/proc/self/maps").read_text()
+        for name in ("jemalloc", "tcmalloc", "mimalloc"):
+            if f"lib{name}" in maps:
+                return name
+    return "system"

@@ -9,7 +9,6 @@ import os
 import platform
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.fx
@@ -311,19 +310,6 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the fixed mmap threshold first: setting either turns off glibc's dynamic adjustment
     return mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-
-
-def malloc_in_use() -> str:
-    """The allocator behind this process's CPU tensors: a preloaded jemalloc, tcmalloc or
-    mimalloc (found among the process's mapped libraries), else "system". CPU step times
-    depend on it (jemalloc: attack passes ~9 % faster at width 16, benchmarks/README.md), so
-    benchmarks and the run header name it."""
-    with contextlib.suppress(OSError):
-        maps = Path("/proc/self/maps").read_text()
-        for name in ("jemalloc", "tcmalloc", "mimalloc"):
-            if f"lib{name}" in maps:
-                return name
-    return "system"
 
 
 def configure_threads(threads: int | None) -> int:

@@ -51,6 +51,7 @@ from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserE
 from actrain.fused import use_fused_bn
 from actrain.guard import OverfitGuard
 from actrain.im2col import use_im2col_convs
+from actrain.malloc import malloc_in_use
 from actrain.methods import Method, build_method, build_train_attack
 from actrain.models import create_model
 from actrain.runtime import (
@@ -58,7 +59,6 @@ from actrain.runtime import (
     autocast_factory,
     cpu_has_amx,
     keep_freed_memory,
-    malloc_in_use,
     resolve_device,
     resolve_precision,
 )
