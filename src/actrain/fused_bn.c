@@ -23,13 +23,22 @@ typedef uint32_t vu __attribute__((vector_size(V * 4)));
 typedef int32_t vi __attribute__((vector_size(V * 4)));
 typedef uint16_t vh __attribute__((vector_size(V * 2)));
 
+/* bf16 to fp32 is a 16-bit shift; with AVX-512 one widening load (GCC splits the generic
+ * vector conversion into four instructions) */
 static inline vf load_bf16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#else
     vh h;
     memcpy(&h, p, sizeof h);
     vu u = __builtin_convertvector(h, vu) << 16;
     vf f;
     memcpy(&f, &u, sizeof f);
     return f;
+#endif
 }
 
 /* Round to nearest even; NaN stays a (quiet) NaN. The bf16 bit patterns, in 32-bit lanes:
@@ -65,9 +74,8 @@ static inline void store_bf16(uint16_t *p, vf f) {
 
 /* f rounded to bf16 (and back to fp32), as a bf16 tensor op would leave it. */
 static inline vf round_bf16(vf f) {
-    vu u = __builtin_convertvector(to_bf16(f), vu) << 16;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    vh h = to_bf16(f);
+    return load_bf16((const uint16_t *)&h);
 }
 
 static inline vf vload(const float *p) {
@@ -123,7 +131,23 @@ static inline vf masked_grad(const uint16_t *dy, const uint16_t *dy2, const uint
                              int64_t i) {
     vf g = load_bf16(dy + i);
     if (dy2) g = round_bf16(g + load_bf16(dy2 + i));
-    return mask ? apply_mask(g, mask[i / V]) : g;
+    return mask ? apply_mask(g, mask[(uint64_t)i / V]) : g;
+}
+
+/* One row's terms of reduce2's sums, added to a and s. */
+static inline void add_row(int kind, const uint16_t *restrict x, const uint16_t *restrict dy,
+                           const uint16_t *restrict dy2, const uint16_t *restrict mask,
+                           uint16_t *restrict dz, int64_t i, vf shift, vf *a, vf *s) {
+    vf d = load_bf16(x + i) - shift;
+    if (kind == 0) {
+        *a += d;
+        *s += d * d;
+    } else {
+        vf g = masked_grad(dy, dy2, mask, i);
+        if (dz) store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
+        *a += g;
+        *s += g * d;
+    }
 }
 
 /* Two per-channel sums over all rows into double: kind 0 (statistics) sums d = x - shift
@@ -143,20 +167,16 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
         for (int64_t b = 0; b < nblocks; b++) {
             int64_t end = (b + 1) * BLOCK < M ? (b + 1) * BLOCK : M;
             for (int64_t c0 = 0; c0 < C; c0 += V) {
-                vf a = {0}, s = {0}, sh = vload(shift + c0);
-                for (int64_t r = b * BLOCK; r < end; r++) {
-                    int64_t i = r * C + c0;
-                    vf d = load_bf16(x + i) - sh;
-                    if (kind == 0) {
-                        a += d;
-                        s += d * d;
-                    } else {
-                        vf g = masked_grad(dy, dy2, mask, i);
-                        if (dz) store_bf16(dz + i, g); /* exact: g is a bf16 value or 0 */
-                        a += g;
-                        s += g * d;
-                    }
+                /* even and odd rows in two sets of sums: two chains of dependent adds */
+                vf a = {0}, s = {0}, a1 = {0}, s1 = {0}, sh = vload(shift + c0);
+                int64_t r = b * BLOCK;
+                for (; r + 1 < end; r += 2) {
+                    add_row(kind, x, dy, dy2, mask, dz, r * C + c0, sh, &a, &s);
+                    add_row(kind, x, dy, dy2, mask, dz, (r + 1) * C + c0, sh, &a1, &s1);
                 }
+                if (r < end) add_row(kind, x, dy, dy2, mask, dz, r * C + c0, sh, &a, &s);
+                a += a1;
+                s += s1;
                 for (int j = 0; j < V; j++) {
                     sa[c0 + j] += a[j];
                     sb[c0 + j] += s[j];
@@ -174,22 +194,35 @@ static int reduce2(int kind, const uint16_t *restrict x, const uint16_t *restric
     return 0;
 }
 
+/* The elementwise kernels below run over the M x C matrix as one flat sequence of 16-channel
+ * vectors with a running channel offset: a loop per row cost as many instructions as the
+ * row's one or two vectors at 16 or 32 channels. Inside a parallel region, this thread's
+ * share as element offsets [*begin, *end): whole rows, so that each share starts at channel 0.
+ */
+static inline void thread_share(int64_t M, int64_t C, int64_t *begin, int64_t *end) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *begin = M * t / nt * C;
+    *end = M * (t + 1) / nt * C;
+}
+
 /* y = relu?(x * scale + shift + res?) per channel, and its mask (NULL without ReLU): the
  * second pass of the training-mode forward and the whole of the frozen one. */
 static void normalise(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C,
                       const float *scale, const float *shift, uint16_t *y, uint16_t *mask,
                       int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t c0 = 0, i0, i1;
+        thread_share(M, C, &i0, &i1);
+        for (int64_t i = i0; i < i1; i += V) {
             vf o = load_bf16(x + i) * vload(scale + c0) + vload(shift + c0);
             if (res) o += load_bf16(res + i);
             if (mask) {
-                mask[i / V] = pack_mask(o);
+                mask[(uint64_t)i / V] = pack_mask(o);
                 o = relu_v(o);
             }
             store_bf16(y + i, o);
+            c0 = c0 + V == C ? 0 : c0 + V;
         }
     }
 }
@@ -258,14 +291,16 @@ int bn_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask,
         q[c] = (float)(-kc * total / M - mean[c] * pc);
     }
     /* dx = k g + p x + q: g is read back from dz where it was written, else recomputed */
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t c0 = 0, i0, i1;
+        thread_share(M, C, &i0, &i1);
+        for (int64_t i = i0; i < i1; i += V) {
             vf g = dz ? load_bf16(dz + i) : masked_grad(dy, dy2, mask, i);
             vf o = g * vload(k + c0) + load_bf16(x + i) * vload(p + c0) + vload(q + c0);
             if (dxa) o += load_bf16(dxa + i);
             store_bf16(dx + i, o);
+            c0 = c0 + V == C ? 0 : c0 + V;
         }
     }
     status = 0;
@@ -280,14 +315,11 @@ done:
 void relu_forward(const uint16_t *x, const uint16_t *res, int64_t M, int64_t C, uint16_t *y,
                   uint16_t *mask, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
-            vf o = load_bf16(x + i);
-            if (res) o += load_bf16(res + i);
-            mask[i / V] = pack_mask(o);
-            store_bf16(y + i, relu_v(o));
-        }
+    for (int64_t i = 0; i < M * C; i += V) {
+        vf o = load_bf16(x + i);
+        if (res) o += load_bf16(res + i);
+        mask[(uint64_t)i / V] = pack_mask(o);
+        store_bf16(y + i, relu_v(o));
     }
 }
 
@@ -321,13 +353,15 @@ void affine_forward(const uint16_t *x, int64_t M, int64_t C, const float *scale,
 void affine_backward(const uint16_t *dy, const uint16_t *dy2, const uint16_t *mask, int64_t M,
                      int64_t C, const float *scale, uint16_t *dx, const uint16_t *dxa,
                      int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < M; row++) {
-        for (int64_t c0 = 0; c0 < C; c0 += V) {
-            int64_t i = row * C + c0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t c0 = 0, i0, i1;
+        thread_share(M, C, &i0, &i1);
+        for (int64_t i = i0; i < i1; i += V) {
             vf o = masked_grad(dy, dy2, mask, i) * vload(scale + c0);
             if (dxa) o += load_bf16(dxa + i);
             store_bf16(dx + i, o);
+            c0 = c0 + V == C ? 0 : c0 + V;
         }
     }
 }
