@@ -15,10 +15,15 @@ python benchmarks/micro.py trainpass amxwgrad 16  # a train pass with/without on
 python benchmarks/micro.py kernels      # batch-norm kernels, with/without AVX512-BF16, warm/cold
 python benchmarks/micro.py fusedbn      # BN + add + ReLU: plain ops vs actrain.fused, per shape
 python benchmarks/micro.py ratio 16     # ACT vs Madry, interleaved, with/without the attack fusion
+python benchmarks/micro.py convpasses 16  # 3x3 convs: forward, input and weight gradient, GFLOP/s
+python benchmarks/micro.py twothreads 16  # two cores: one model or half a batch per core
+python benchmarks/micro.py optim 16     # SGD step: foreach vs fused
+python benchmarks/micro.py stride2 16   # stride-2 convs' input gradient: oneDNN vs 4 stride-1 convs
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -461,6 +466,158 @@ def fold(width: int, rounds: int = 15) -> None:
         print(f"width {width}, folded weights {k}: {1000 * sorted(ts)[rounds // 2]:.1f} ms/pass")
 
 
+def convpasses(width: int) -> None:
+    """Forward, input gradient (oneDNN) and weight gradient (actrain's AMX kernel) of every
+    3x3 conv shape of ResNet-18 at ``width``, warm, in ms and GFLOP/s: where the train pass's
+    extra pass (the weight gradient) stands against the passes an attack pass also runs."""
+    from actrain import fused
+
+    w, fmt = width, torch.channels_last
+    shapes = [(w, w, 32, 1), (w, 2 * w, 32, 2), (2 * w, 2 * w, 16, 1), (2 * w, 4 * w, 16, 2),
+              (4 * w, 4 * w, 8, 1), (4 * w, 8 * w, 8, 2), (8 * w, 8 * w, 4, 1)]  # fmt: skip
+    for c_in, c_out, size, s in shapes:
+        x = torch.randn(BATCH, c_in, size, size, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        wt = torch.randn(c_out, c_in, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        out = (size - 1) // s + 1
+        g = torch.randn(BATCH, c_out, out, out, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        args = (g, x, wt, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])
+        mflop = 2 * BATCH * out * out * c_in * c_out * 9 / 1e6
+        times = {
+            "forward": cpu_ms(lambda: F.conv2d(x, wt, None, s, 1), 9),  # noqa: B023
+            "input grad": cpu_ms(lambda: torch.ops.aten.convolution_backward(*args), 9),  # noqa: B023
+        }
+        if fused.amx_weight_grad_fits(x, g, wt, s):
+            times["AMX weight grad"] = cpu_ms(lambda: fused.amx_weight_grad(x, g, s), 9)  # noqa: B023
+        cells = ", ".join(f"{k} {t:.2f} ms ({mflop / t:.0f} GFLOP/s)" for k, t in times.items())
+        print(f"{c_in} -> {c_out} ch, {size}x{size}, stride {s} ({mflop:.0f} MFLOP): {cells}")
+
+
+def twothreads(width: int, rounds: int = 6) -> None:
+    """Two ways to use this CPU's two cores inside one step, against intra-op threads (both
+    cores on each op, the default): F's and G's backward side by side on one thread each, and
+    the attack's batch in two halves on one thread each (exact: attack passes are per
+    example). Wall time, medians of ``rounds``."""
+    import threading
+
+    from actrain import bench
+    from actrain.runtime import attack_model
+
+    torch.set_num_threads(2)
+    trainer = bench.synthetic_trainer(bench.BenchSpec(method="act", width=width).train_config())
+    models, method, attack = trainer.train_models, trainer.method, trainer.train_attack
+    x, y = next(bench.endless_batches(trainer.data.train))
+
+    def beside(jobs: list[Callable[[], object]]) -> None:
+        """Each job on its own thread with one intra-op thread (an OpenMP setting per thread)."""
+
+        def one(job: Callable[[], object]) -> None:
+            torch.set_num_threads(1)
+            job()
+
+        side = [threading.Thread(target=one, args=(j,)) for j in jobs[1:]]
+        for t in side:
+            t.start()
+        one(jobs[0])
+        for t in side:
+            t.join()
+        torch.set_num_threads(2)
+
+    def losses() -> dict[str, torch.Tensor]:
+        for m in models.values():
+            m.train()
+            m.zero_grad(set_to_none=True)
+        with trainer.autocast():
+            ctx = method.prepare(models, x, y)
+            return method.losses(models, x, x, y, ctx).losses
+
+    g = attack_model(trainer.models["g"], trainer.fold_bn, trainer.precision)
+    with torch.no_grad(), trainer.autocast():
+        ref = method.prepare(models, x, y)["logits_f"]  # F(x), the attack's KL target
+    halves = [slice(0, BATCH // 2), slice(BATCH // 2, BATCH)]
+
+    def perturb(part: slice) -> torch.Tensor:
+        objective = trainer._attack_objective({"logits_f": ref[part]}, y[part])
+        return attack.perturb(g, x[part], objective, trainer.autocast)
+
+    timed: dict[str, Callable[[], Callable[[], object]]] = {  # setup (untimed) -> timed part
+        "backward of G and F, both cores each": lambda: sum(losses().values()).backward,
+        "backward of G and F, one core each": lambda: functools.partial(
+            beside, [v.backward for v in losses().values()]
+        ),
+        "attack on the batch, both cores": lambda: functools.partial(perturb, slice(None)),
+        "attack in two halves, one core each": lambda: functools.partial(
+            beside, [functools.partial(perturb, h) for h in halves]
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    for r in range(rounds + 1):
+        for k, setup in timed.items():
+            run = setup()
+            t = time.perf_counter()
+            run()
+            if r:
+                times[k].append(1000 * (time.perf_counter() - t))
+    for k, ts in times.items():
+        print(f"width {width}, {k}: {sorted(ts)[rounds // 2]:.1f} ms")
+
+
+def optim(width: int) -> None:
+    """One SGD step (momentum, weight decay) over ResNet-18's parameters at ``width``: the
+    default implementation (foreach), and the fused kernel (equal within float rounding)."""
+    import copy
+
+    model = resnet(width)
+    for kind in ("foreach", "fused"):
+        params = list(copy.deepcopy(model).parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, **{kind: True})
+        print(f"width {width}, SGD {kind}: {cpu_ms(opt.step, 21):.2f} ms/step")
+
+
+def stride2(width: int) -> None:
+    """The input gradient of ResNet-18's 3x3 stride-2 convs: oneDNN's, and as four stride-1
+    convs of dy (one per parity of the input position: 1x1, 1x2, 2x1 and 2x2 taps) written
+    into every other row and column."""
+    fmt = torch.channels_last
+
+    def subpixel(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        n, _, ho, wo = dy.shape
+        wt = weight.transpose(0, 1)
+
+        def taps(rows: list[int], cols: list[int]) -> torch.Tensor:
+            return wt[:, :, rows][:, :, :, cols].contiguous(memory_format=fmt)
+
+        out = torch.empty(n, ho, 2, wo, 2, wt.shape[0], dtype=dy.dtype)
+        out[:, :, 0, :, 0] = F.conv2d(dy, taps([1], [1])).permute(0, 2, 3, 1)
+        out[:, :, 0, :, 1] = F.conv2d(dy, taps([1], [2, 0]), padding=(0, 1))[..., 1:].permute(
+            0, 2, 3, 1
+        )
+        out[:, :, 1, :, 0] = F.conv2d(dy, taps([2, 0], [1]), padding=(1, 0))[:, :, 1:].permute(
+            0, 2, 3, 1
+        )
+        out[:, :, 1, :, 1] = F.conv2d(dy, taps([2, 0], [2, 0]), padding=1)[:, :, 1:, 1:].permute(
+            0, 2, 3, 1
+        )
+        return out.view(n, 2 * ho, 2 * wo, -1).permute(0, 3, 1, 2)
+
+    for c_in, c_out, size in [(width, 2 * width, 32), (2 * width, 4 * width, 16),
+                              (4 * width, 8 * width, 8)]:  # fmt: skip
+        x = torch.randn(BATCH, c_in, size, size, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        wt = torch.randn(c_out, c_in, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        g = torch.randn(BATCH, c_out, size // 2, size // 2, dtype=torch.bfloat16)
+        g = g.contiguous(memory_format=fmt)
+        args = (g, x, wt, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])
+        ref = torch.ops.aten.convolution_backward(*args)[0].float()
+        err = (subpixel(g, wt).float() - ref).abs().max() / ref.abs().max()
+        onednn = cpu_ms(lambda: torch.ops.aten.convolution_backward(*args), 9)  # noqa: B023
+        ours = cpu_ms(lambda: subpixel(g, wt), 9)  # noqa: B023
+        print(
+            f"{c_in} -> {c_out} ch, {size}x{size}: input gradient oneDNN {onednn:.2f} ms,"
+            f" four stride-1 convs {ours:.2f} ms (largest difference {err:.1e} of the largest)"
+        )
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
@@ -475,4 +632,6 @@ if __name__ == "__main__":
         commands = {"profile": profile, "compile": compiled, "fold": fold, "ratio": ratio}
         commands["wgrad"], commands["wgradshare"] = wgrad, wgradshare
         commands["trainprofile"], commands["pass"] = trainprofile, onepass
+        commands["convpasses"], commands["twothreads"] = convpasses, twothreads
+        commands["optim"], commands["stride2"] = optim, stride2
         commands[what](width)
