@@ -217,3 +217,13 @@ def test_analyze_run_and_cli(runs, tmp_path, capsys):
     assert (out / "entropy.png").stat().st_size > 1000
     assert main(["analyze", str(runs["natural"]), "--model", "f"]) == 2  # no F in a natural run
     assert main(["analyze", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    for argv in (
+        ["analyze", str(runs["natural"]), "--probe-lr", "-1"],  # once torch's traceback
+        ["report", str(runs["natural"]), "--out", str(tmp_path / "r"), "--max-samples", "1"],
+        ["report", str(runs["natural"]), "--out", str(tmp_path / "r"), "--probe-epochs", "0"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and argv[-2] in err
+    assert not (tmp_path / "r").exists()

@@ -464,6 +464,27 @@ def test_cli_several_runs_and_transfer(run_files, tmp_path):
     assert main(["eval", a, "--min-pert", "foo", "--no-progress"]) == 2
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--targeted", "10"], "--targeted: at most 9 (the wrong classes of digits), got 10"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["--precision", "fp64"], "--precision: must be one of fp32, bf16, fp16, got fp64"),
+        (["--sweep-steps", "0"], "--sweep-steps: must be >= 1"),
+        (["--square-queries", "-1"], "--square-queries: must be >= 0"),
+        (["--num-examples", "0"], "--num-examples: must be >= 1"),
+    ],
+)
+def test_bad_eval_numbers_are_one_line(run_files, args, message, capsys):
+    # each once ended in a traceback from inside a protocol (or ran with a meaningless value)
+    _, a, b = run_files
+    assert main(["eval", a, "--test-subset", "20", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    if args[0] in ("--batch-size", "--precision"):
+        assert main(["eval", "--transfer", a, b, "--no-progress", *args]) == 2
+
+
 def test_linf_ball_unchanged_for_training():
     # the evaluation suite relies on the shared threat model's projection
     ball = LinfBall(0.1, 0.01)

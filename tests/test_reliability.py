@@ -241,6 +241,13 @@ BAD = [
     (["--data-dir", "/nonexistent/folder"], "--data-dir: folder does not exist"),
     (["--resume", "/nonexistent/run"], "--resume: no checkpoint"),
     (["--nan-policy", "ignore"], "--nan-policy"),
+    (["--width", "0"], "--width: must be >= 1, got 0"),
+    (["--width-f", "0"], "--width-f: must be >= 1, got 0"),  # 0 once fell back to --width
+    (["--width", "-3"], "--width: must be >= 1, got -3"),
+    (["--widen-factor", "0"], "--widen-factor: must be >= 1"),
+    (["--momentum", "1.5"], "--momentum: must be in [0, 1)"),
+    (["--gamma", "0"], "--gamma: must be > 0"),
+    (["--seed", "-1"], "--seed: must be in 0..2**32 - 1"),
 ]
 
 
@@ -250,6 +257,21 @@ def test_bad_flags_exit_2_with_one_line(args, message, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--arch", "wideresnet", "--depth", "5"], "--arch wideresnet (model G) on digits: Wide"),
+        (["--arch-f", "resnet50"], "--arch-f resnet50 (model F) on digits: resnet50 expects RGB"),
+    ],
+)
+def test_what_a_model_refuses_is_one_line_and_leaves_no_folder(args, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

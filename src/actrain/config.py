@@ -382,6 +382,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr: must be > 0, got {cfg.lr}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"--weight-decay: must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum: must be in [0, 1), got {cfg.momentum}")
+    if cfg.gamma <= 0:
+        raise ConfigError(f"--gamma: must be > 0, got {cfg.gamma}")
+    for name in ("width", "width_f", "depth", "widen_factor"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if not 0 <= cfg.seed < 2**32:  # NumPy's seed range, which seeds the data order
+        raise ConfigError(f"--seed: must be in 0..2**32 - 1, got {cfg.seed}")
     ms = list(cfg.milestones or [])
     if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ConfigError(f"--milestones: must be strictly increasing, got {ms}")

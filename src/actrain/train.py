@@ -82,6 +82,18 @@ def model_kwargs(cfg: TrainConfig, role: str, info: D.DatasetInfo, num_classes: 
     return {"name": arch, **kw}
 
 
+def build_model(kw: dict, role: str, dataset: str) -> nn.Module:
+    """``create_model(**kw)``; what the architecture refuses (a WideResNet depth that is not
+    6n + 4, an RGB-only model on grey images) is the user's flag, named with its model."""
+    try:
+        return create_model(**kw)
+    except ValueError as exc:
+        flag = "--arch-f" if role == "f" else "--arch"
+        raise ConfigError(
+            f"{flag} {kw['name']} (model {role.upper()}) on {dataset}: {exc}"
+        ) from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -271,7 +283,7 @@ class Trainer:
         self.specs: dict[str, dict] = {}
         for role in self.method.roles:
             kw = model_kwargs(cfg, role, self.data.info, self.data.num_classes)
-            model = create_model(**kw).to(self.device)
+            model = build_model(kw, role, cfg.dataset).to(self.device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             if self.device.type == "cpu" and self.precision == "bf16" and cpu_has_amx():

@@ -72,6 +72,8 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("--max-samples: must be >= 2")
     if ns.probe_epochs < 1 or ns.probe_batch_size < 1 or ns.batch_size < 1:
         raise UsageError("--probe-epochs/--probe-batch-size/--batch-size: must be >= 1")
+    if not ns.probe_lr > 0:
+        raise UsageError(f"--probe-lr: must be > 0, got {ns.probe_lr}")
     device = resolve_device(ns.device)
     runs = expand_run_args(ns.runs)
     command = command_of(ns)

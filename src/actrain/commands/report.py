@@ -33,6 +33,12 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.analysis.runs import expand_run_args
     from actrain.report import build_report
 
+    from actrain.errors import UsageError
+
+    if ns.max_samples is not None and ns.max_samples < 2:
+        raise UsageError("--max-samples: must be >= 2")
+    if ns.probe_epochs < 1:
+        raise UsageError(f"--probe-epochs: must be >= 1, got {ns.probe_epochs}")
     argv = ["actrain", "report", *ns.runs, "--out", ns.out]
     if ns.title != "actrain report":
         argv += ["--title", ns.title]

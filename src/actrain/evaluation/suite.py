@@ -420,6 +420,7 @@ def evaluate_run(
     )
     if opts.suite not in SUITES:
         raise ConfigError(f"--suite: unknown suite '{opts.suite}' (choices: {', '.join(SUITES)})")
+    check_options(opts)
     model, test, cfg = prepare(
         path,
         dataset=dataset,
@@ -429,6 +430,11 @@ def evaluate_run(
         role=role,
         device=device,
     )
+    if opts.targeted > test.num_classes - 1:
+        raise ConfigError(
+            f"--targeted: at most {test.num_classes - 1} (the wrong classes of"
+            f" {cfg.get('dataset', 'this data set')}), got {opts.targeted}"
+        )
     surrogates = {}
     for sp in surrogate_paths:
         sm, stest, scfg = prepare(
@@ -444,6 +450,28 @@ def evaluate_run(
     return evaluate_loaded(
         path, model, test, cfg, opts, role=role, dataset=dataset, surrogates=surrogates
     )
+
+
+EVAL_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_options(opts: EvalOptions) -> None:
+    """The numbers an evaluation would otherwise trip over deep inside a protocol, named by
+    their flags before any data is loaded."""
+    if opts.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {opts.batch_size}")
+    if opts.precision not in EVAL_PRECISIONS:
+        raise ConfigError(
+            f"--precision: must be one of {', '.join(EVAL_PRECISIONS)}, got {opts.precision}"
+        )
+    for flag, value, least in (
+        ("--sweep-steps", opts.sweep_steps, 1),
+        ("--min-pert-search-steps", opts.min_pert_search_steps, 1),
+        ("--square-queries", opts.square_queries, 0),
+        ("--num-examples", opts.num_examples, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag}: must be >= {least}, got {value}")
 
 
 def transfer_matrix(
@@ -468,6 +496,7 @@ def transfer_matrix(
 
     All models are evaluated on the same test examples (same data set, subset and seed).
     """
+    check_options(EvalOptions(batch_size=batch_size, precision=precision))
     paths = list(dict.fromkeys(surrogates + targets))
     loaded: dict[str, tuple[nn.Module, D.ImageTensors, dict[str, Any]]] = {}
     for p in paths:
