@@ -73,3 +73,11 @@ def test_wrong_types_name_the_field():
         build_config({"epochs": "ten"}, {})
     with pytest.raises(ConfigError, match="--milestones: expected integers"):
         build_config({}, {"milestones": "a b"})
+
+
+def test_yaml_booleans_are_not_numbers(tmp_path):
+    for text in ("batch_size: true\n", "alpha: yes\n", "milestones: true\n"):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="invalid value True"):
+            build_config(load_yaml(path), {})

@@ -211,3 +211,35 @@ def test_cifar10_subset_every_method_learns(cifar_dir, tmp_path):
         m = _metrics(run_training(cfg))
         assert m[-1]["loss_g"] < m[0]["loss_g"], method
         assert m[-1]["test_clean_acc_g"] > 15.0, (method, m[-1])
+
+
+def test_a_last_batch_of_one_image_waits_for_the_next_epoch():
+    # batch norm cannot train on one image (PyTorch raised mid-epoch): 22 images in batches of
+    # 7 give three batches of 7; any other remainder stays a batch of its own
+    from actrain.train import build_data
+
+    for batch, sizes in ((7, [7, 7, 7]), (8, [8, 8, 6]), (11, [11, 11])):
+        cfg = build_config({}, {"dataset": "digits", "train_subset": 22, "batch_size": batch})
+        loader = build_data(cfg, torch.device("cpu"), channels_last=False).train
+        assert [len(y) for _, y in loader.epoch(0)] == sizes and len(loader) == len(sizes)
+        seen = torch.cat([loader.epoch_order(e) for e in range(4)])
+        if batch == 7:  # the image left out differs from epoch to epoch
+            assert len(seen.unique()) == 22
+
+
+def test_batch_size_one_is_refused_only_where_batch_norm_would_see_one_value(tmp_path, capsys):
+    from actrain import cli
+    from actrain.models import create_model
+    from actrain.train import single_value_batch_norm
+
+    image = torch.rand(1, 1, 8, 8)
+    assert single_value_batch_norm(create_model("small_cnn", in_channels=1), image) is None
+    resnet = create_model("resnet18", in_channels=1, width=4)
+    assert single_value_batch_norm(resnet, image) == "layers.3.0.bn1"  # 1x1 at the last stage
+    assert resnet.training  # the check leaves the model as it found it
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--batch-size", "1", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--batch-size 1: resnet18's batch norm 'layers.3.0.bn1'" in err
+    assert len(err.splitlines()) == 1 and not out.exists()

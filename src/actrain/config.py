@@ -262,6 +262,8 @@ def _coerce(key: str, value: Any) -> Any:
                     raise ValueError
                 return low in ("true", "yes", "1")
             return bool(value)
+        if kind.startswith(("int", "float", "list")) and isinstance(value, bool):
+            raise ValueError  # YAML's yes/true is no number (int(True) would be 1)
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

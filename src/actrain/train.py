@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from actrain import data as D
 from actrain import distributed, fused, step_graph
-from actrain.attacks import LinfBall, Objective, PGDTraining, pgd_robustness
+from actrain.attacks import LinfBall, Objective, PGDTraining, eval_mode, pgd_robustness
 from actrain.attacks.graphed import CaptureFailed, GraphedPGD
 from actrain.checkpoint import (
     CHECKPOINT,
@@ -46,7 +46,7 @@ from actrain.config import (
     scheduled_epochs,
     scheduled_milestones,
 )
-from actrain.data.sampling import mix_seed
+from actrain.data.sampling import mix_seed, shard_size
 from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
 from actrain.fused import use_fused_bn
 from actrain.guard import OverfitGuard
@@ -65,6 +65,7 @@ from actrain.runtime import (
 from actrain.step_graph import GraphedUpdate
 
 EVAL_BATCH = 256
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 FP16_ATTACK_SCALE = 2.0**10  # power of two: exact in every precision
 
 
@@ -92,6 +93,29 @@ def build_model(kw: dict, role: str, dataset: str) -> nn.Module:
         raise ConfigError(
             f"{flag} {kw['name']} (model {role.upper()}) on {dataset}: {exc}"
         ) from None
+
+
+def single_value_batch_norm(model: nn.Module, image: Tensor) -> str | None:
+    """The first batch-norm layer to which a training batch of this one image would give one
+    value per channel (PyTorch refuses to train on that, at the first step), or None."""
+    found: list[str] = []
+
+    def check(name: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if not found and args[0][0].numel() <= args[0].shape[1]:
+                found.append(name)
+
+        return hook
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
+    handles = [m.register_forward_pre_hook(check(n)) for n, m in layers]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def seed_everything(seed: int) -> None:
@@ -174,13 +198,16 @@ def build_data(
         evalset = D.ImageTensors(
             evalset.images[keep], evalset.labels[keep], evalset.indices[keep], evalset.classes
         )
+    # Every image each epoch, except a last batch of one image: batch norm cannot train on
+    # it (PyTorch raises mid-epoch), so that one waits for the next epoch's shuffle.
+    lone_last = shard_size(len(train.labels), world_size, False) % cfg.batch_size == 1
     loader = D.InMemoryLoader(
         train,
         cfg.batch_size,
         device=device,
         shuffle=True,
         augment=info.augment,
-        drop_last=False,
+        drop_last=lone_last and cfg.batch_size > 1,
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
@@ -292,6 +319,14 @@ class Trainer:
                 use_im2col_convs(model, weight_grads=self.fused_bn)
             if self.fused_bn:
                 use_fused_bn(model)
+            if cfg.batch_size == 1 and self.data.eval_x is not None:
+                layer = single_value_batch_norm(model, self.data.eval_x[:1])
+                if layer is not None:
+                    raise ConfigError(
+                        f"--batch-size 1: {kw['name']}'s batch norm '{layer}' would see one"
+                        f" value per channel on {cfg.dataset}; it needs at least 2 images per"
+                        " batch (per process) to train"
+                    )
             if cfg.sync_bn and self.dist.enabled:
                 model = distributed.convert_sync_batchnorm(model, self.device)
             self.models[role] = model

@@ -31,9 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from actrain.analysis.runs import expand_run_args
-    from actrain.report import build_report
-
     from actrain.errors import UsageError
+    from actrain.report import build_report
 
     if ns.max_samples is not None and ns.max_samples < 2:
         raise UsageError("--max-samples: must be >= 2")
