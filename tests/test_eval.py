@@ -427,7 +427,7 @@ def test_cli_paper_suite_writes_json_markdown_and_figure(run_files, capsys):
     assert eval_command(None, res) == res["command"]  # what the report shows
 
 
-def test_cli_several_runs_and_transfer(run_files, tmp_path):
+def test_cli_several_runs_and_transfer(run_files, tmp_path, capsys):
     _, a, b = run_files
     common = ["--test-subset", "50", "--eps", "0.1", "--step-size", "0.01", "--no-progress"]
     js = tmp_path / "two.json"
@@ -462,6 +462,11 @@ def test_cli_several_runs_and_transfer(run_files, tmp_path):
             assert abs(t_plain["success_rate"][target][sur] - rates[target][sur]) <= 4.0
     assert main(["eval", "--transfer", a, "--no-progress"]) == 2
     assert main(["eval", a, "--min-pert", "foo", "--no-progress"]) == 2
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", str(empty), "--no-progress"]) == 2  # once: "pass --dataset"
+    assert "is no run folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

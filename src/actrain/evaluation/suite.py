@@ -284,6 +284,9 @@ def prepare(
 ) -> tuple[nn.Module, D.ImageTensors, dict[str, Any]]:
     if not Path(path).exists():
         raise CheckpointError(f"no such run folder or weights file: {path}")
+    inside = ("config.json", "checkpoint.pt", f"model_{role}.safetensors")
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in inside):
+        raise CheckpointError(f"{path} is no run folder (none of {', '.join(inside)} in it)")
     dev = resolve_device(device)
     cfg = run_config(path)
     test = load_eval_data(cfg, dataset, data_dir, test_subset, seed)
