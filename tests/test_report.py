@@ -167,6 +167,20 @@ def test_report_tables_hold_metrics_mean_and_std(runs, report):
     assert "actrain train --arch small_cnn" in md and "--seed 1" in md  # commands listed
     tables = json.loads((report / "report.json").read_text())["tables"]
     assert tables["table2_metrics"]["rows"][0][3] == expected_nat
+    assert act["eval_images"] == 100 and "on 100 test images" in md  # --eval-size 100
+
+
+def test_report_names_the_images_a_run_evaluated_on(tmp_path):
+    # --eval-size 500 on digits' 360 test images: the report once said 500
+    from actrain.analysis.runs import Run
+    from actrain.report import _metrics_protocol
+
+    cfg = {"eps": 0.1, "step_size": 0.05, "eval_size": 500}
+    recorded = Run(tmp_path, cfg, metrics=[{"eval_images": 360}, {"epoch": 2}])
+    assert "on 360 test images" in _metrics_protocol([recorded])
+    older = Run(tmp_path, cfg, metrics=[{"epoch": 1}])  # before runs recorded the count
+    assert "on up to 500 test images" in _metrics_protocol([older])
+    assert "on all validation images" in _metrics_protocol([Run(tmp_path, {"val_size": 50})])
 
 
 def test_report_eval_table_from_eval_json(runs, report):

@@ -347,7 +347,16 @@ def _metrics_protocol(runs: list[Run]) -> str:
     cfg = runs[0].config
     split = "validation" if cfg.get("val_size") else "test"
     step = cfg.get("eval_step_size") or cfg.get("step_size")
-    size = cfg.get("eval_size") or "all"
+    counts = {
+        rec["eval_images"]
+        for r in runs
+        for rec in [next((m for m in reversed(r.metrics) if "eval_images" in m), {})]
+        if "eval_images" in rec
+    }
+    if counts:  # recorded by the run (since the twelfth session)
+        size = " or ".join(str(n) for n in sorted(counts))
+    else:  # older runs: --eval-size caps the count (a smaller test set has fewer)
+        size = f"up to {cfg['eval_size']}" if cfg.get("eval_size") else "all"
     return (
         f"last during-training evaluation in `metrics.jsonl`: PGD with 1 random start, "
         f"eps {cfg.get('eps')}, step {step}, on {size} {split} images"

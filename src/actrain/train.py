@@ -629,7 +629,7 @@ class Trainer:
         # the chunks can be split over processes and the numbers stay the same.
         base = cfg.seed * 1000 + self.epoch
         starts = distributed.shard_starts(len(y), EVAL_BATCH)
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = {"eval_images": len(y)}  # what the percentages are of
         for role, model in self.models.items():
             clean = robust = 0
             steer = attack_model(model, self.fold_bn, self.precision)  # as the training attack
