@@ -243,3 +243,23 @@ def test_batch_size_one_is_refused_only_where_batch_norm_would_see_one_value(tmp
     err = capsys.readouterr().err.strip()
     assert "--batch-size 1: resnet18's batch norm 'layers.3.0.bn1'" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_finished_run_resumed_past_its_final_weights_evaluates_its_checkpoint(tmp_path):
+    # resumed for more epochs and stopped: `actrain eval RUN` took the old final weights and
+    # final.json still said finished
+    run = run_training(_cfg(tmp_path, method="act", epochs=1, eval_every=0))
+    old = load_model(run, "g").state_dict()
+    trainer = Trainer(resume_config(run, {"epochs": 3}), run, resume=True)
+    trainer.train_epoch(1)
+    trainer.epoch = 2
+    trainer.save_checkpoint()  # what an interrupted resume leaves behind
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] != "finished" and final["checkpoint_epoch"] == 2
+    now = load_model(run, "g").state_dict()
+    for k, v in trainer.models["g"].state_dict().items():
+        assert torch.equal(now[k], v), k
+    assert any(not torch.equal(old[k], now[k]) for k in old)
+    trainer.fit()  # the resumed run finishes: its final weights are the ones read again
+    assert json.loads((run / "final.json").read_text())["status"] == "finished"
+    assert load_model(run, "g").meta["epochs_trained"] == 3

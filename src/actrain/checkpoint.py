@@ -95,13 +95,27 @@ def read_weights_metadata(path: Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
+# final.json's status once a finished run was resumed and checkpointed past its final weights
+SUPERSEDED = "resumed (the checkpoint is newer than the final weights)"
+
+
 def _weights_path(path: Path, role: str) -> Path:
+    """A run folder's final weights, or its checkpoint while the run is going (or was resumed
+    past its final weights)."""
     if path.is_dir():
         candidate = path / f"model_{role}.safetensors"
-        if candidate.is_file():
+        checkpoint = path / CHECKPOINT
+        if candidate.is_file() and not (checkpoint.is_file() and _superseded(path)):
             return candidate
-        return path / CHECKPOINT
+        return checkpoint
     return path
+
+
+def _superseded(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "final.json").read_text()).get("status") == SUPERSEDED
+    except (OSError, ValueError):
+        return False
 
 
 def load_model(path: str | Path, role: str = "g", device: str | torch.device = "cpu") -> nn.Module:

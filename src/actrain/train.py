@@ -33,6 +33,7 @@ from actrain.checkpoint import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    SUPERSEDED,
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
@@ -781,12 +782,26 @@ class Trainer:
         }
         try:
             save_checkpoint(self.run_dir / CHECKPOINT, state)
+            self._supersede_final()
         except OSError as exc:
             return (
                 f"cannot write the checkpoint in {self.run_dir} ({exc.strerror or exc});"
                 " the previous checkpoint is kept"
             )
         return None
+
+    def _supersede_final(self) -> None:
+        """A finished run resumed for more epochs: once its checkpoint is newer than its final
+        weights, final.json says so, and ``load_model`` / ``actrain eval RUN`` take the
+        checkpoint (they took the older weights, and reports counted the run as finished)."""
+        path = self.run_dir / "final.json"
+        if not path.is_file():
+            return
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "finished" and self.epoch > summary.get("epochs", 0):
+            summary["status"] = SUPERSEDED
+            summary["checkpoint_epoch"] = self.epoch
+            atomic_write_text(path, json.dumps(summary, indent=2))
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         for r, m in self.models.items():
