@@ -263,3 +263,12 @@ def test_a_finished_run_resumed_past_its_final_weights_evaluates_its_checkpoint(
     trainer.fit()  # the resumed run finishes: its final weights are the ones read again
     assert json.loads((run / "final.json").read_text())["status"] == "finished"
     assert load_model(run, "g").meta["epochs_trained"] == 3
+
+
+def test_a_relative_data_dir_is_recorded_absolute(tmp_path, monkeypatch):
+    # recorded as given, `actrain eval RUN` from another folder looked for the data there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    run = run_training(_cfg(tmp_path, epochs=1, eval_every=0, data_dir="data"))
+    saved = json.loads((run / "config.json").read_text())["data_dir"]
+    assert saved == str(tmp_path.resolve() / "data")

@@ -1017,6 +1017,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distributed.DistInfo) -> Path:
     created = False  # whether this call made the run folder (removed again if start fails)
+    if cfg.data_dir:  # recorded absolute: eval, analyze and resume find it from any folder
+        cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
     if resume:
         run_dir = Path(cfg.out)
     else:
