@@ -272,3 +272,21 @@ def test_a_relative_data_dir_is_recorded_absolute(tmp_path, monkeypatch):
     run = run_training(_cfg(tmp_path, epochs=1, eval_every=0, data_dir="data"))
     saved = json.loads((run / "config.json").read_text())["data_dir"]
     assert saved == str(tmp_path.resolve() / "data")
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_command(tmp_path):
+    # a crash in the first epoch (a bad image) left config.json alone, and the same command
+    # then said "already holds a run" while --resume said "no checkpoint"
+    from actrain.config import ConfigError
+
+    cfg = _cfg(tmp_path, epochs=1, eval_every=0)
+    run = Path(cfg.out)
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json())
+    with pytest.raises(ConfigError, match="start it again without --resume"):
+        resume_config(run, {})
+    (run / "notes.txt").write_text("mine")  # a user's file beside it stays
+    assert run_training(cfg) == run and (run / "model_g.safetensors").is_file()
+    assert (run / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="already holds a run"):  # a real run is kept
+        run_training(_cfg(tmp_path, epochs=1, eval_every=0))

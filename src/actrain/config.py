@@ -289,6 +289,11 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(
             f"--resume: no checkpoint in {run_dir} (expected {run_dir}/checkpoint.pt)"
+            + (
+                "; the run stopped before its first one: start it again without --resume"
+                if (run_dir / "config.json").is_file()
+                else ""
+            )
         )
     try:
         saved = json.loads((run_dir / "config.json").read_text())

@@ -969,11 +969,20 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return base.with_name(f"{base.name}-{stamp}")
 
 
+def never_started(run_dir: Path) -> bool:
+    """A run folder holding its config.json and no other run file: a start that failed
+    before its first checkpoint (a bad image, an error in the first epoch)."""
+    others = [name for name in RUN_FILES if name != CONFIG]
+    return (run_dir / CONFIG).is_file() and not any((run_dir / n).exists() for n in others)
+
+
 def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     """A fresh run folder; an existing run is never replaced unless ``overwrite``."""
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out: {run_dir} exists and is not a folder")
+    if never_started(run_dir):  # only the config of a start that failed: nothing to keep
+        (run_dir / CONFIG).unlink()
     if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
         if not overwrite:
             raise ConfigError(
