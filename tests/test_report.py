@@ -338,12 +338,22 @@ def test_sweep_runs_one_per_value_and_report_tabulates_it(tmp_path, capsys):
         assert config["alpha"] == float(v) and config["method"] == "act" and config["epochs"] == 1
     assert main([*argv, "--jobs", "1"]) == 0  # again: finished runs are skipped
     assert "already finished" in capsys.readouterr().out
+    # one more value into the same folder adds to the sweep (it once dropped 0.3 and 0.7)
+    more = ["sweep", "--param", "alpha", "0.5", "--config", str(cfg), "--out", str(out)]
+    assert main(more) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["values"] == ["0.3", "0.7", "0.5"]
+    assert [r["status"] for r in doc["runs"]] == ["finished"] * 3
+    other = ["sweep", "--param", "seed", "1", "--config", str(cfg), "--out", str(out)]
+    assert main(other) == 2  # another parameter would not make one table with these
+    assert "holds a sweep of alpha" in capsys.readouterr().err
 
     rep = tmp_path / "rep"
     assert main(["report", str(out), "--out", str(rep)]) == 0
     md = (rep / "report.md").read_text()
     assert "## Parameter sweeps (Table 1 layout)" in md
-    for v in ("0.3", "0.7"):
+    assert "actrain sweep --param alpha 0.5" in md
+    for v in ("0.3", "0.7", "0.5"):
         m = last_eval(out / f"alpha-{v}")
         row = row_of(
             md, "| alpha | G A_nat | G A_rob (PGD-2) | F A_nat | F A_rob (PGD-2)", f"| {v} |"

@@ -412,8 +412,12 @@ class ReportBuilder:
     def train_commands(self, runs: list[Run]) -> list[str]:
         cmds: list[str] = []
         for r in runs:
-            sweep_cmd = (r.sweep or {}).get("command")
-            cmd = sweep_cmd or train_command(r.config)
+            sweep = r.sweep or {}
+            entry = next(
+                (e for e in sweep.get("runs", []) if Path(e.get("out", "")).name == r.path.name),
+                {},
+            )
+            cmd = entry.get("command") or sweep.get("command") or train_command(r.config)
             if cmd not in cmds:
                 cmds.append(cmd)
         return cmds

@@ -116,6 +116,36 @@ def _state(run_dir: Path) -> str:
     return "new"
 
 
+def _earlier_runs(
+    sweep_json: Path,
+    param: str,
+    config: str | None,
+    sets: dict[str, str],
+    plan: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The runs an earlier sweep into the same folder made with values this one does not
+    plan, so that sweeping more values into it adds to the sweep (each entry keeps the
+    command that made it). A folder holding a sweep of another parameter, config or set of
+    options is refused: its runs and these would not form one table."""
+    if not sweep_json.is_file():
+        return []
+    try:
+        old = json.loads(sweep_json.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"--out: {sweep_json} is unreadable; choose another --out") from None
+    theirs = (old.get("param"), old.get("config"), old.get("sets") or {})
+    if theirs != (param, config, sets):
+        raise UsageError(
+            f"--out: {sweep_json.parent} holds a sweep of {theirs[0]} with other settings"
+            f" (config {theirs[1]}, --set {theirs[2]}); choose another --out"
+        )
+    planned = {str(Path(p["out"]).name) for p in plan}
+    kept = [dict(e) for e in old.get("runs", []) if Path(e["out"]).name not in planned]
+    for e in kept:
+        e.setdefault("command", old.get("command"))
+    return kept
+
+
 def run_sweep(
     plan: list[dict[str, Any]],
     *,
@@ -131,20 +161,24 @@ def run_sweep(
     if jobs < 1:
         raise UsageError(f"--jobs: must be >= 1, got {jobs}")
     out_dir = Path(out_dir)
+    sweep_json = out_dir / "sweep.json"
+    earlier = _earlier_runs(sweep_json, param_key(param), config, sets, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [
+        {"value": p["value"], "out": p["out"], "status": "pending", "log": None, "command": command}
+        for p in plan
+    ]
     doc: dict[str, Any] = {
         "param": param_key(param),
-        "values": [p["value"] for p in plan],
+        "values": [e["value"] for e in earlier] + [p["value"] for p in plan],
         "config": config,
         "sets": sets,
         "jobs": jobs,
         "command": command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "runs": [
-            {"value": p["value"], "out": p["out"], "status": "pending", "log": None} for p in plan
-        ],
+        "runs": earlier + runs,
     }
-    sweep_json = out_dir / "sweep.json"
+    first = len(earlier)  # doc["runs"][first + i] is plan[i]
 
     def save() -> None:
         atomic_write_text(sweep_json, json.dumps(doc, indent=2))
@@ -158,7 +192,7 @@ def run_sweep(
     while queue or running:
         while queue and len(running) < jobs:
             i = queue.pop(0)
-            entry, p = doc["runs"][i], plan[i]
+            entry, p = doc["runs"][first + i], plan[i]
             state = _state(Path(p["out"]))
             if state == "finished":
                 entry.update(status="finished", returncode=0, note="already finished; skipped")
@@ -182,7 +216,7 @@ def run_sweep(
                 continue
             log.close()
             del running[i]
-            entry = doc["runs"][i]
+            entry = doc["runs"][first + i]
             entry.update(
                 status="finished" if rc == 0 else "failed",
                 returncode=rc,
