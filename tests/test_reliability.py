@@ -349,3 +349,22 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (run / "checkpoint.pt").exists()  # no waiting for the step to finish
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    # each once ended in a traceback, bench --all only after its whole matrix
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's")
+    run = str(tmp_path / "no-run-needed")
+    for argv, message in (
+        (["analyze", run, "--out", str(mine)], f"--out: {mine} exists and is not a folder"),
+        (["report", run, "--out", str(mine / "sub")], f"is under {mine}, which exists"),
+        (["sweep", "--param", "alpha", "0.5", "--set", "dataset=digits", "--out", str(mine)],
+         "is not a folder"),
+        (["bench", "--all", "--widths", "2", "--out", str(mine / "x.md")], "is not a folder"),
+        (["bench", "--all", "--widths", "2", "--out", str(tmp_path)], "is a folder"),
+    ):  # fmt: skip
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert mine.read_text() == "the user's"

@@ -74,6 +74,10 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("--probe-epochs/--probe-batch-size/--batch-size: must be >= 1")
     if not ns.probe_lr > 0:
         raise UsageError(f"--probe-lr: must be > 0, got {ns.probe_lr}")
+    if ns.out:
+        from actrain.outputs import writable_dir
+
+        writable_dir(ns.out, "--out")
     device = resolve_device(ns.device)
     runs = expand_run_args(ns.runs)
     command = command_of(ns)

@@ -172,6 +172,9 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError(f"--widths: expected integers such as 16,64, got {ns.widths!r}") from None
     if not widths or min(widths) < 1:
         raise UsageError(f"--widths: expected positive integers, got {ns.widths!r}")
+    from actrain.outputs import writable_file
+
+    writable_file(ns.out, "--out")  # before the matrix's minutes, not after
     rows = bench.run_all(spec, widths, log=lambda line: print(line, file=sys.stderr, flush=True))
     table = bench.markdown_table(rows)
     out = Path(ns.out)

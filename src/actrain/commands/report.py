@@ -38,6 +38,9 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("--max-samples: must be >= 2")
     if ns.probe_epochs < 1:
         raise UsageError(f"--probe-epochs: must be >= 1, got {ns.probe_epochs}")
+    from actrain.outputs import writable_dir
+
+    writable_dir(ns.out, "--out")
     argv = ["actrain", "report", *ns.runs, "--out", ns.out]
     if ns.title != "actrain report":
         argv += ["--title", ns.title]

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from actrain.outputs import writable_dir
     from actrain.sweep import param_key, parse_sets, plan_sweep, run_sweep
 
     if len(ns.param) < 2:
@@ -50,6 +51,7 @@ def run(ns: argparse.Namespace) -> int:
     stem = Path(ns.config).stem if ns.config else "sweep"
     out = Path(ns.out) if ns.out else Path("sweeps") / f"{stem}-{key}"
     plan = plan_sweep(param, values, config=ns.config, out_dir=out, sets=sets)
+    writable_dir(out, "--out")
     argv = ["actrain", "sweep", "--param", key, *values]
     if ns.config:
         argv += ["--config", ns.config]
