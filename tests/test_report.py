@@ -411,3 +411,21 @@ def test_sweep_rejects_mistakes_before_launching(tmp_path, capsys):
     assert len(lines) == 2 and all("--epochs 2" in x and "--dataset digits" in x for x in lines)
     assert lines[1].endswith(f"--seed 1 --out {out / 'seed-1'} --no-progress")
     assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_an_analysis_of_weights_trained_on_since_is_flagged_and_redone(tmp_path, capsys):
+    # analysed mid-training, then resumed to the end: the report showed the old numbers
+    from actrain.config import resume_config
+
+    cfg = build_config({}, {**TINY, "method": "madry", "epochs": 2, "out": str(tmp_path / "r")})
+    cfg.epochs = 1  # the first epoch of a 2-epoch schedule
+    run = run_training(cfg)
+    analyze_run(run, max_samples=100, probe_epochs=1)
+    run_training(resume_config(run, {"epochs": 2}), resume=True)
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "was analysed at epoch 1 and has trained to epoch 2 since" in md
+    argv = ["report", str(run), "--out", str(tmp_path / "rep2"), "--analyze"]
+    assert main([*argv, "--max-samples", "100", "--probe-epochs", "1"]) == 0
+    assert json.loads((run / "analysis" / "analysis.json").read_text())["epoch"] == 2
+    assert "Out of date" not in (tmp_path / "rep2" / "report.md").read_text()

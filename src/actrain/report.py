@@ -745,6 +745,19 @@ class ReportBuilder:
 
         # Fig. 3 left: norms, one plot per (dataset, arch)
         self.blocks.append(Heading("Model complexity (Fig. 3 left)"))
+        stale = [r for g in analysed for r in g.runs if r.analysis_stale]
+        if stale:
+            self.blocks.append(
+                Para(
+                    "**Out of date:** "
+                    + "; ".join(
+                        f"{r.path} was analysed at epoch {r.analysis['epoch']} and has trained"
+                        f" to epoch {r.epochs_done} since"
+                        for r in stale
+                    )
+                    + " (`actrain analyze` them again, or `actrain report --analyze`)."
+                )
+            )
         by_fam: dict[tuple[str, str], list[Group]] = {}
         for g in analysed:
             by_fam.setdefault((g.dataset, g.arch), []).append(g)

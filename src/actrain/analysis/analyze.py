@@ -102,6 +102,7 @@ def analyze_run(
         "dataset": run.dataset,
         "arch": run.arch,
         "seed": run.seed,
+        "epoch": run.epochs_done,  # of the weights analysed: a resumed run makes this stale
         "samples": len(train),
         "sample_indices_sum": int(train.indices.sum()),
         "entropy_unit": "nats",

@@ -70,6 +70,18 @@ class Run:
         return bool(self.final and self.final.get("status") == "finished")
 
     @property
+    def epochs_done(self) -> int:
+        """Epochs the run has completed (its last metrics record)."""
+        return max((int(m.get("epoch", 0)) for m in self.metrics), default=0)
+
+    @property
+    def analysis_stale(self) -> bool:
+        """The run trained on after its analysis (resumed): the numbers are of older weights.
+        Analyses from before the epoch was recorded cannot tell, and count as current."""
+        epoch = (self.analysis or {}).get("epoch")
+        return epoch is not None and epoch != self.epochs_done
+
+    @property
     def name(self) -> str:
         return self.path.name
 
