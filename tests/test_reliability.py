@@ -368,3 +368,19 @@ def test_an_output_path_that_cannot_be_written_is_one_line_before_any_work(tmp_p
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert mine.read_text() == "the user's"
+
+
+def test_final_weights_are_as_readable_as_the_other_run_files(tmp_path):
+    # safetensors' writer kept the temporary file's 0600: other users could not read them
+    import os
+    import stat
+
+    from actrain.checkpoint import atomic_write_text, save_weights
+    from actrain.models import create_model
+
+    save_weights(tmp_path / "w.safetensors", create_model("small_cnn", in_channels=1), {})
+    atomic_write_text(tmp_path / "a.json", "{}")
+    modes = {stat.S_IMODE(os.stat(tmp_path / f).st_mode) for f in ("w.safetensors", "a.json")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}
