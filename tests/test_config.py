@@ -81,3 +81,11 @@ def test_yaml_booleans_are_not_numbers(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match="invalid value True"):
             build_config(load_yaml(path), {})
+
+
+def test_milestones_with_no_value_mean_a_constant_lr(tmp_path):
+    from actrain.cli import build_parser
+
+    ns = build_parser().parse_args(["train", "--epochs", "1", "--milestones"])
+    assert ns.milestones == []
+    assert build_config({}, {"epochs": 1, "milestones": ns.milestones}).milestones == []

@@ -474,3 +474,16 @@ def test_fast_presets():
         assert inet.eps == pytest.approx(2 / 255)
     assert preset("imagenet_resnet50_fgsm_rs").step_size == pytest.approx(2.5 / 255)
     assert scheduled_epochs(preset("imagenet_resnet50_free_m4")) == 23  # 92 epochs / 4
+
+
+def test_the_free_at_header_counts_epochs_of_cost_as_run(tmp_path):
+    # it said "1 epochs of cost = 1 pass" where one pass with m = 4 costs 4 epochs
+    from actrain.train import attack_note
+
+    for epochs, note in (
+        (1, "(1 pass over the data = 4 epochs of cost, --epochs 1 rounded up to whole passes)"),
+        (8, "(2 passes over the data = 8 epochs of cost)"),
+    ):
+        cfg = _cfg(tmp_path / str(epochs), method="madry", train_attack="free", epochs=epochs)
+        trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+        assert note in attack_note(cfg, trainer)

@@ -225,6 +225,7 @@ def test_resume_with_different_config_lists_differences(tmp_path, capsys):
 
 
 # ---- bad input: one line, exit 2, no traceback, before any data is loaded ---------------------
+ROOT = Path(__file__).resolve().parents[1]
 BAD = [
     (["--method", "actt"], "did you mean 'act'"),
     (["--arch", "resnt18"], "did you mean 'resnet18'"),
@@ -237,6 +238,10 @@ BAD = [
     (["--steps", "-1"], "--steps: must be >= 0"),
     (["--milestones", "60", "30"], "--milestones: must be strictly increasing"),
     (["--epochs", "10", "--milestones", "5", "20"], "--milestones: must lie in 1..epochs"),
+    (  # a preset shortened: its milestones, and the schedule that fits
+        ["--config", str(ROOT / "configs/paper/cifar10_resnet18_act.yaml"), "--epochs", "10"],
+        "got [60, 120, 150] (the paper's schedule for 10 epochs: --milestones 3 6 8)",
+    ),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
     (["--data-dir", "/nonexistent/folder"], "--data-dir: folder does not exist"),
     (["--resume", "/nonexistent/run"], "--resume: no checkpoint"),

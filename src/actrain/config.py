@@ -403,7 +403,11 @@ def validate(cfg: TrainConfig) -> None:
     if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ConfigError(f"--milestones: must be strictly increasing, got {ms}")
     if ms and (ms[0] < 1 or ms[-1] > cfg.epochs):
-        raise ConfigError(f"--milestones: must lie in 1..epochs ({cfg.epochs}), got {ms}")
+        fit = " ".join(map(str, paper_milestones(cfg.epochs))) or "with no value"
+        raise ConfigError(
+            f"--milestones: must lie in 1..epochs ({cfg.epochs}), got {ms} (the paper's"
+            f" schedule for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}: --milestones {fit})"
+        )
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"--precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision}"

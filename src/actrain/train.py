@@ -931,10 +931,13 @@ def attack_note(cfg: TrainConfig, trainer: Trainer) -> str:
     elif attack.name == "fgsm-rs":
         what = f"FGSM-RS {eps}"
     else:
-        n = trainer.num_epochs
+        n, m = trainer.num_epochs, trainer.replays
+        rounded = ""
+        if n * m != cfg.epochs:
+            rounded = f", --epochs {cfg.epochs} rounded up to whole passes"
         what = (
-            f"Free-AT m={trainer.replays} {eps} ({cfg.epochs} epochs of cost ="
-            f" {n} pass{'es' if n != 1 else ''} over the data)"
+            f"Free-AT m={m} {eps} ({n} pass{'es' if n != 1 else ''} over the data ="
+            f" {n * m} epochs of cost{rounded})"
         )
     guard = ", overfitting guard on" if trainer.guard is not None else ""
     return f" attack {what}{guard},"

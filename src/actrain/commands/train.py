@@ -72,7 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float, help="5e-4 (TRADES: 2e-4)")
-    g.add_argument("--milestones", nargs="+", help="epochs where lr is multiplied by --gamma")
+    g.add_argument(
+        "--milestones",
+        nargs="*",
+        help="epochs where lr is multiplied by --gamma (none given: a constant lr)",
+    )
     g.add_argument("--gamma", type=float, help="lr decay factor (0.2)")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("evaluation during training")
