@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -137,3 +138,23 @@ def test_pgd_robustness_restarts_and_early_stop():
     with torch.no_grad():
         pred = model(many.x_adv).argmax(1)
     assert (pred[broken] != y[broken]).all()
+
+
+@pytest.mark.parametrize(
+    "kw,error",
+    [
+        ({"eps": -0.1, "step_size": 0.01}, ValueError),
+        ({"eps": 2.0, "step_size": 0.01}, ValueError),  # larger than the image box
+        ({"eps": 0.1, "step_size": -0.01}, ValueError),
+        ({"eps": "8/255", "step_size": 0.01}, TypeError),  # once accepted, attacks then failed
+    ],
+)
+def test_the_threat_model_refuses_what_would_attack_wrongly(kw, error):
+    with pytest.raises(error, match="LinfBall"):
+        LinfBall(**kw)
+
+
+def test_pgd_refuses_negative_steps():
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        pgd(model, torch.rand(2, 4), lambda z: z.sum(), LinfBall(0.1, 0.02), steps=-1)

@@ -114,3 +114,15 @@ def test_losses_are_float32_under_bf16_logits():
     assert lg.dtype == torch.float32 and lf.dtype == torch.float32
     ref = F.cross_entropy(g.float(), torch.tensor(Y))
     assert trades_loss(g, g, torch.tensor(Y), 5.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_losses_refuse_parameters_that_train_quietly_wrong():
+    # alpha 2 made both ACT losses negative, T = 0 NaN, beta -1 rewarded the TRADES gap
+    g, f, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    for alpha, temperature in ((2.0, 4.0), (-0.1, 4.0), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="ACT"):
+            act_losses(g, f, y, alpha, temperature)
+        with pytest.raises(ValueError, match="ACT"):
+            act_attack_objective(g, f, y, alpha, temperature or 0.0)
+    with pytest.raises(ValueError, match="beta"):
+        trades_loss(g, f, y, beta=-1.0)

@@ -52,6 +52,8 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, target: Tensor, beta: 
     As in the TRADES reference, the clean distribution is not detached in the robust term:
     gradients flow through both f(x) and f(x').
     """
+    if beta < 0:
+        raise ValueError(f"trades_loss: beta must be >= 0, got {beta}")
     return cross_entropy(logits_clean, target) + beta * kl_divergence(logits_clean, logits_adv)
 
 
@@ -62,6 +64,14 @@ def trades_attack_objective(logits_adv: Tensor, logits_clean_ref: Tensor) -> Ten
 
 def madry_attack_objective(logits_adv: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits_adv.float(), target, reduction="sum")
+
+
+def _check_alpha_temperature(alpha: float, temperature: float) -> None:
+    """alpha outside [0, 1] makes a loss negative, T = 0 makes it NaN: both train quietly wrong."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"ACT: alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"ACT: temperature must be > 0, got {temperature}")
 
 
 def act_losses(
@@ -79,6 +89,7 @@ def act_losses(
     ``temperature`` softens both distributions in the mimicry terms (the released code uses
     T = 4 with Hinton's T^2 scaling); T = 1 gives the paper's equations literally.
     """
+    _check_alpha_temperature(alpha, temperature)
     scale = alpha * temperature**2
     loss_g = (1.0 - alpha) * cross_entropy(logits_g_adv, target) + scale * kl_divergence(
         logits_f_clean.detach(), logits_g_adv, temperature
@@ -104,6 +115,11 @@ def act_attack_objective(
     literal Eq. (1). For alpha in {0, 1} both give the same gradient signs; in between, "sum"
     weighs the KL term batch-size times more than "mean" does.
     """
+    _check_alpha_temperature(alpha, temperature)
+    if kl_reduction not in ("sum", "mean"):
+        raise ValueError(
+            f"act_attack_objective: kl_reduction must be sum or mean, got {kl_reduction!r}"
+        )
     reduction = "sum" if kl_reduction == "sum" else "batchmean"
     ce = cross_entropy(logits_g_adv, target)
     kl = kl_divergence(logits_f_clean.detach(), logits_g_adv, temperature, reduction=reduction)

@@ -39,6 +39,18 @@ class LinfBall:
     lower: float = 0.0
     upper: float = 1.0
 
+    def __post_init__(self) -> None:
+        # a string such as "8/255", or a negative radius, would otherwise attack quietly wrong
+        for name in ("eps", "step_size", "lower", "upper"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"LinfBall.{name} must be a number, got {value!r}")
+        if not 0 <= self.eps <= self.upper - self.lower or self.step_size < 0:
+            raise ValueError(
+                f"LinfBall: need 0 <= eps <= upper - lower and step_size >= 0, got eps"
+                f" {self.eps}, step_size {self.step_size}, box [{self.lower}, {self.upper}]"
+            )
+
     def random_perturb(
         self, x: Tensor, start: str, generator: torch.Generator | None = None
     ) -> Tensor:

@@ -42,6 +42,8 @@ def pgd(
     The model is in eval mode during the attack (batch-norm statistics are neither used from
     the batch nor updated) and is returned in whatever mode it was in.
     """
+    if steps < 0:
+        raise ValueError(f"pgd: steps must be >= 0, got {steps}")
     x = x.detach()
     x_adv = threat.random_perturb(x, start, generator)
     return pgd_steps(model, x, x_adv, objective, threat, steps, autocast)
