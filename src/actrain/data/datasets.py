@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from actrain.data.errors import DataError
 from actrain.data.registry import DatasetInfo, get_dataset_info
 from actrain.data.sampling import balanced_subset_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# What Pillow raises for a missing, unreadable, truncated or corrupt file (SyntaxError: "broken
+# PNG file"; ValueError, EOFError, struct.error: malformed headers).
+IMAGE_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0  # fixed so the digits test set never depends on the run seed
 DIGITS_TEST_SIZE = 360
@@ -90,6 +101,56 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[-1] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def image_read_error(path: str | os.PathLike[str], exc: BaseException) -> DataError:
+    """A one-line DataError naming an image file that cannot be decoded, and why.
+
+    One bad file among thousands otherwise surfaces as Pillow's traceback without the path.
+    """
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        reason = f"broken symbolic link (its target {os.readlink(p)} does not exist)"
+    elif isinstance(exc, UnidentifiedImageError):
+        reason = "not an image Pillow can read (wrong extension, or an empty or corrupt file)"
+    elif isinstance(exc, FileNotFoundError):
+        reason = "file not found (removed while loading?)"
+    elif isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+    else:
+        reason = f"truncated or corrupt image ({_one_line(exc)})"
+    return DataError(f"cannot read image {p}: {reason}; replace or remove the file")
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted class folder names of an ImageFolder split (hidden folders skipped)."""
+    return sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+
+
+def check_same_classes(
+    train_dir: Path, train_classes: list[str], eval_dir: Path, eval_classes: list[str]
+) -> None:
+    """Refuse splits whose class folders differ.
+
+    Labels are positions in each split's own sorted folder list, so a missing or renamed folder
+    silently gives the evaluation images the labels of other training classes.
+    """
+    if train_classes == eval_classes:
+        return
+
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+
+    only_train = sorted(set(train_classes) - set(eval_classes))
+    only_eval = sorted(set(eval_classes) - set(train_classes))
+    parts = [f"only in {train_dir.name}/: {names(only_train)}"] if only_train else []
+    parts += [f"only in {eval_dir.name}/: {names(only_eval)}"] if only_eval else []
+    raise DataError(
+        f"class folders differ between {train_dir} and {eval_dir} ({'; '.join(parts)}); "
+        "labels come from the sorted folder names, so both splits need the same class folders"
+    )
 
 
 def default_data_dir() -> Path:
@@ -249,6 +310,12 @@ def _load_cifar(
         return _subset(_read_cifar_pickle(info.name, pickle_dir, split), subset, seed)
     folder = _find_image_folder_root(info.name, root)
     if folder is not None:
+        # train and test are loaded by separate calls: compare with the other split here.
+        train_dir, test_dir = folder / "train", folder / "test"
+        if train_dir.is_dir() and test_dir.is_dir():
+            check_same_classes(
+                train_dir, class_folders(train_dir), test_dir, class_folders(test_dir)
+            )
         return load_image_folder(
             folder / split,
             num_classes=info.num_classes,
@@ -345,19 +412,20 @@ def list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]
     """Files of an ImageFolder split in standard order: sorted class, then sorted file name."""
     if not split_dir.is_dir():
         raise DataError(f"folder not found: {split_dir} (expected {split_dir}/<class>/*.jpg|png)")
-    classes = sorted(
-        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
-    )
+    classes = class_folders(split_dir)
     if not classes:
         raise DataError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*.jpg|png)")
     paths: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        names = sorted(
-            e.name
-            for e in os.scandir(split_dir / cls)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        entries = [
+            e for e in os.scandir(split_dir / cls) if e.name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        for e in entries:
+            if e.is_symlink() and not os.path.exists(e.path):
+                # is_file() is False for it, so it would otherwise be skipped without a word
+                raise image_read_error(e.path, FileNotFoundError(e.path))
+        names = sorted(e.name for e in entries if e.is_file())
         if not names:
             raise DataError(f"class folder {split_dir / cls} has no .jpg/.png images")
         paths.extend(split_dir / cls / n for n in names)
@@ -368,10 +436,15 @@ def list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]
 def _decode_into(out: np.ndarray, paths: list[Path], start: int, stop: int) -> None:
     h, w = out.shape[1:3]
     for i in range(start, stop):
-        with Image.open(paths[i]) as im:
-            if im.size != (w, h):
-                raise DataError(f"{paths[i]} is {im.size[0]}x{im.size[1]}, expected {w}x{h}")
-            out[i] = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(paths[i]) as im:
+                size = im.size
+                rgb = np.asarray(im.convert("RGB")) if size == (w, h) else None
+        except IMAGE_READ_ERRORS as exc:
+            raise image_read_error(paths[i], exc) from exc
+        if rgb is None:
+            raise DataError(f"{paths[i]} is {size[0]}x{size[1]}, expected {w}x{h}")
+        out[i] = rgb
 
 
 def decode_images(paths: list[Path], size: int, workers: int | None = None) -> np.ndarray:
@@ -425,8 +498,11 @@ def load_image_folder(
     )
     chosen = [paths[i] for i in pos.tolist()]
     if image_size is None:
-        with Image.open(chosen[0]) as im:
-            image_size = im.size[0]
+        try:
+            with Image.open(chosen[0]) as im:
+                image_size = im.size[0]
+        except IMAGE_READ_ERRORS as exc:
+            raise image_read_error(chosen[0], exc) from exc
     array = decode_images(chosen, image_size)
     images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     return ImageTensors(images, label_t[pos], pos, classes)

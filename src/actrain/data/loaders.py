@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from actrain.data.augment import AUGMENTATIONS, crop_flip, sample_crop_flip_params, to_float01
-from actrain.data.datasets import ImageTensors, default_data_dir, load_split
+from actrain.data.datasets import (
+    IMAGE_READ_ERRORS,
+    ImageTensors,
+    check_same_classes,
+    default_data_dir,
+    image_read_error,
+    load_split,
+)
 from actrain.data.errors import DataError
 from actrain.data.registry import get_dataset_info
 from actrain.data.sampling import (
@@ -197,7 +204,11 @@ class _EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class _SeededImageDataset(Dataset):
-    """ImageFolder samples transformed under a per-example seed (global RNG left untouched)."""
+    """ImageFolder samples transformed under a per-example seed (global RNG left untouched).
+
+    A file that cannot be decoded raises DataError naming it; DataError keeps its one-line
+    message when DataLoader re-raises it from a worker process.
+    """
 
     def __init__(
         self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]
@@ -211,7 +222,10 @@ class _SeededImageDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, sample_seed = item
         path, label = self.folder.samples[index]
-        image = self.folder.loader(path)
+        try:
+            image = self.folder.loader(path)
+        except IMAGE_READ_ERRORS as exc:
+            raise image_read_error(path, exc) from exc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return self.transform(image), label
@@ -322,6 +336,23 @@ def _find_eval_dir(root: Path) -> Path:
     raise DataError(f"no evaluation split in {root} (expected {root}/val/<class>/ or test/)")
 
 
+def _check_against_other_split(root: Path, split_dir: Path, classes: list[str]) -> None:
+    """Compare one streamed split's classes with its sibling split (train vs val/test), if any."""
+    train_dir = root / "train"
+    if split_dir == train_dir:
+        other = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    else:
+        other = train_dir if train_dir.is_dir() else None
+    if other is None:
+        return
+    # numbered as torchvision's ImageFolder numbers them: every sub-folder, sorted
+    other_classes = sorted(e.name for e in os.scandir(other) if e.is_dir())
+    if split_dir == train_dir:
+        check_same_classes(split_dir, classes, other, other_classes)
+    else:
+        check_same_classes(other, other_classes, split_dir, classes)
+
+
 def make_imagefolder_loaders(
     data_dir: str | os.PathLike[str],
     batch_size: int,
@@ -357,7 +388,9 @@ def make_imagefolder_loaders(
         )
 
     train = make(root / "train", batch_size, True)
-    evaluation = make(_find_eval_dir(root), eval_batch_size or batch_size, False)
+    eval_dir = _find_eval_dir(root)
+    evaluation = make(eval_dir, eval_batch_size or batch_size, False)
+    check_same_classes(root / "train", train.classes, eval_dir, evaluation.classes)
     return train, evaluation
 
 
@@ -384,7 +417,7 @@ def build_loader(
     if not info.in_memory:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         split_dir = root / "train" if split == "train" else _find_eval_dir(root)
-        return ImageFolderLoader(
+        loader = ImageFolderLoader(
             split_dir,
             batch_size,
             train=is_train,
@@ -396,6 +429,8 @@ def build_loader(
             world_size=world_size,
             channels_last=channels_last,
         )
+        _check_against_other_split(root, split_dir, loader.classes)
+        return loader
     data = load_split(info.name, split, data_dir, subset=subset, seed=seed, download=download)
     return InMemoryLoader(
         data,
