@@ -244,12 +244,11 @@ def build_folder_data(
     )
     targets = torch.tensor(evaluation.folder.targets)
     keep = D.balanced_subset_indices(targets, cfg.eval_size or len(targets), seed=0)
-    dataset = evaluation.loader.dataset
-    items = [dataset[(int(i), 0)] for i in keep]
-    ex = torch.stack([img for img, _ in items]).to(device).float().div_(255)
+    subset = D.decode_subset(evaluation, keep)
+    ex = subset.images.to(device).float().div_(255)
     if channels_last:
         ex = ex.contiguous(memory_format=torch.channels_last)
-    ey = torch.tensor([label for _, label in items], device=device)
+    ey = subset.labels.to(device)
     info = D.get_dataset_info("imagefolder")
     return RunData(info, len(train.classes), train, ex, ey, "val", classes=train.classes)
 

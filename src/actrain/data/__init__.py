@@ -26,6 +26,8 @@ _LAZY: dict[str, str] = {
     "InMemoryLoader": "actrain.data.loaders",
     "build_loader": "actrain.data.loaders",
     "make_imagefolder_loaders": "actrain.data.loaders",
+    "load_folder_eval_split": "actrain.data.loaders",
+    "decode_subset": "actrain.data.loaders",
     "DATASETS": "actrain.data.registry",
     "DatasetInfo": "actrain.data.registry",
     "get_dataset_info": "actrain.data.registry",
@@ -54,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
         ImageFolderLoader,
         InMemoryLoader,
         build_loader,
+        decode_subset,
+        load_folder_eval_split,
         make_imagefolder_loaders,
     )
     from actrain.data.registry import DATASETS, DatasetInfo, get_dataset_info  # noqa: F401

@@ -23,6 +23,7 @@ from actrain.data.errors import DataError
 from actrain.data.registry import get_dataset_info
 from actrain.data.sampling import (
     STREAM_AUGMENT,
+    balanced_subset_indices,
     epoch_generator,
     epoch_positions,
     shard_size,
@@ -351,6 +352,49 @@ def _check_against_other_split(root: Path, split_dir: Path, classes: list[str]) 
         check_same_classes(split_dir, classes, other, other_classes)
     else:
         check_same_classes(other, other_classes, split_dir, classes)
+
+
+# An evaluation split held in memory for the attacks: beyond this many images, ask for a subset
+FOLDER_EVAL_LIMIT = 10_000
+
+
+def decode_subset(loader: ImageFolderLoader, keep: torch.Tensor) -> ImageTensors:
+    """Images ``keep`` of an evaluation loader's folder, through its transform (resize and
+    centre crop), as uint8 tensors on the CPU: what the attacks need in memory."""
+    dataset = loader.loader.dataset
+    items = [dataset[(int(i), 0)] for i in keep]
+    images = torch.stack([img for img, _ in items])
+    labels = torch.tensor([label for _, label in items], dtype=torch.long)
+    return ImageTensors(images, labels, keep.long(), list(loader.classes))
+
+
+def load_folder_eval_split(
+    data_dir: str | os.PathLike[str],
+    *,
+    subset: int | None = None,
+    seed: int = 0,
+    limit: int | None = FOLDER_EVAL_LIMIT,
+) -> ImageTensors:
+    """The val (or test) split of an ImageNet-style folder in memory, as the run evaluated it
+    while training (resize 256, centre crop 224), for ``actrain eval``; a seeded class-balanced
+    ``subset``. A split of more than ``limit`` images needs a subset (ImageNet's 50,000 would
+    take 7.5 GB)."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"folder not found: {root} (expected {root}/val/<class>/*.jpg)")
+    split = _find_eval_dir(root)
+    loader = ImageFolderLoader(split, 1, train=False, num_workers=0)
+    if (root / "train").is_dir():
+        _check_against_other_split(root, split, loader.classes)
+    targets = torch.tensor(loader.folder.targets)
+    if subset is None and limit is not None and len(targets) > limit:
+        raise DataError(
+            f"{split} holds {len(targets)} images, which the attacks would hold in memory:"
+            " pass --test-subset N (a class-balanced, seeded subset; RobustBench evaluates"
+            " ImageNet on 5,000)"
+        )
+    keep = balanced_subset_indices(targets, min(subset or len(targets), len(targets)), seed)
+    return decode_subset(loader, keep)
 
 
 def make_imagefolder_loaders(
