@@ -362,11 +362,11 @@ def test_an_output_path_that_cannot_be_written_is_one_line_before_any_work(tmp_p
     mine.write_text("the user's")
     run = str(tmp_path / "no-run-needed")
     for argv, message in (
-        (["analyze", run, "--out", str(mine)], f"--out: {mine} exists and is not a folder"),
-        (["report", run, "--out", str(mine / "sub")], f"is under {mine}, which exists"),
+        (["analyze", run, "--out", str(mine)], f"--out: {mine} is a file, not a folder"),
+        (["report", run, "--out", str(mine / "sub")], f"{mine} is a file, not a folder (for"),
         (["sweep", "--param", "alpha", "0.5", "--set", "dataset=digits", "--out", str(mine)],
-         "is not a folder"),
-        (["bench", "--all", "--widths", "2", "--out", str(mine / "x.md")], "is not a folder"),
+         "is a file, not a folder"),
+        (["bench", "--all", "--widths", "2", "--out", str(mine / "x.md")], "not a folder"),
         (["bench", "--all", "--widths", "2", "--out", str(tmp_path)], "is a folder"),
     ):  # fmt: skip
         assert cli.main(argv) == 2, argv

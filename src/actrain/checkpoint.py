@@ -71,14 +71,36 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _torch_file(path):
+            raise CheckpointError(_NOT_OURS.format(path=path)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:120]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
+        if not _torch_file(path):
+            raise CheckpointError(_NOT_OURS.format(path=path)) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or corrupt ({exc})"
+            f"cannot read checkpoint {path}: truncated or corrupt ({first[:160]})"
         ) from None
+
+
+_NOT_OURS = (
+    "{path} is not a checkpoint or weights file written by actrain"
+    " (expected a run folder, its checkpoint.pt or a model_*.safetensors file)"
+)
+
+
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file (a zip archive, or a legacy
+    pickle), so that a broken one is told apart from a file of another kind."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return True  # unreadable: the error message of the load says why
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
@@ -93,8 +115,16 @@ def read_weights_metadata(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read weights {path}: {exc}") from None
-    return {k: json.loads(v) for k, v in raw.items()}
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read weights {path}: not a safetensors file, or truncated ({first[:160]})"
+        ) from None
+    try:
+        return {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        raise CheckpointError(
+            f"{path}: its metadata is not actrain's (not written by actrain)"
+        ) from None
 
 
 # final.json's status once a finished run was resumed and checkpointed past its final weights
@@ -141,7 +171,10 @@ def load_model(path: str | Path, role: str = "g", device: str | torch.device = "
     else:
         ckpt = load_checkpoint(wpath)
         if role not in ckpt.get("models", {}):
-            raise CheckpointError(f"{wpath} holds no model '{role}'")
+            held = ", ".join(sorted(str(k).upper() for k in ckpt.get("models", {})))
+            raise CheckpointError(
+                f"{wpath} holds no model {role.upper()} (it holds {held or 'no model'})"
+            )
         model = create_model(**json.loads(ckpt["specs"])[role])
         state = ckpt["models"][role]
     _load_state(model, state, wpath)

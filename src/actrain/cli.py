@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.cleanup()
         return rc
     except UserError as exc:
-        msg = str(exc).strip("'\"")
+        # the message as written: quotes are part of it ("unknown loss 'x'"); several lines
+        # (a wrapped cause) become one
+        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"actrain {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as exc:

@@ -1,36 +1,48 @@
 """Output paths checked before the work that fills them: a mistake in ``--out`` is one line
-at the start, not a traceback after an hour of evaluation. The checks create nothing."""
+at the start, not a traceback after an hour of evaluation. The checks leave nothing behind."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from actrain.errors import UsageError
 
 
-def writable_dir(path: str | Path, flag: str) -> Path:
-    """``path`` as a folder that exists and can be written to, or that can be made: its
-    nearest existing ancestor is a folder this process may write in."""
+def writable_dir(path: str | Path, flag: str, target: Path | None = None) -> Path:
+    """``path`` as a folder that exists, or can be made, and takes new files: its nearest
+    existing ancestor is a folder in which a probe file can be made (and is removed;
+    ``os.access`` says yes to everything for root, /proc included). ``target``: the file the
+    folder is for, named in the message."""
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        what = "exists" if existing == path else f"is under {existing}, which exists"
-        raise UsageError(f"{flag}: {path} {what} and is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: cannot write in {existing} (permission denied)")
+        wanted = target if target is not None else path
+        where = f" (for {wanted})" if wanted != existing else ""
+        raise UsageError(f"{flag}: {existing} is a file, not a folder{where}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".actrain-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = target if target is not None else path
+        raise UsageError(
+            f"{flag}: cannot write {what}: no file can be made in {existing}"
+            f" ({exc.strerror or exc})"
+        ) from None
     return path
 
 
 def writable_file(path: str | Path, flag: str) -> Path:
-    """``path`` as a file that can be written: not a folder, in a folder :func:`writable_dir`
-    accepts, and writable where it exists."""
+    """``path`` as a file that can be written: not a folder, writable where it exists, in a
+    folder :func:`writable_dir` accepts."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag}: {path} is a folder; give a file name")
-    writable_dir(path.parent, flag)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{flag}: cannot write {path} (permission denied)")
+    writable_dir(path.parent, flag, target=path)
     return path

@@ -8,8 +8,10 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from actrain.commands import UsageError
+from actrain.outputs import writable_dir, writable_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +98,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--test-subset", type=int, help="class-balanced, seeded subset of N test images")
     d.add_argument("--dataset", help="override the run's dataset")
     d.add_argument("--data-dir", help="override the run's data folder")
-    d.add_argument("--model", default="g", help="which model of the run: g (robust) or f (ACT)")
+    d.add_argument(
+        "--model",
+        choices=("g", "f"),
+        default=None,
+        help="which model of a run folder: g (robust, default) or f (ACT's natural model);"
+        " a weights file holds one model, named in the file",
+    )
     d.add_argument("--batch-size", type=int, default=256)
     d.add_argument("--device", default="auto")
     d.add_argument(
@@ -121,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="PNG",
-        help="PNG grid of minimal adversarial examples (Fig. 2)",
+        help="PNG grid of minimal adversarial examples (Fig. 2); without PNG: examples.png in"
+        " --out, else in the current folder (never over an existing one)",
     )
     d.add_argument("--num-examples", type=int, default=8)
     d.add_argument("--no-progress", dest="progress", action="store_false")
@@ -149,14 +158,88 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _default_eps(path: str) -> float:
-    from actrain.checkpoint import run_config
     from actrain.config import parse_fraction
+    from actrain.evaluation.suite import eval_config
 
-    if Path(path).exists():
-        cfg_eps = run_config(path).get("eps")
-        if cfg_eps is not None:
-            return parse_fraction(cfg_eps, "eps")
+    cfg_eps = eval_config(path).get("eps")
+    if cfg_eps is not None:
+        return parse_fraction(cfg_eps, "eps")
     return 8 / 255
+
+
+def _check_image(path: Path) -> None:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            raise UsageError(
+                f"--save-examples: {path}: cannot write .{suffix} images (use .png, .pdf or .svg)"
+            )
+    writable_file(path, "--save-examples")
+
+
+def _example_paths(ns: argparse.Namespace, out_dir: Path | None) -> list[str | None]:
+    """Where each run's Fig. 2 grid goes (None: no grid). A PNG the user named is theirs to
+    overwrite; the default name is never written over an existing file outside --out."""
+    if ns.save_examples is None or ns.transfer or ns.transfer_matrix:
+        return [None] * len(ns.run)
+    png = Path(ns.save_examples) if ns.save_examples else (out_dir or Path(".")) / "examples.png"
+    paths = [png] if len(ns.run) == 1 else [
+        png.with_stem(f"{png.stem}_{i}") for i in range(len(ns.run))
+    ]  # fmt: skip
+    for p in paths:
+        _check_image(p)
+        if not ns.save_examples and out_dir is None and p.exists():
+            raise UsageError(
+                f"--save-examples: {p} exists; name the file (--save-examples PNG) or give"
+                " --out DIR, so that it is not overwritten"
+            )
+    return [str(p) for p in paths]
+
+
+def _check_outputs(
+    ns: argparse.Namespace, out_dir: Path | None, json_path: str | None, md_path: str | None
+) -> None:
+    """Every file eval will write, checked before any evaluation work."""
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
+    if json_path:
+        writable_file(json_path, "--json" if ns.json else "--out")
+    if md_path:
+        writable_file(md_path, "--markdown" if ns.markdown else "--out")
+
+
+def _preflight(ns: argparse.Namespace, eps_given: bool) -> list[dict[str, Any]]:
+    """Each run's model, role, data set and surrogates checked before any attack runs (a
+    mistake in the last run is found before the first is evaluated). Returns the configs."""
+    from actrain.config import parse_fraction
+    from actrain.evaluation.suite import check_run, check_surrogate
+
+    configs = []
+    for path in ns.run:
+        _, cfg, name, _ = check_run(path, role=ns.model, dataset=ns.dataset)
+        configs.append(cfg)
+        if not (ns.transfer or ns.transfer_matrix):
+            for sp in ns.surrogate:
+                check_surrogate(sp, target=path, target_dataset=name, dataset=ns.dataset)
+    if not eps_given and not (ns.transfer or ns.transfer_matrix) and len(configs) > 1:
+        # the default eps is the first run's: refuse to attack the others at another one
+        trained = [
+            None if c.get("eps") is None else parse_fraction(c["eps"], "eps") for c in configs
+        ]
+        known = {e for e in trained if e is not None}
+        if len(known) > 1 or (trained[0] is None and known):
+            each = ", ".join(
+                f"{'unknown' if e is None else f'{e:g}'} ({p})"
+                for p, e in zip(ns.run, trained, strict=True)
+            )
+            raise UsageError(
+                f"--eps: the runs were trained at different eps ({each}); pass --eps so that"
+                " all are attacked at the same one"
+            )
+    return configs
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -167,12 +250,16 @@ def run(ns: argparse.Namespace) -> int:
     # ---- end issue 5 ----
     from actrain.config import parse_fraction
     from actrain.evaluation import aggregate, markdown, table3
+    from actrain.evaluation.report import group_label, group_results
     from actrain.evaluation.sanity import format_checks
     from actrain.evaluation.suite import evaluate_run, transfer_matrix
 
-    eps = parse_fraction(ns.eps, "--eps") if ns.eps is not None else _default_eps(ns.run[0])
     step = parse_fraction(ns.step_size, "--step-size")
-    if not 0 <= eps <= 1 or not 0 <= step <= 1:
+    if ns.eps is not None:
+        eps = parse_fraction(ns.eps, "--eps")
+        if not 0 <= eps <= 1:
+            raise UsageError("--eps/--step-size: must be in [0, 1]")
+    if not 0 <= step <= 1:
         raise UsageError("--eps/--step-size: must be in [0, 1]")
     if ns.steps < 0 or ns.restarts < 1:
         raise UsageError("--steps must be >= 0 and --restarts >= 1")
@@ -185,9 +272,20 @@ def run(ns: argparse.Namespace) -> int:
     min_pert = tuple(m.strip() for m in ns.min_pert.split(",") if m.strip())
     if not min_pert or any(m not in ("fgsm-k", "pgd-search") for m in min_pert):
         raise UsageError(f"--min-pert: expected fgsm-k and/or pgd-search, got '{ns.min_pert}'")
+    if ns.transfer and len(ns.run) < 2:
+        raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
+    pgd_steps = _ints(ns.pgd_steps, "--pgd-steps")
+    eps_sweep = _floats(ns.eps_sweep, "--eps-sweep")
     out_dir = Path(ns.out) if ns.out else None
     json_path = ns.json or (str(out_dir / "eval.json") if out_dir else None)
     md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)
+    _check_outputs(ns, out_dir, json_path, md_path)
+    pngs = _example_paths(ns, out_dir)
+    configs = _preflight(ns, eps_given=ns.eps is not None)
+    if ns.eps is None:
+        eps = _default_eps(ns.run[0])
+        if not 0 <= eps <= 1:
+            raise UsageError(f"--eps: the run's training eps {eps} is not in [0, 1]; pass --eps")
     fold_bn = {"auto": None, "on": True, "off": False}[ns.fold_bn]
     common = dict(
         test_subset=ns.test_subset,
@@ -201,8 +299,6 @@ def run(ns: argparse.Namespace) -> int:
     )
 
     if ns.transfer or ns.transfer_matrix:
-        if ns.transfer and len(ns.run) < 2:
-            raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
         surs = list(ns.run) if ns.transfer_matrix else [ns.run[0]]
         tgts = list(ns.run) if ns.transfer_matrix else list(ns.run[1:])
         result = transfer_matrix(
@@ -211,17 +307,14 @@ def run(ns: argparse.Namespace) -> int:
         )  # fmt: skip
         md = "### Black-box transfer (Table 3)\n\n" + table3(result)
         print(md)
-        _write(result, md, json_path, md_path, getattr(ns, "argv", None))
+        _write(result, md, json_path, md_path, ns)
         return 0
 
-    png = ns.save_examples
-    if png == "":
-        png = str((out_dir or Path(".")) / "examples.png")
     options = dict(
         suite="sanity" if ns.sanity and ns.suite == "basic" else ns.suite,
         sanity=ns.sanity,
-        pgd_steps=_ints(ns.pgd_steps, "--pgd-steps"),
-        eps_sweep=_floats(ns.eps_sweep, "--eps-sweep"),
+        pgd_steps=pgd_steps,
+        eps_sweep=eps_sweep,
         sweep_steps=ns.sweep_steps,
         min_pert=min_pert,
         min_pert_search_steps=ns.min_pert_search_steps,
@@ -236,9 +329,6 @@ def run(ns: argparse.Namespace) -> int:
     for i, path in enumerate(ns.run):
         if ns.progress and len(ns.run) > 1:
             print(f"[{i + 1}/{len(ns.run)}] {path}", file=sys.stderr)
-        save = None
-        if png:
-            save = png if len(ns.run) == 1 else str(Path(png).with_stem(f"{Path(png).stem}_{i}"))
         r = evaluate_run(
             path,
             attack=ns.attack,
@@ -248,7 +338,7 @@ def run(ns: argparse.Namespace) -> int:
             step_size=step,
             loss=ns.loss,
             precision=ns.precision,
-            save_examples=save,
+            save_examples=pngs[i],
             **common,
             **options,
         )
@@ -256,29 +346,37 @@ def run(ns: argparse.Namespace) -> int:
         _print_summary(r, ns, eps)
         if r.get("sanity"):
             print(format_checks(r["sanity"]))
+    groups = group_results(results, configs)
     if len(results) == 1:
         result = results[0]
-        agg = None
     else:
-        agg = aggregate(results)
-        result = {
-            "runs": results,
-            "aggregate": agg,
-            "clean_acc": agg.get("clean_acc", {}).get("mean"),
-            "robust_acc": agg.get("robust_acc", {}).get("mean"),
-            "n": results[0]["n"],
-            "indices": results[0]["indices"],
-        }
-    md = markdown(results, agg)
+        result = {"runs": results}
+        if len(groups) == 1:  # repeats of one configuration: the mean over all
+            agg = aggregate(results)
+            result |= {
+                "aggregate": agg,
+                "clean_acc": agg.get("clean_acc", {}).get("mean"),
+                "robust_acc": agg.get("robust_acc", {}).get("mean"),
+            }
+        result["groups"] = [
+            {
+                "label": group_label([results[i] for i in g]),
+                "runs": [results[i]["run"] for i in g],
+                "aggregate": aggregate([results[i] for i in g]) if len(g) > 1 else None,
+            }
+            for g in groups
+        ]
+        if len({r["n"] for r in results}) == 1 and all(
+            r["indices"] == results[0]["indices"] for r in results
+        ):
+            result |= {"n": results[0]["n"], "indices": results[0]["indices"]}
+    md = markdown(results, groups=groups)
     if ns.suite != "basic" or ns.sanity or len(results) > 1:
         print()
         print(md)
-    if json_path:
-        _write(result, md, json_path, md_path, getattr(ns, "argv", None))
-    else:
-        _write(result, md, None, md_path)
-        if ns.suite == "basic" and not ns.sanity:
-            print(json.dumps({k: result[k] for k in ("clean_acc", "robust_acc", "n")}))
+    _write(result, md, json_path, md_path, ns)
+    if not json_path and ns.suite == "basic" and not ns.sanity and "robust_acc" in result:
+        print(json.dumps({k: result.get(k) for k in ("clean_acc", "robust_acc", "n")}))
     return 0
 
 
@@ -298,10 +396,11 @@ def _print_summary(r: dict, ns: argparse.Namespace, eps: float) -> None:
 
 
 def _write(
-    result: dict, md: str, json_path: str | None, md_path: str | None, argv: list | None = None
+    result: dict, md: str, json_path: str | None, md_path: str | None, ns: argparse.Namespace
 ) -> None:
     from actrain.evaluation import write_json
 
+    argv = getattr(ns, "argv", None)
     if json_path:
         if argv:  # the exact command, so that reports can show what produced each number
             command = shlex.join(["actrain", *map(str, argv)])
@@ -309,7 +408,15 @@ def _write(
             for r in result.get("runs", []):
                 if isinstance(r, dict):
                     r["command"] = command
-        write_json(result, json_path)
+        try:
+            write_json(result, json_path)
+        except OSError as exc:
+            flag = "--json" if ns.json else "--out"
+            raise UsageError(f"{flag}: cannot write {json_path} ({exc.strerror or exc})") from None
     if md_path:
-        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(md_path).write_text(md)
+        try:
+            Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(md_path).write_text(md)
+        except OSError as exc:
+            flag = "--markdown" if ns.markdown else "--out"
+            raise UsageError(f"{flag}: cannot write {md_path} ({exc.strerror or exc})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from typing import Any
@@ -96,6 +97,34 @@ def _label(result: dict[str, Any]) -> str:
     return result.get("label") or result.get("run", "?")
 
 
+def basic_attack_name(result: dict[str, Any]) -> str:
+    """The one attack of a basic-suite result as the table names it: PGD-20x5, FGSM,
+    AutoAttack (with a non-default loss or targeting)."""
+    a = result.get("attack") if isinstance(result.get("attack"), dict) else {}
+    name = str(a.get("name") or "A_rob")
+    if name.startswith("PGD") and a.get("restarts"):
+        name += f"x{a['restarts']}"
+    if a.get("targeted"):
+        name += f" targeted-{a['targeted']}"
+    if a.get("loss") not in (None, "ce"):
+        name += f" ({a['loss']})"
+    return name
+
+
+def _basic_note(example: dict[str, Any]) -> str:
+    a = example.get("attack") if isinstance(example.get("attack"), dict) else {}
+    eps = a.get("eps", example.get("eps"))
+    what = f"{basic_attack_name(example)}: accuracy (%) under white-box {a.get('name', '?')}"
+    if eps is not None:
+        what += f", L∞ eps {eps:.4f}"
+    if a.get("step_size") is not None:
+        what += f", step {a['step_size']}"
+    if a.get("restarts"):
+        n = a["restarts"]
+        what += f", {n} random restart{'s' if n != 1 else ''}, worst case per example"
+    return what + f"; n = {example.get('n')} test images."
+
+
 def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
     """rows: (label, an example result for settings, aggregate or result for numbers)."""
     if not rows:
@@ -103,9 +132,13 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
     _, example, _ = rows[0]
     steps = sorted(int(k) for k in example.get("pgd", {}))
     restarts = _get(example, "pgd", str(steps[0]), "attack", "restarts") if steps else None
+    # the basic suite's one attack (PGD, FGSM or AutoAttack): its robust accuracy column
+    basic = not steps and "autoattack" not in example and "robust_acc" in example
     mp = example.get("min_perturbation", {})
     mp_methods = [m for m in ("fgsm-k", "pgd-search") if m in mp]
     head = ["Defense", "Dataset", "A_nat"] + [f"PGD-{k}" for k in steps]
+    if basic:
+        head.append(basic_attack_name(example))
     head += [
         {"fgsm-k": "Min. pert. (FGSM^k)", "pgd-search": "Min. pert. (PGD search)"}[m]
         for m in mp_methods
@@ -116,6 +149,8 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
     for label, ex, num in rows:
         cells = [label, str(ex.get("dataset", "")), pm(num.get("clean_acc"))]
         cells += [pm(_get(num, "pgd", str(k), "robust_acc")) for k in steps]
+        if basic:
+            cells.append(pm(num.get("robust_acc")))
         cells += [pm(_get(num, "min_perturbation", m, "mean"), 5) for m in mp_methods]
         if "autoattack" in example:
             cells.append(pm(_get(num, "autoattack", "robust_acc")))
@@ -128,6 +163,8 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
         if steps and eps is not None
         else ""
     ]
+    if basic:
+        notes.append(_basic_note(example))
     for m in mp_methods:
         info = mp[m]
         notes.append(
@@ -186,12 +223,59 @@ def sanity_table(label: str, sanity: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(results: list[dict[str, Any]], agg: dict[str, Any] | None = None) -> str:
-    """Tables 2 and 5 (one row per run, or one mean±std row when ``agg`` is given), and the
-    sanity checks of each run."""
-    if agg is not None:
-        label = results[0].get("label", "runs") + f" (mean±std of {len(results)})"
-        rows = [(label, results[0], agg)]
+def _non_semantic() -> tuple[str, ...]:
+    """Config keys that change nothing trained (the seed: runs that differ only there are
+    repeats); the rule ``actrain report`` groups runs by."""
+    from actrain.analysis.runs import NON_SEMANTIC
+
+    return NON_SEMANTIC
+
+
+def configuration_key(config: dict[str, Any], result: dict[str, Any]) -> str | None:
+    """What makes two evaluated runs repeats of one configuration: the training config without
+    the seed and settings that change nothing trained (as ``actrain report`` groups runs),
+    the evaluated model (G or F) and the data set evaluated on. None without a config: such a
+    run is never averaged with another."""
+    if not config:
+        return None
+    skip = set(_non_semantic())
+    semantic = {k: v for k, v in config.items() if k not in skip}
+    key = {"config": semantic, "model": result.get("model"), "dataset": result.get("dataset")}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def group_results(results: list[dict[str, Any]], configs: list[dict[str, Any]]) -> list[list[int]]:
+    """Positions of ``results`` grouped by configuration (:func:`configuration_key`), in the
+    order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, (r, c) in enumerate(zip(results, configs, strict=True)):
+        key = configuration_key(c, r)
+        groups.setdefault(key if key is not None else f"#{i}", []).append(i)
+    return list(groups.values())
+
+
+def group_label(members: list[dict[str, Any]]) -> str:
+    if len(members) == 1:
+        return _label(members[0])
+    return members[0].get("label", "runs") + f" (mean±std of {len(members)})"
+
+
+def markdown(
+    results: list[dict[str, Any]],
+    agg: dict[str, Any] | None = None,
+    groups: list[list[int]] | None = None,
+) -> str:
+    """Tables 2 and 5: one row per run, one mean±std row when ``agg`` is given (all results
+    one configuration), or one row per group of ``groups`` (positions in ``results``: a
+    configuration's mean±std, or a run alone); and the sanity checks of each run."""
+    if groups is not None:
+        rows = []
+        for g in groups:
+            members = [results[i] for i in g]
+            num = aggregate(members) if len(members) > 1 else members[0]
+            rows.append((group_label(members), members[0], num))
+    elif agg is not None:
+        rows = [(group_label(results), results[0], agg)]
     else:
         rows = [(_label(r), r, r) for r in results]
     parts = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from actrain import data as D
-from actrain.checkpoint import CheckpointError, load_model, run_config
+from actrain.checkpoint import CheckpointError, load_model, read_weights_metadata, run_config
 from actrain.config import ConfigError
+from actrain.errors import UsageError
 from actrain.evaluation import protocols as P
 from actrain.evaluation.sanity import sanity_checks
 from actrain.runtime import resolve_device
@@ -84,6 +86,172 @@ def load_eval_data(
     return D.load_split(
         name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True)
     )
+
+
+ROLES = ("g", "f")
+_RUN_FILE = re.compile(r"checkpoint\.pt|model_[a-z]+\.safetensors")
+
+
+def _in_run_folder(path: Path) -> bool:
+    """A file of a run folder (its checkpoint or final weights) next to its ``config.json``."""
+    return bool(_RUN_FILE.fullmatch(path.name)) and (path.parent / "config.json").is_file()
+
+
+def eval_config(path: str | Path) -> dict[str, Any]:
+    """The training config of a run folder or model file: a weights file's own metadata, else,
+    for ``checkpoint.pt`` or ``model_*.safetensors`` inside a run folder, the folder's
+    ``config.json`` ({} if none)."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    try:
+        cfg = run_config(p) if p.is_dir() or p.suffix == ".safetensors" else {}
+        if not cfg and p.is_file() and _in_run_folder(p):
+            cfg = run_config(p.parent)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = p if p.is_dir() else p.parent
+        raise CheckpointError(f"{where / 'config.json'} is not valid JSON ({exc})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def file_role(path: str | Path) -> str | None:
+    """The model a weights file holds: its ``role`` metadata, else its name
+    (``model_<role>.safetensors``); None for a folder, a checkpoint or an unnamed file."""
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return None
+    role = read_weights_metadata(p).get("role")
+    if role in ROLES:
+        return str(role)
+    m = re.fullmatch(r"model_([gf])", p.stem)
+    return m.group(1) if m else None
+
+
+def resolve_role(path: str | Path, requested: str | None) -> str:
+    """Which model of ``path`` to evaluate: a weights file's own; for a run folder or
+    checkpoint ``requested`` (default G). A ``requested`` role the file contradicts is refused."""
+    if requested is not None and requested not in ROLES:
+        raise ConfigError(
+            f"--model: expected g (the robust model) or f (ACT's natural model), got '{requested}'"
+        )
+    own = file_role(path)
+    if own is None:
+        return requested or "g"
+    if requested is not None and requested != own:
+        raise ConfigError(
+            f"--model {requested}: {path} holds model {own.upper()}, not {requested.upper()}"
+            " (leave out --model: a weights file is evaluated as the model it holds)"
+        )
+    return own
+
+
+def _check_role(path: str | Path, role: str, cfg: dict[str, Any]) -> None:
+    """A Madry/TRADES/natural run has no model F: say so before looking for its file."""
+    p = Path(path)
+    if role != "f" or not p.is_dir() or (p / "model_f.safetensors").is_file():
+        return
+    method = cfg.get("method")
+    if method and method != "act":
+        raise CheckpointError(
+            f"{path} has no model F: a {method} run trains only G (--model f is for ACT runs)"
+        )
+
+
+def _dataset_name(name: str) -> str:
+    return D.get_dataset_info(name).name
+
+
+def check_fits(
+    model: nn.Module,
+    path: str | Path,
+    role: str,
+    dataset: str,
+    *,
+    channels: int | None,
+    classes: int | None,
+    flag: str | None,
+) -> None:
+    """Refuse a data set whose images or classes the model was not built for (it would end in
+    a shape error inside the first attack, or give numbers for the wrong classes)."""
+    spec = getattr(model, "spec", None) or {}
+    m_channels, m_classes = spec.get("in_channels"), spec.get("num_classes")
+    ours, theirs = [], []
+    if channels is not None and m_channels is not None:
+        ours.append(f"takes {m_channels}-channel images")
+        theirs.append(f"{channels}-channel images")
+    if classes is not None and m_classes is not None:
+        ours.append(f"predicts {m_classes} classes")
+        theirs.append(f"{classes} classes")
+    if (m_channels, m_classes) != (
+        channels if channels is not None else m_channels,
+        classes if classes is not None else m_classes,
+    ):
+        where = f"{flag}: " if flag else ""
+        raise ConfigError(
+            f"{where}{path} [{role.upper()}] does not fit {dataset}: the model"
+            f" {' and '.join(ours)}, {dataset} has {' and '.join(theirs)};"
+            " evaluate it on a data set of its shape"
+        )
+
+
+def _try_forward(
+    model: nn.Module, test: D.ImageTensors, path: str | Path, role: str, dataset: str
+) -> None:
+    """One image through the model, so that a model that cannot take the data set's images
+    fails here in one line, not inside an attack."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x = test.images[:1].float().div(255).to(device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(
+            f"{path} [{role.upper()}] cannot take {dataset} images of shape"
+            f" {tuple(test.images.shape[1:])}: {first}"
+        ) from None
+    if out.dim() != 2 or out.shape[1] != test.num_classes:
+        raise ConfigError(
+            f"{path} [{role.upper()}] gives {tuple(out.shape[1:])} outputs, {dataset} has"
+            f" {test.num_classes} classes; evaluate it on a data set of its shape"
+        )
+
+
+def check_run(
+    path: str,
+    *,
+    role: str | None,
+    dataset: str | None,
+    flag: str | None = None,
+) -> tuple[str, dict[str, Any], str, nn.Module]:
+    """Everything about ``path`` that can be checked before any data is loaded or any attack
+    runs: the file, the model (its role), the data set's name and shape. Returns the role, the
+    run's config, the evaluation data set's canonical name and the model (on the CPU)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"no such run folder or weights file: {path}")
+    role = resolve_role(path, role)
+    inside = ("config.json", "checkpoint.pt", f"model_{role}.safetensors")
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in inside):
+        raise CheckpointError(f"{path} is no run folder (none of {', '.join(inside)} in it)")
+    cfg = eval_config(path)
+    _check_role(path, role, cfg)
+    name = dataset or cfg.get("dataset")
+    if not name:
+        raise ConfigError(
+            f"--dataset: {path} names no dataset (no training config with it); pass --dataset"
+        )
+    info = D.get_dataset_info(str(name))
+    model = load_model(path, role=role, device="cpu")
+    check_fits(
+        model,
+        path,
+        role,
+        info.name,
+        channels=info.in_channels,
+        classes=info.num_classes,
+        flag=flag if flag is not None else ("--dataset" if dataset else None),
+    )
+    return role, cfg, info.name, model
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -279,19 +447,27 @@ def prepare(
     data_dir: str | None,
     test_subset: int | None,
     seed: int,
-    role: str,
+    role: str | None,
     device: str,
-) -> tuple[nn.Module, D.ImageTensors, dict[str, Any]]:
-    if not Path(path).exists():
-        raise CheckpointError(f"no such run folder or weights file: {path}")
-    inside = ("config.json", "checkpoint.pt", f"model_{role}.safetensors")
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in inside):
-        raise CheckpointError(f"{path} is no run folder (none of {', '.join(inside)} in it)")
+    flag: str | None = None,
+) -> tuple[nn.Module, D.ImageTensors, dict[str, Any], str]:
+    """The model (the role resolved: see :func:`resolve_role`), its test data and its config;
+    a model that does not fit the data is refused here, before any attack."""
+    role, cfg, name, model = check_run(path, role=role, dataset=dataset, flag=flag)
     dev = resolve_device(device)
-    cfg = run_config(path)
     test = load_eval_data(cfg, dataset, data_dir, test_subset, seed)
-    model = load_model(path, role=role, device=dev)
-    return model, test, cfg
+    model = model.to(dev)
+    check_fits(
+        model,
+        path,
+        role,
+        name,
+        channels=int(test.images.shape[1]),
+        classes=test.num_classes,
+        flag=flag if flag is not None else ("--dataset" if dataset else None),
+    )
+    _try_forward(model, test, path, role, name)
+    return model, test, cfg, role
 
 
 def evaluate_loaded(
@@ -324,7 +500,13 @@ def evaluate_loaded(
 
 
 def _run_label(path: str, cfg: dict[str, Any], role: str) -> str:
-    name = Path(path).name if Path(path).is_dir() else Path(path).stem
+    p = Path(path)
+    if p.is_dir():
+        name = p.name
+    elif _RUN_FILE.fullmatch(p.name) and p.resolve().parent.name:
+        name = p.resolve().parent.name  # run1/model_f.safetensors: the run, not "model_f"
+    else:
+        name = p.stem
     method = cfg.get("method")
     base = f"{method} ({name})" if method and method not in name else name
     return base + (" [F]" if role == "f" else "")
@@ -366,15 +548,20 @@ def _save_examples(
     sel = pick(found, opts.num_examples)
     clean_pred = P.predict(model, xs[sel])
     adv_pred = P.predict(model, x_adv_all[sel])
-    path = save_examples(
-        opts.save_examples,
-        xs[sel],
-        x_adv_all[sel],
-        clean_pred,
-        adv_pred,
-        test.classes,
-        title=f"{label}: minimal adversarial examples ({key.split(':')[1]})",
-    )
+    try:
+        path = save_examples(
+            opts.save_examples,
+            xs[sel],
+            x_adv_all[sel],
+            clean_pred,
+            adv_pred,
+            test.classes,
+            title=f"{label}: minimal adversarial examples ({key.split(':')[1]})",
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"--save-examples: cannot write {opts.save_examples} ({exc.strerror or exc})"
+        ) from None
     return str(path)
 
 
@@ -393,7 +580,7 @@ def evaluate_run(
     batch_size: int = 256,
     device: str = "auto",
     precision: str = "fp32",
-    role: str = "g",
+    role: str | None = None,
     seed: int = 0,
     progress: bool = True,
     **options: Any,
@@ -424,7 +611,7 @@ def evaluate_run(
     if opts.suite not in SUITES:
         raise ConfigError(f"--suite: unknown suite '{opts.suite}' (choices: {', '.join(SUITES)})")
     check_options(opts)
-    model, test, cfg = prepare(
+    model, test, cfg, role = prepare(
         path,
         dataset=dataset,
         data_dir=data_dir,
@@ -433,26 +620,46 @@ def evaluate_run(
         role=role,
         device=device,
     )
+    name = _dataset_name(dataset or cfg["dataset"])
     if opts.targeted > test.num_classes - 1:
         raise ConfigError(
-            f"--targeted: at most {test.num_classes - 1} (the wrong classes of"
-            f" {cfg.get('dataset', 'this data set')}), got {opts.targeted}"
+            f"--targeted: at most {test.num_classes - 1} (the wrong classes of {name}),"
+            f" got {opts.targeted}"
         )
     surrogates = {}
     for sp in surrogate_paths:
-        sm, stest, scfg = prepare(
+        sm, slabel, srole = check_surrogate(sp, target=path, target_dataset=name, dataset=dataset)
+        sm = sm.to(resolve_device(device))
+        check_fits(
+            sm,
             sp,
-            dataset=dataset or cfg.get("dataset"),
-            data_dir=data_dir,
-            test_subset=test_subset,
-            seed=seed,
-            role="g",
-            device=device,
+            srole,
+            name,
+            channels=int(test.images.shape[1]),
+            classes=test.num_classes,
+            flag="--surrogate",
         )
-        surrogates[_run_label(sp, scfg, "g")] = sm
+        _try_forward(sm, test, sp, srole, name)
+        surrogates[slabel] = sm
     return evaluate_loaded(
         path, model, test, cfg, opts, role=role, dataset=dataset, surrogates=surrogates
     )
+
+
+def check_surrogate(
+    path: str, *, target: str, target_dataset: str, dataset: str | None
+) -> tuple[nn.Module, str, str]:
+    """A ``--surrogate`` run: refused when it was trained on another data set than the one
+    ``target`` is evaluated on (as ``--transfer`` refuses it), unless ``--dataset`` puts both
+    on one data set. Returns the model (on the CPU), its label and its role."""
+    own = dataset or eval_config(path).get("dataset") or target_dataset
+    role, cfg, sname, model = check_run(path, role=None, dataset=own, flag="--surrogate")
+    if sname != target_dataset:
+        raise ConfigError(
+            f"--surrogate: {path} was trained on {sname}, {target} is evaluated on"
+            f" {target_dataset} (datasets differ); pass --dataset to evaluate both on one data set"
+        )
+    return model, _run_label(path, cfg, role), role
 
 
 EVAL_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -489,7 +696,7 @@ def transfer_matrix(
     data_dir: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
-    role: str = "g",
+    role: str | None = None,
     seed: int = 0,
     progress: bool = True,
     fold_bn: bool | None = None,
@@ -501,7 +708,14 @@ def transfer_matrix(
     """
     check_options(EvalOptions(batch_size=batch_size, precision=precision))
     paths = list(dict.fromkeys(surrogates + targets))
-    loaded: dict[str, tuple[nn.Module, D.ImageTensors, dict[str, Any]]] = {}
+    names = {p: check_run(p, role=role, dataset=dataset)[2] for p in paths}
+    for p in paths[1:]:
+        if names[p] != names[paths[0]]:  # before loading either data set
+            raise ConfigError(
+                f"--transfer: {p} is evaluated on {names[p]}, {paths[0]} on {names[paths[0]]}"
+                " (datasets differ); pass --dataset"
+            )
+    loaded: dict[str, tuple[nn.Module, D.ImageTensors, dict[str, Any], str]] = {}
     for p in paths:
         loaded[p] = prepare(
             p,
@@ -522,7 +736,7 @@ def transfer_matrix(
             )
     x = ref.images.float().div(255)
     y = ref.labels
-    labels = {p: _run_label(p, loaded[p][2], role) for p in paths}
+    labels = {p: _run_label(p, loaded[p][2], loaded[p][3]) for p in paths}
     rates: dict[str, dict[str, Any]] = {t: {} for t in targets}
     details: dict[str, dict[str, Any]] = {t: {} for t in targets}
     for s in surrogates:
