@@ -477,16 +477,16 @@ def test_imagefolder_loaders(tiny_imagenet: Path) -> None:
 
 def test_a_folder_eval_split_in_memory_is_what_training_evaluated(tiny_imagenet: Path) -> None:
     # `actrain eval` needs the images in memory; it once refused every imagefolder run
-    from actrain.data import load_folder_eval_split
+    from actrain.data import load_folder_split
 
-    full = load_folder_eval_split(tiny_imagenet)
+    full = load_folder_split(tiny_imagenet)
     assert full.images.shape == (10, 3, 224, 224) and full.images.dtype == torch.uint8
     assert full.labels.tolist() == [0] * 5 + [1] * 5 and full.classes == ["ant", "bee"]
     _, val = make_imagefolder_loaders(tiny_imagenet, 4, num_workers=0)
     vx, vy = _collect(val.epoch(0))  # the loader the run evaluated with while training
     assert torch.equal(full.images.float().div(255), vx) and torch.equal(full.labels, vy)
-    part = load_folder_eval_split(tiny_imagenet, subset=4, seed=1)
+    part = load_folder_split(tiny_imagenet, subset=4, seed=1)
     assert part.labels.tolist().count(0) == 2 and len(part.labels) == 4
     assert torch.equal(part.images, full.images[part.indices])
     with pytest.raises(DataError, match="pass --test-subset"):
-        load_folder_eval_split(tiny_imagenet, limit=8)
+        load_folder_split(tiny_imagenet, limit=8)

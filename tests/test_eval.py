@@ -5,6 +5,7 @@ CIFAR-10 model falls to ~0%, and a model with masked gradients is caught by the 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -495,3 +496,35 @@ def test_linf_ball_unchanged_for_training():
     ball = LinfBall(0.1, 0.01)
     x = torch.rand(2, 1, 4, 4)
     assert torch.allclose(ball.project(x + 1, x), torch.minimum(x + 0.1, torch.ones_like(x)))
+
+
+def test_an_imagefolder_run_is_evaluated_and_analysed(tmp_path, monkeypatch, capsys):
+    # `actrain eval` and `analyze` refused every imagefolder run (the ImageNet preset's kind)
+    import numpy as np
+    from PIL import Image
+
+    from actrain.analysis.analyze import analyze_run
+    from actrain.config import build_config
+    from actrain.train import run_training
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for k in range(4):
+                arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / "data" / split / cls / f"{k}.png")
+    monkeypatch.chdir(tmp_path)  # a relative --data-dir, as a user would give it
+    values = {"method": "madry", "dataset": "imagefolder", "data_dir": "data", "epochs": 1}
+    values |= {"arch": "small_cnn", "batch_size": 4, "steps": 1, "num_workers": 0}
+    run = run_training(build_config({}, {**values, "out": str(tmp_path / "run")}))
+    monkeypatch.chdir(tmp_path.parent)
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(run), "--steps", "2", "--restarts", "1", "--json", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 8 and 0 <= res["robust_acc"] <= res["clean_acc"] <= 100
+    assert main([*argv[:2], "--test-subset", "4", "--no-progress"]) == 0
+    assert "on 4 test images" in capsys.readouterr().out
+    analysis = analyze_run(run, max_samples=6, probe_epochs=1, save=False)
+    assert analysis["samples"] == 6 and 0 < analysis["models"]["g"]["entropy"] < math.log(2)

@@ -28,11 +28,13 @@ def training_images(
     optionally reduced to a class-balanced seeded subset of ``max_samples``."""
     name = config.get("dataset")
     info = D.get_dataset_info(name)
-    if not info.in_memory:
-        raise UsageError(
-            f"analyses need an in-memory data set; '{name}' is streamed from image folders"
-        )
     ddir = data_dir if data_dir is not None else config.get("data_dir")
+    if not info.in_memory:  # ImageNet-style folders: a subset of train/, centre-cropped
+        if ddir is None:
+            raise UsageError(f"--data-dir: required for {name} runs (train/ inside)")
+        return D.load_folder_split(
+            ddir, subset=max_samples, seed=seed, split="train", flag="--max-samples"
+        )
     train = D.load_split(
         name,
         "train",

@@ -26,7 +26,7 @@ _LAZY: dict[str, str] = {
     "InMemoryLoader": "actrain.data.loaders",
     "build_loader": "actrain.data.loaders",
     "make_imagefolder_loaders": "actrain.data.loaders",
-    "load_folder_eval_split": "actrain.data.loaders",
+    "load_folder_split": "actrain.data.loaders",
     "decode_subset": "actrain.data.loaders",
     "DATASETS": "actrain.data.registry",
     "DatasetInfo": "actrain.data.registry",
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
         InMemoryLoader,
         build_loader,
         decode_subset,
-        load_folder_eval_split,
+        load_folder_split,
         make_imagefolder_loaders,
     )
     from actrain.data.registry import DATASETS, DatasetInfo, get_dataset_info  # noqa: F401

@@ -368,30 +368,33 @@ def decode_subset(loader: ImageFolderLoader, keep: torch.Tensor) -> ImageTensors
     return ImageTensors(images, labels, keep.long(), list(loader.classes))
 
 
-def load_folder_eval_split(
+def load_folder_split(
     data_dir: str | os.PathLike[str],
     *,
     subset: int | None = None,
     seed: int = 0,
     limit: int | None = FOLDER_EVAL_LIMIT,
+    split: str = "val",
+    flag: str = "--test-subset",
 ) -> ImageTensors:
     """The val (or test) split of an ImageNet-style folder in memory, as the run evaluated it
     while training (resize 256, centre crop 224), for ``actrain eval``; a seeded class-balanced
-    ``subset``. A split of more than ``limit`` images needs a subset (ImageNet's 50,000 would
-    take 7.5 GB)."""
+    ``subset``. A split of more than ``limit`` images needs a subset (``flag`` names the
+    option that gives it; ImageNet's 50,000 would take 7.5 GB). ``split="train"``: the
+    training images through the same transform (the analyses' probe set)."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"folder not found: {root} (expected {root}/val/<class>/*.jpg)")
-    split = _find_eval_dir(root)
-    loader = ImageFolderLoader(split, 1, train=False, num_workers=0)
+    folder = root / "train" if split == "train" else _find_eval_dir(root)
+    loader = ImageFolderLoader(folder, 1, train=False, num_workers=0)
     if (root / "train").is_dir():
-        _check_against_other_split(root, split, loader.classes)
+        _check_against_other_split(root, folder, loader.classes)
     targets = torch.tensor(loader.folder.targets)
     if subset is None and limit is not None and len(targets) > limit:
         raise DataError(
-            f"{split} holds {len(targets)} images, which the attacks would hold in memory:"
-            " pass --test-subset N (a class-balanced, seeded subset; RobustBench evaluates"
-            " ImageNet on 5,000)"
+            f"{folder} holds {len(targets)} images, which would be held in memory: pass"
+            f" {flag} N (a class-balanced, seeded subset; RobustBench evaluates ImageNet on"
+            " 5,000)"
         )
     keep = balanced_subset_indices(targets, min(subset or len(targets), len(targets)), seed)
     return decode_subset(loader, keep)

@@ -83,6 +83,10 @@ def load_eval_data(
     if not name:
         raise ConfigError("--dataset: the model file names no dataset; pass --dataset")
     ddir = data_dir if data_dir is not None else cfg.get("data_dir")
+    if not D.get_dataset_info(name).in_memory:  # ImageNet-style folders: val/ into memory
+        if ddir is None:
+            raise ConfigError(f"--data-dir: required for --dataset {name} (val/ inside)")
+        return D.load_folder_split(ddir, subset=subset, seed=seed)
     return D.load_split(
         name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True)
     )
