@@ -389,3 +389,28 @@ def test_final_weights_are_as_readable_as_the_other_run_files(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert modes == {0o666 & ~umask}
+
+
+@pytest.mark.parametrize(
+    "error,rc,message",
+    [
+        (BrokenPipeError(32, "Broken pipe"), 141, ""),  # `actrain eval ... | head -1`
+        (PermissionError(13, "Permission denied", "/data/x.png"), 2,
+         "actrain eval: error: Permission denied: /data/x.png"),
+    ],
+)  # fmt: skip
+def test_os_errors_reaching_the_cli_are_one_line(error, rc, message, monkeypatch, capsys):
+    # both ended in a traceback (a closed pipe, a file the command could not read or write)
+    from actrain.commands import eval as eval_command
+
+    def fail(ns):
+        raise error
+
+    monkeypatch.setattr(eval_command, "run", fail)
+    saved = os.dup(1)  # the pipe case points fd 1 at /dev/null
+    try:
+        assert cli.main(["eval", "run"]) == rc
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert capsys.readouterr().err.strip() == message

@@ -7,7 +7,9 @@ and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -89,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"actrain {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `actrain eval ... | head -1`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
+    except OSError as exc:  # a file the command reads or writes (full disk, permissions, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"actrain {ns.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
