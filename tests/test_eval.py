@@ -528,3 +528,12 @@ def test_an_imagefolder_run_is_evaluated_and_analysed(tmp_path, monkeypatch, cap
     assert "on 4 test images" in capsys.readouterr().out
     analysis = analyze_run(run, max_samples=6, probe_epochs=1, save=False)
     assert analysis["samples"] == 6 and 0 < analysis["models"]["g"]["entropy"] < math.log(2)
+
+
+def test_a_run_given_twice_is_not_two_seeds(run_files, capsys):
+    _, a, b = run_files
+    assert main(["eval", a, b, a, "--no-progress"]) == 2
+    assert f"run given more than once: {a}" in capsys.readouterr().err
+    argv = ["eval", "--transfer", a, b, "--save-examples", "x.png", "--no-progress"]
+    assert main(argv) == 2  # the figure was silently not made
+    assert "--save-examples: not with --transfer" in capsys.readouterr().err

@@ -272,6 +272,11 @@ def run(ns: argparse.Namespace) -> int:
     min_pert = tuple(m.strip() for m in ns.min_pert.split(",") if m.strip())
     if not min_pert or any(m not in ("fgsm-k", "pgd-search") for m in min_pert):
         raise UsageError(f"--min-pert: expected fgsm-k and/or pgd-search, got '{ns.min_pert}'")
+    twice = sorted({p for p in ns.run if ns.run.count(p) > 1})
+    if twice and not ns.transfer:  # one run counted as two seeds would fake a std
+        raise UsageError(f"run given more than once: {', '.join(twice)}")
+    if ns.save_examples is not None and (ns.transfer or ns.transfer_matrix):
+        raise UsageError("--save-examples: not with --transfer/--transfer-matrix (Table 3 only)")
     if ns.transfer and len(ns.run) < 2:
         raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
     pgd_steps = _ints(ns.pgd_steps, "--pgd-steps")
