@@ -414,3 +414,39 @@ def test_os_errors_reaching_the_cli_are_one_line(error, rc, message, monkeypatch
         os.dup2(saved, 1)
         os.close(saved)
     assert capsys.readouterr().err.strip() == message
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path):
+    # a sweep's re-run once started second trainers on folders its stopped sweep still trained
+    from actrain.config import ConfigError
+    from actrain.train import hold_run_lock
+
+    first = hold_run_lock(tmp_path)
+    with pytest.raises(ConfigError, match=f"being trained by another process \\(pid {os.getpid()}"):
+        hold_run_lock(tmp_path)
+    first.close()  # the run ended (or its process died): the folder is free again
+    hold_run_lock(tmp_path).close()
+
+
+def test_a_stopped_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
+    # SIGTERM/SIGINT to the sweep left its runs training (orphans) and sweep.json "running"
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "actrain", "sweep", "--param", "alpha", "0.3", "0.7"]
+    argv += ["--set", "dataset=digits", "--set", "arch=small_cnn", "--set", "epochs=500"]
+    argv += ["--set", "eval_every=0", "--set", "steps=1", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / "alpha-0.3.log", out / "alpha-0.7.log"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(
+        p.is_file() and "epoch 1 " in p.read_text() for p in logs
+    ):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75 and "stopped by SIGTERM" in err
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["interrupted", "interrupted"]
+    assert all(r["returncode"] == 75 for r in runs)  # each wrote its checkpoint and stopped
+    for r in runs:
+        assert (Path(r["out"]) / "checkpoint.pt").is_file()
+        assert "checkpoint written" in Path(r["log"]).read_text()

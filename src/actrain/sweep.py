@@ -8,12 +8,15 @@ again skips finished runs and resumes interrupted ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,10 @@ from typing import Any
 from actrain.checkpoint import atomic_write_text
 from actrain.commands import UsageError
 from actrain.config import FIELDS, build_config, load_yaml
+from actrain.errors import EXIT_INTERRUPTED, TrainingStopped
 
 NOT_SWEEPABLE = ("out", "progress")
+STOP_GRACE_S = 300.0  # a stopped run's last step and checkpoint (ImageNet-size steps take long)
 BOOL_FLAGS = {
     "download": ("--download", "--no-download"),
     "channels_last": ("--channels-last", "--no-channels-last"),
@@ -189,7 +194,78 @@ def run_sweep(
     queue = list(range(len(plan)))
     running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
     save()
+    stop: list[str] = []  # the signal that asked this sweep to stop
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    previous = {
+        sig: signal.signal(sig, on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread()
+    }
+    try:
+        _launch_and_wait(plan, doc, first, queue, running, stop, jobs, out_dir, env, save, echo)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise TrainingStopped(
+            f"stopped by {stop[0]}; each run stopped at a checkpoint: the same command goes on",
+            EXIT_INTERRUPTED,
+        )
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save()
+    return doc
+
+
+def _stop_runs(
+    running: dict[int, tuple[subprocess.Popen, Any, float]],
+    doc: dict[str, Any],
+    first: int,
+    save: Any,
+    echo: Any,
+    grace_s: float = STOP_GRACE_S,
+) -> None:
+    """Pass the stop on (SIGINT: each run finishes its step and writes a checkpoint), wait for
+    the runs, and record them as interrupted; a run still going after ``grace_s`` is killed.
+    A sweep that left its runs training (it did) had them race a re-run in the same folders."""
+    for proc, _, _ in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for i, (proc, log, _) in running.items():
+        try:
+            rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        log.close()
+        doc["runs"][first + i].update(status="interrupted", returncode=rc)
+        echo(f"    {doc['param']}={doc['runs'][first + i]['value']}: interrupted (exit {rc})")
+    running.clear()
+    save()
+
+
+def _launch_and_wait(
+    plan: list[dict[str, Any]],
+    doc: dict[str, Any],
+    first: int,
+    queue: list[int],
+    running: dict[int, tuple[subprocess.Popen, Any, float]],
+    stop: list[str],
+    jobs: int,
+    out_dir: Path,
+    env: dict[str, str],
+    save: Any,
+    echo: Any,
+) -> None:
+    """Start the planned runs, ``jobs`` at a time, until all ended or ``stop`` holds a signal."""
     while queue or running:
+        if stop:
+            echo(f"sweep: {stop[0]} received; stopping the runs at their next checkpoint")
+            _stop_runs(running, doc, first, save, echo)
+            return
         while queue and len(running) < jobs:
             i = queue.pop(0)
             entry, p = doc["runs"][first + i], plan[i]
@@ -203,7 +279,11 @@ def run_sweep(
             log = open(log_path, "a")  # noqa: SIM115 - closed when the process ends
             log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # its own session: a Ctrl-C at the terminal reaches the sweep alone, which passes
+            # one SIGINT on (two would stop a run at once, without its checkpoint)
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
             running[i] = (proc, log, time.perf_counter())
             entry.update(status="running", log=str(log_path), argv=argv)
             verb = "resuming" if state == "partial" else "started"
@@ -229,6 +309,3 @@ def run_sweep(
                 for line in tail:
                     echo(f"    {line}")
             save()
-    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    save()
-    return doc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -1047,9 +1048,21 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
             raise ConfigError(answer[1])
         run_dir = Path(answer[0])
         cfg.out = str(run_dir)
+    lock, busy = None, None
+    if d.is_main:  # one trainer per run folder (a sweep's re-run once raced its stopped runs)
+        try:
+            lock = hold_run_lock(run_dir)
+        except ConfigError as exc:
+            busy = str(exc)
+    busy = distributed.broadcast_object(busy)
+    if busy is not None:
+        raise ConfigError(busy)
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
     except UserError:
+        if lock is not None:
+            lock.close()
+            (run_dir / RUN_LOCK).unlink(missing_ok=True)
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that could not start leaves no empty folder behind
         raise
@@ -1082,5 +1095,37 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
                 " with OpenMP installed?); training uses the plain ops, about 20 % slower",
                 file=sys.stderr,
             )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if lock is not None:
+            lock.close()  # the lock goes with the file's descriptor (also if this process dies)
     return run_dir
+
+
+RUN_LOCK = ".training.lock"
+
+
+def hold_run_lock(run_dir: Path) -> IO[str]:
+    """An exclusive lock on ``run_dir`` for this process's training (released when the
+    returned file is closed or the process ends, however it ends); a folder another live
+    process is training is refused, with that process's id."""
+    import fcntl
+
+    path = run_dir / RUN_LOCK
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise ConfigError(
+            f"--out: {run_dir} is being trained by another process (pid {pid}); wait for it or"
+            " stop it (Ctrl-C writes its checkpoint), then resume"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
