@@ -429,3 +429,29 @@ def test_an_analysis_of_weights_trained_on_since_is_flagged_and_redone(tmp_path,
     assert main([*argv, "--max-samples", "100", "--probe-epochs", "1"]) == 0
     assert json.loads((run / "analysis" / "analysis.json").read_text())["epoch"] == 2
     assert "Out of date" not in (tmp_path / "rep2" / "report.md").read_text()
+
+
+def test_an_eval_file_of_another_run_is_left_out_and_said_so(runs, tmp_path):
+    # a TRADES result put in a Madry run's eval/ showed as Madry's A_rob
+    run = tmp_path / "madry"
+    shutil.copytree(runs["madry-s0"], run)
+    mine = json.loads(next((run / "eval").rglob("*.json")).read_text())
+    other = {**mine, "method": "trades", "robust_acc": 1.0, "run": "runs/trades0"}
+    (run / "eval" / "other.json").write_text(json.dumps(other))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"`{run / 'eval' / 'other.json'}` (an evaluation of a trades run, not of {run})" in md
+    row = row_of(md, "| Architecture | Dataset | Defense | A_nat | A_rob", "| small_cnn | digits |")
+    assert f"{mine['robust_acc']:.2f}" in row and "1.00" not in row
+
+
+def test_the_during_training_caption_names_each_runs_settings(tmp_path):
+    # it gave the first run's eps and step for every row
+    from actrain.analysis.runs import Run
+    from actrain.report import _metrics_protocol
+
+    a = Run(tmp_path / "madry", {"eps": 0.1, "step_size": 0.025}, metrics=[{"eval_images": 32}])
+    b = Run(tmp_path / "trades", {"eps": 0.031, "step_size": 0.007}, metrics=[{"eval_images": 32}])
+    text = _metrics_protocol([a, b])
+    assert "eps 0.1, step 0.025, on 32 test images (madry)" in text
+    assert "eps 0.031, step 0.007, on 32 test images (trades)" in text

@@ -344,6 +344,17 @@ def primary_robust(columns: list[str]) -> str | None:
 
 
 def _metrics_protocol(runs: list[Run]) -> str:
+    """The during-training evaluation's settings; where runs differ in them, each setting
+    with the runs it holds for (the caption described the first run's alone)."""
+    parts: dict[str, list[str]] = {}
+    for r in runs:
+        parts.setdefault(_one_protocol([r]), []).append(r.path.name)
+    if len(parts) == 1:
+        return next(iter(parts))
+    return "; ".join(f"{text} ({', '.join(names)})" for text, names in parts.items())
+
+
+def _one_protocol(runs: list[Run]) -> str:
     cfg = runs[0].config
     split = "validation" if cfg.get("val_size") else "test"
     step = cfg.get("eval_step_size") or cfg.get("step_size")
@@ -523,6 +534,15 @@ class ReportBuilder:
                 t.commands = self.eval_commands([r for r in self.runs if r.evals])
                 t.name = "table2_eval"
                 self.add_table(t)
+        foreign = [(r, f, why) for r in self.runs for f, why in r.foreign_evals]
+        if foreign:
+            self.blocks.append(
+                Para(
+                    "**Left out:** "
+                    + "; ".join(f"`{f}` ({why}, not of {r.path})" for r, f, why in foreign)
+                    + "."
+                )
+            )
         t = self._score_table("metrics")
         if t is not None:
             title = "During-training evaluation" if has_eval else "Evaluation (Table 2 layout)"

@@ -39,6 +39,8 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
+    # eval/ files left out: another method's or data set's results (file, why)
+    foreign_evals: list[tuple[str, str]] = field(default_factory=list)
     analysis: dict[str, Any] | None = None
     sweep: dict[str, Any] | None = None  # the sweep.json that launched this run, if any
 
@@ -130,11 +132,16 @@ def load_run(path: str | Path) -> Run:
         raise UsageError(f"unreadable {CONFIG} in {p}")
     final = _read_json(p / "final.json") if (p / "final.json").is_file() else None
     evals: list[dict[str, Any]] = []
+    foreign: list[tuple[str, str]] = []
     if (p / "eval").is_dir():
         for f in sorted((p / "eval").rglob("*.json")):
             obj = _read_json(f)
             if isinstance(obj, dict):
-                evals.append({**obj, "_file": str(f)})
+                why = _not_this_runs(obj, config)
+                if why:
+                    foreign.append((str(f), why))
+                else:
+                    evals.append({**obj, "_file": str(f)})
     analysis = _read_json(p / ANALYSIS) if (p / ANALYSIS).is_file() else None
     return Run(
         path=p,
@@ -142,8 +149,22 @@ def load_run(path: str | Path) -> Run:
         metrics=read_jsonl(p / METRICS),
         final=final if isinstance(final, dict) else None,
         evals=evals,
+        foreign_evals=foreign,
         analysis=analysis if isinstance(analysis, dict) else None,
     )
+
+
+def _not_this_runs(result: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why an ``actrain eval`` result in a run's eval/ folder is of another run (its method or
+    data set differs from the run's), or None. A file placed there by mistake was credited to
+    the run: another method's numbers under this run's name."""
+    for key in ("method", "dataset"):
+        theirs, ours = result.get(key), config.get(key)
+        if isinstance(theirs, str) and ours is not None and theirs != ours:
+            if key == "method":
+                return f"an evaluation of a {theirs} run"
+            return f"evaluated on {theirs}"
+    return None
 
 
 def expand_run_args(paths: list[str]) -> list[Run]:
