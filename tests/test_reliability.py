@@ -450,3 +450,13 @@ def test_a_stopped_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
     for r in runs:
         assert (Path(r["out"]) / "checkpoint.pt").is_file()
         assert "checkpoint written" in Path(r["log"]).read_text()
+
+
+def test_under_torchrun_a_bad_flag_is_reported_once(monkeypatch, capsys):
+    # each process printed the same line (twice with two processes)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("actrain train: error: --epochs: must be >= 1")

@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the message as written: quotes are part of it ("unknown loss 'x'"); several lines
         # (a wrapped cause) become one
         msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"actrain {ns.command}: error: {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print(f"actrain {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as exc:
         print(f"actrain {ns.command}: {exc}", file=sys.stderr)
