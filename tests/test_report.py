@@ -455,3 +455,18 @@ def test_the_during_training_caption_names_each_runs_settings(tmp_path):
     text = _metrics_protocol([a, b])
     assert "eps 0.1, step 0.025, on 32 test images (madry)" in text
     assert "eps 0.031, step 0.007, on 32 test images (trades)" in text
+
+
+def test_torchrun_runs_are_their_own_configuration_and_repeated_seeds_are_named(runs, tmp_path):
+    # a 2-process run (twice the global batch) was averaged with one-process runs of its seed
+    for name in ("a", "b", "ddp"):
+        shutil.copytree(runs["madry-s0"], tmp_path / "r" / name)
+    metrics = tmp_path / "r" / "ddp" / "metrics.jsonl"
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({**r, "processes": 2}) + "\n" for r in recs))
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    groups = json.loads((tmp_path / "rep" / "report.json").read_text())["groups"]
+    assert sorted(len(g["runs"]) for g in groups) == [1, 2]
+    assert "**Repeated seeds:**" in md and "seed 0 2 times" in md
+    assert "torchrun --nproc_per_node 2 -m actrain train" in md

@@ -429,6 +429,10 @@ class ReportBuilder:
                 {},
             )
             cmd = entry.get("command") or sweep.get("command") or train_command(r.config)
+            if r.processes > 1 and not entry.get("command") and not sweep.get("command"):
+                cmd = cmd.replace(
+                    "actrain train", f"torchrun --nproc_per_node {r.processes} -m actrain train", 1
+                )
             if cmd not in cmds:
                 cmds.append(cmd)
         return cmds
@@ -491,6 +495,19 @@ class ReportBuilder:
                 name="runs",
             )
         )
+        repeated = [
+            (g, s) for g in self.groups for s in sorted(set(g.seeds)) if g.seeds.count(s) > 1
+        ]
+        if repeated:
+            self.blocks.append(
+                Para(
+                    "**Repeated seeds:** "
+                    + "; ".join(
+                        f"{g.label}: seed {n} {g.seeds.count(n)} times" for g, n in repeated
+                    )
+                    + " (runs of one seed are no independent repeats; the std counts them as such)."
+                )
+            )
 
     def _score_table(self, source: str) -> Table | None:
         rows_data: list[tuple[Group, str, list[dict[str, float]]]] = []

@@ -673,6 +673,8 @@ class Trainer:
                 record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
                 if self.replays > 1:  # Free-AT: this pass cost `replays` epochs of updates
                     record["epochs_equivalent"] = (epoch + 1) * self.replays
+                if self.dist.world_size > 1:  # global batch = batch_size x processes
+                    record["processes"] = self.dist.world_size
                 if self.dist.enabled:
                     self._sync_buffers()  # evaluate and save rank 0's BN statistics
                 last = epoch + 1 == total

@@ -87,8 +87,19 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def processes(self) -> int:
+        """torchrun processes the run trained with (its metrics record them; 1 without)."""
+        return max((int(m.get("processes", 1)) for m in self.metrics), default=1)
+
     def semantic_config(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.items() if k not in NON_SEMANTIC}
+        """What makes a configuration: the config without seed, paths, device ..., and the
+        process count (``--batch-size`` is per process: 2 processes train a twice larger
+        global batch)."""
+        semantic = {k: v for k, v in self.config.items() if k not in NON_SEMANTIC}
+        if self.processes > 1:
+            semantic["processes"] = self.processes
+        return semantic
 
     def last_eval_record(self) -> dict[str, Any] | None:
         """The last metrics record that holds a during-training evaluation."""
