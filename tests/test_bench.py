@@ -215,6 +215,7 @@ def test_bench_eval_times_both_gradient_sources_on_the_same_attack(capsys):
     ms = r["ms_per_batch"]
     assert r["images_per_s"] == pytest.approx(8000 / ms["folded"])
     assert "folded" in r["default_gradients"]  # the CPU default
+    assert r["env"]["device"] == "cpu"  # under the training rows' key (it was "environment")
     # the same attack either way: at most one image of 8 apart (rounding of the path)
     assert abs(r["robust_acc"]["folded"] - r["robust_acc"]["plain"]) <= 12.5
     assert main([*argv, "--all"]) == 2

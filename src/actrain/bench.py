@@ -778,7 +778,7 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
         },
         "ms_per_batch": {"folded": 1000 * seconds[True], "plain": 1000 * seconds[False]},
         "clock": spec.clock,
-        "environment": environment(device, threads),
+        "env": environment(device, threads),  # the key the training rows use
     }
 
 
