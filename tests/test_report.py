@@ -470,3 +470,16 @@ def test_torchrun_runs_are_their_own_configuration_and_repeated_seeds_are_named(
     assert sorted(len(g["runs"]) for g in groups) == [1, 2]
     assert "**Repeated seeds:**" in md and "seed 0 2 times" in md
     assert "torchrun --nproc_per_node 2 -m actrain train" in md
+
+
+def test_of_two_results_of_one_attack_the_more_complete_one_counts(runs, tmp_path):
+    # two PGD results at one eps (16 images x 1 restart, then 60 x 2): the first file's won
+    run = tmp_path / "madry"
+    shutil.copytree(runs["madry-s0"], run)
+    mine = json.loads(next((run / "eval").rglob("*.json")).read_text())
+    small = {**mine, "n": 16, "robust_acc": 1.0, "attack": {**mine["attack"], "restarts": 1}}
+    (run / "eval" / "a-small.json").write_text(json.dumps(small))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = row_of(md, "| Architecture | Dataset | Defense | A_nat | A_rob", "| small_cnn | digits |")
+    assert f"{mine['robust_acc']:.2f}" in row and "1.00" not in row

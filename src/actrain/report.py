@@ -298,8 +298,16 @@ def eval_scores(run: Run, role: str) -> dict[str, float]:
     for a in attacks:
         by_name.setdefault(a["name"], []).append(a)
     for name in sorted(by_name, key=_attack_order):
-        entries = by_name[name]
-        pick = min(entries, key=lambda a: abs((a["eps"] or train_eps) - train_eps))
+        # at the training eps (or nearest), the most complete measurement: most images, then
+        # most restarts (it took the first file's, 16 images with 1 restart beside 32 with 2)
+        pick = min(
+            by_name[name],
+            key=lambda a: (
+                abs((a["eps"] or train_eps) - train_eps),
+                -(a["n"] or 0),
+                -(a["restarts"] or 1),
+            ),
+        )
         scores[name] = pick["robust_acc"]
     for m in ev.min_pert:
         if m["role"] == role:
