@@ -34,20 +34,41 @@ evaluate() {  # evaluate RUN MODEL NAME N [flags]: one eval JSON in RUN/eval/NAM
     --out "$run/eval/$name" "$@" > "$run/eval-$name.log" 2>&1
 }
 
+pids=(); jobs_named=()
+spawn() {  # spawn NAME FUNCTION ARGS...: in the background, until wait_all
+  local name=$1; shift
+  "$@" &
+  pids+=($!); jobs_named+=("$name")
+}
+wait_all() {  # wait for every spawned job; one that failed stops the script, named
+  local i failed=()
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed+=("${jobs_named[$i]}")
+  done
+  pids=(); jobs_named=()
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "scripts/repro.sh: failed: ${failed[*]} (their .log files say why); run it again to go on" >&2
+    exit 1
+  fi
+}
+evaluate_g() {  # PGD-20 x 5 on 2,000 images, then AutoAttack on 500, of a run's G
+  evaluate "$1" g pgd20 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003
+  evaluate "$1" g autoattack 500 --attack autoattack
+}
+
 case $protocol in
   table2)
     out=${2:-runs/repro-table2}
     mkdir -p "$out"
     for m in madry trades act; do
-      train "configs/repro/cifar10_w16_$m.yaml" "$out/$m" &
+      spawn "training $out/$m" train "configs/repro/cifar10_w16_$m.yaml" "$out/$m"
     done
-    wait
+    wait_all
     echo "training: ${SECONDS}s"
     for m in madry trades act; do
-      ( evaluate "$out/$m" g pgd20 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003
-        evaluate "$out/$m" g autoattack 500 --attack autoattack ) &
+      spawn "evaluation of $out/$m" evaluate_g "$out/$m"
     done
-    wait
+    wait_all
     evaluate "$out/act" f pgd20-f 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003
     echo "training + evaluation: ${SECONDS}s"
     "$ACTRAIN" report "$out/madry" "$out/trades" "$out/act" --out "$out/report" --analyze \
@@ -62,18 +83,20 @@ case $protocol in
     for seed in $seeds; do
       mkdir -p "$out-s$seed"
       for m in madry trades act; do
-        train "configs/repro/cifar10_w16_$m.yaml" "$out-s$seed/$m" --seed "$seed" &
+        spawn "training $out-s$seed/$m" train "configs/repro/cifar10_w16_$m.yaml" "$out-s$seed/$m" --seed "$seed"
       done
     done
-    wait
+    wait_all
     echo "training: ${SECONDS}s"
     for seed in $seeds; do
       for m in madry trades act; do
-        evaluate "$out-s$seed/$m" g pgd20 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003 &
+        spawn "evaluation of $out-s$seed/$m" evaluate "$out-s$seed/$m" g pgd20 2000 \
+          --attack pgd --steps 20 --restarts 5 --step-size 0.003
       done
-      evaluate "$out-s$seed/act" f pgd20-f 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.003 &
+      spawn "evaluation of $out-s$seed/act [F]" evaluate "$out-s$seed/act" f pgd20-f 2000 \
+        --attack pgd --steps 20 --restarts 5 --step-size 0.003
     done
-    wait
+    wait_all
     echo "training + evaluation: ${SECONDS}s"
     runs=()
     for dir in "$out" $(for s in $seeds; do echo "$out-s$s"; done); do
@@ -92,10 +115,10 @@ case $protocol in
         --config configs/repro/alpha_fmnist_act.yaml --set seed=$seed --out "$dir" --jobs 2
       for a in 0.1 0.5 0.9 1.0; do
         for model in g f; do
-          evaluate "$dir/alpha-$a" "$model" "pgd20-$model" 2000 --attack pgd --steps 20 \
-            --restarts 5 --step-size 0.01 &
+          spawn "evaluation of $dir/alpha-$a [$model]" evaluate "$dir/alpha-$a" "$model" \
+            "pgd20-$model" 2000 --attack pgd --steps 20 --restarts 5 --step-size 0.01
         done
-        wait
+        wait_all
       done
     done
     echo "training + evaluation: ${SECONDS}s"

@@ -460,3 +460,26 @@ def test_under_torchrun_a_bad_flag_is_reported_once(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["train", "--epochs", "0"]) == 2
     assert capsys.readouterr().err.startswith("actrain train: error: --epochs: must be >= 1")
+
+
+def test_the_reproduction_script_stops_when_a_background_job_fails(tmp_path):
+    # its bare `wait` returned 0: a failed evaluation gave "done" and a report without it
+    fake = tmp_path / "actrain"
+    fake.write_text(
+        "#!/bin/bash\n"  # a stand-in: eval of the madry run fails, the rest succeeds
+        'if [ "$1" = eval ]; then case "$2" in *madry) exit 1;; esac\n'
+        '  prev=""; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done\n'
+        '  mkdir -p "$out" && echo {} > "$out/eval.json"; fi\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    for m in ("madry", "trades", "act"):
+        (out / m).mkdir(parents=True)
+        (out / m / "final.json").write_text("{}")  # trained: the script goes on to evaluate
+    script = ROOT / "scripts" / "repro.sh"
+    env = {**os.environ, "ACTRAIN": str(fake)}
+    done = subprocess.run(
+        ["bash", str(script), "table2", str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert f"failed: evaluation of {out}/madry" in done.stderr and "done in" not in done.stdout
