@@ -483,3 +483,15 @@ def test_of_two_results_of_one_attack_the_more_complete_one_counts(runs, tmp_pat
     md = (tmp_path / "rep" / "report.md").read_text()
     row = row_of(md, "| Architecture | Dataset | Defense | A_nat | A_rob", "| small_cnn | digits |")
     assert f"{mine['robust_acc']:.2f}" in row and "1.00" not in row
+
+
+def test_long_configuration_names_give_distinct_figure_files():
+    # cut at 80 characters, lr=0.05 and lr=0.1 shared one training-curve file
+    from types import SimpleNamespace
+
+    from actrain.report import ReportBuilder
+
+    base = "ACT · digits · small_cnn (alpha=0.9, batch_size=64, epochs=1, eps=0.1, eval_every=5, "
+    names = {ReportBuilder.slug(None, SimpleNamespace(label=base + f"lr={lr})")) for lr in (0.05, 0.1)}
+    assert len(names) == 2 and all(len(n) <= 80 for n in names)
+    assert ReportBuilder.slug(None, SimpleNamespace(label="ACT · digits")) == "ACT_digits"

@@ -12,6 +12,7 @@ transfer (Table 3), epsilon sweeps (Table 5), sanity checks and the analyses of
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -458,8 +459,13 @@ class ReportBuilder:
         return cmds
 
     def slug(self, group: Group) -> str:
+        """A file-name part for ``group``: its label, shortened with a hash of the whole label
+        where long (cut alone, two configurations shared one figure file)."""
         s = re.sub(r"[^A-Za-z0-9._=-]+", "-", group.label.replace(" · ", "_")).strip("-")
-        return s[:80]
+        if len(s) <= 80:
+            return s
+        digest = hashlib.sha1(group.label.encode()).hexdigest()[:8]
+        return f"{s[:71]}-{digest}"
 
     # sections
     def build(self) -> list[Block]:
