@@ -492,6 +492,7 @@ def test_long_configuration_names_give_distinct_figure_files():
     from actrain.report import ReportBuilder
 
     base = "ACT · digits · small_cnn (alpha=0.9, batch_size=64, epochs=1, eps=0.1, eval_every=5, "
-    names = {ReportBuilder.slug(None, SimpleNamespace(label=base + f"lr={lr})")) for lr in (0.05, 0.1)}
+    slug = ReportBuilder.slug
+    names = {slug(None, SimpleNamespace(label=base + f"lr={lr})")) for lr in (0.05, 0.1)}
     assert len(names) == 2 and all(len(n) <= 80 for n in names)
-    assert ReportBuilder.slug(None, SimpleNamespace(label="ACT · digits")) == "ACT_digits"
+    assert slug(None, SimpleNamespace(label="ACT · digits")) == "ACT_digits"
