@@ -496,3 +496,17 @@ def test_long_configuration_names_give_distinct_figure_files():
     names = {slug(None, SimpleNamespace(label=base + f"lr={lr})")) for lr in (0.05, 0.1)}
     assert len(names) == 2 and all(len(n) <= 80 for n in names)
     assert slug(None, SimpleNamespace(label="ACT · digits")) == "ACT_digits"
+
+
+def test_analysing_one_model_keeps_the_others_and_mixed_probes_are_flagged(runs, tmp_path):
+    # `analyze --model f` dropped G's analysis; the caption gave one probe's settings for all
+    run = tmp_path / "act"
+    shutil.copytree(runs["act"], run)
+    analyze_run(run, roles=["f"], max_samples=100, probe_epochs=3)
+    saved = json.loads((run / "analysis" / "analysis.json").read_text())["models"]
+    assert list(saved) == ["g", "f"] and saved["f"]["probe"]["epochs"] == 3
+    assert saved["g"]["probe"]["epochs"] == 2  # the fixture's analysis of G, kept
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Different probe settings on digits:**" in md
+    assert "2 epochs, seed 0, 100 images (ACT (G))" in md and "3 epochs" in md

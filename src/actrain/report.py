@@ -352,6 +352,15 @@ def primary_robust(columns: list[str]) -> str | None:
     return robust[0] if robust else None
 
 
+def _probe_setting(probe: dict[str, Any]) -> str:
+    """What makes two random-label probes comparable, as the caption states it."""
+    return (
+        f"MLP {probe['hidden']}, Adam lr {probe['lr']}, batch {probe['batch_size']},"
+        f" {probe['epochs']} epochs, seed {probe['seed']}, {probe['n']} images"
+        + (", standardised features" if probe.get("standardize") else "")
+    )
+
+
 def _metrics_protocol(runs: list[Run]) -> str:
     """The during-training evaluation's settings; where runs differ in them, each setting
     with the runs it holds for (the caption described the first run's alone)."""
@@ -865,7 +874,7 @@ class ReportBuilder:
         for dataset, gs in by_ds.items():
             lines, rows = [], []
             chance = None
-            settings = None
+            by_setting: dict[str, list[str]] = {}  # probe settings -> the series probed so
             for g in gs:
                 for role in g.roles:
                     probes = [
@@ -876,7 +885,10 @@ class ReportBuilder:
                     if not probes:
                         continue
                     chance = probes[0]["chance_acc"]
-                    settings = probes[0]
+                    for p in probes:
+                        names = by_setting.setdefault(_probe_setting(p), [])
+                        if series(g, role) not in names:
+                            names.append(series(g, role))
                     lines.append((series(g, role), [p["curve"] for p in probes]))
                     rows.append(
                         [
@@ -896,13 +908,16 @@ class ReportBuilder:
                 f"binary labels of the {dataset} training images (lower = more compression).",
             )
             desc = ""
-            if settings:
-                desc = (
-                    f" MLP {settings['hidden']}, Adam lr {settings['lr']}, batch "
-                    f"{settings['batch_size']}, {settings['epochs']} epochs, "
-                    f"seed {settings['seed']}"
-                    + (", standardised features" if settings.get("standardize") else "")
-                    + "."
+            if len(by_setting) == 1:
+                desc = f" {next(iter(by_setting))}."
+            elif by_setting:  # the caption gave the last probe's settings for every row
+                desc = " " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_setting.items())
+                self.blocks.append(
+                    Para(
+                        f"**Different probe settings on {dataset}:** the rows below were not"
+                        " probed alike (settings with each row in the caption), so their"
+                        " accuracies do not compare; `actrain analyze` them with one setting."
+                    )
                 )
             self.add_table(
                 Table(

@@ -113,5 +113,9 @@ def analyze_run(
         "command": command,
     }
     if save:
+        earlier = run.analysis or {}
+        if earlier.get("epoch") == result["epoch"]:  # the same weights: keep the other models'
+            kept = {**earlier.get("models", {}), **models}  # (--model f dropped G's analysis)
+            result["models"] = {r: kept[r] for r in run.roles if r in kept}
         atomic_write_text(run.path / ANALYSIS, json.dumps(result, indent=2))
     return result

@@ -60,7 +60,11 @@ def run(ns: argparse.Namespace) -> int:
             argv += ["--probe-epochs", str(ns.probe_epochs)]
             acmd_extra += ["--probe-epochs", str(ns.probe_epochs)]
         for r in runs:
-            if r.analysis is None or r.analysis_stale:
+            if (
+                r.analysis is None
+                or r.analysis_stale
+                or set(r.analysis.get("models", {})) != set(r.roles)
+            ):
                 print(f"analyzing {r.path} ...")
                 cmd = shlex.join([*acmd, str(r.path), *acmd_extra])
                 analyze_run(
