@@ -151,12 +151,24 @@ def test_nan_loss_stops_naming_step_and_model(tmp_path):
         run_training(cfg)
 
 
-def test_nan_policy_skip_counts_bad_batches(tmp_path):
-    cfg = build_config({}, _cfg_values(tmp_path, epochs=1, lr=1e12, momentum=0.0,
-                                       nan_policy="skip"))  # fmt: skip
+def test_nan_policy_skip_counts_bad_batches(tmp_path, monkeypatch):
+    # every third batch's loss is NaN (weights stay finite: a diverged run stops, see below)
+    from actrain import losses
+
+    calls = {"n": 0}
+    natural_loss = losses.natural_loss
+
+    def sometimes_nan(logits, target):
+        calls["n"] += 1
+        loss = natural_loss(logits, target)
+        return loss * float("nan") if calls["n"] % 3 == 0 else loss
+
+    monkeypatch.setattr(losses, "natural_loss", sometimes_nan)
+    cfg = build_config({}, _cfg_values(tmp_path, epochs=1, nan_policy="skip"))
     run = run_training(cfg)
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert rec["skipped_batches"] > 0
+    assert rec["skipped_batches"] == calls["n"] // 3 > 0
+    assert json.loads((run / "final.json").read_text())["status"] == "finished"
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -483,3 +495,39 @@ def test_the_reproduction_script_stops_when_a_background_job_fails(tmp_path):
     )
     assert done.returncode == 1
     assert f"failed: evaluation of {out}/madry" in done.stderr and "done in" not in done.stdout
+
+
+def test_weights_gone_non_finite_stop_the_run_before_they_are_scored(tmp_path, capsys):
+    # lr 1e6: a finite loss wrote inf into BN statistics; with --nan-policy skip every later
+    # batch was skipped and the run ended "finished", its NaN logits scored as class 0's share
+    out = tmp_path / "run"
+    argv = ["train", "--method", "madry", "--dataset", "digits", "--arch", "small_cnn"]
+    argv += ["--train-subset", "300", "--eval-size", "64", "--steps", "2", "--epochs", "3"]
+    argv += ["--lr", "1e6", "--nan-policy", "skip", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite weights after epoch 1" in err and "no checkpoint was written yet" in err
+    assert not (out / "final.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_model_with_non_finite_outputs_is_not_scored(tmp_path, capsys):
+    from actrain.checkpoint import save_weights
+    from actrain.models import create_model
+
+    model = create_model("small_cnn", in_channels=1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    path = tmp_path / "model_g.safetensors"
+    save_weights(path, model, {"config": {"dataset": "digits", "method": "madry"}, "role": "g"})
+    assert cli.main(["eval", str(path), "--test-subset", "20", "--no-progress"]) == 2
+    assert "gives non-finite outputs" in capsys.readouterr().err
+
+
+def test_a_guarded_run_reports_the_epoch_whose_weights_it_kept(tmp_path):
+    # the report showed the collapsed epoch 5 where the guard kept epoch 4's weights
+    from actrain.analysis.runs import Run
+
+    metrics = [{"epoch": e, "test_clean_acc_g": 90.0 + e} for e in range(1, 6)]
+    run = Run(tmp_path, {}, metrics=metrics, final={"final_weights_epoch": 4})
+    assert run.last_eval_record()["epoch"] == 4
+    assert Run(tmp_path, {}, metrics=metrics).last_eval_record()["epoch"] == 5

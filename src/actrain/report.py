@@ -500,7 +500,16 @@ class ReportBuilder:
         self.blocks.append(Heading("Runs"))
         rows = []
         for g in self.groups:
-            epochs = [str(len(r.metrics)) + ("" if r.finished else " (unfinished)") for r in g.runs]
+            epochs = [
+                str(len(r.metrics))
+                + ("" if r.finished else " (unfinished)")
+                + (
+                    f" (weights of epoch {r.final['final_weights_epoch']}: overfitting guard)"
+                    if r.final and r.final.get("final_weights_epoch")
+                    else ""
+                )
+                for r in g.runs
+            ]
             rows.append(
                 [
                     g.label,

@@ -606,10 +606,34 @@ class Trainer:
             print(f"actrain: non-finite loss at {where}; batch skipped", file=sys.stderr)
             return
         raise TrainingStopped(
-            f"non-finite loss at {where}; the last good checkpoint is kept in {self.run_dir}"
-            " (--nan-policy skip skips such batches)",
+            f"non-finite loss at {where}; {self._kept()} (--nan-policy skip skips such batches)",
             EXIT_FAILED,
         )
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: its last checkpoint, or none (it said one was kept)."""
+        if (self.run_dir / CHECKPOINT).is_file():
+            return f"the last good checkpoint is kept in {self.run_dir}"
+        return f"no checkpoint was written yet in {self.run_dir}"
+
+    def _check_weights(self, epoch: int) -> None:
+        """Stop before an epoch whose weights went non-finite is evaluated or checkpointed: a
+        finite loss with a huge step can write inf into weights or BN statistics, after
+        which every batch was skipped (--nan-policy skip) and the run ended "finished", its
+        NaN logits scored as the share of class 0."""
+        bad = [
+            f"{role.upper()} {name}"
+            for role, model in self.models.items()
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingStopped(
+                f"non-finite weights after epoch {epoch + 1} ({shown}); {self._kept()}"
+                " (a smaller --lr, or fp32, may help)",
+                EXIT_FAILED,
+            )
 
     def _stop_for_signal(self) -> None:
         raise TrainingStopped(
@@ -671,6 +695,7 @@ class Trainer:
                 epoch = self.epoch
                 lr = self.optimizers["g"].param_groups[0]["lr"]
                 record = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
+                self._check_weights(epoch)
                 if self.replays > 1:  # Free-AT: this pass cost `replays` epochs of updates
                     record["epochs_equivalent"] = (epoch + 1) * self.replays
                 if self.dist.world_size > 1:  # global batch = batch_size x processes

@@ -102,8 +102,13 @@ class Run:
         return semantic
 
     def last_eval_record(self) -> dict[str, Any] | None:
-        """The last metrics record that holds a during-training evaluation."""
+        """The last metrics record that holds a during-training evaluation, up to the epoch of
+        the weights the run kept (the overfitting guard keeps an earlier epoch's; the record
+        of the collapsed epoch after it was reported)."""
+        kept = (self.final or {}).get("final_weights_epoch")
         for rec in reversed(self.metrics):
+            if kept is not None and rec.get("epoch", 0) > kept:
+                continue
             if any(k.endswith(("_acc_g", "_acc_f")) and not k.startswith("train") for k in rec):
                 return rec
         return None

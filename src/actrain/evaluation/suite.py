@@ -214,6 +214,11 @@ def _try_forward(
             f"{path} [{role.upper()}] cannot take {dataset} images of shape"
             f" {tuple(test.images.shape[1:])}: {first}"
         ) from None
+    if not bool(torch.isfinite(out).all()):  # NaN logits scored as the share of class 0
+        raise ConfigError(
+            f"{path} [{role.upper()}] gives non-finite outputs (NaN or inf weights: the run"
+            " diverged); nothing to evaluate"
+        )
     if out.dim() != 2 or out.shape[1] != test.num_classes:
         raise ConfigError(
             f"{path} [{role.upper()}] gives {tuple(out.shape[1:])} outputs, {dataset} has"
