@@ -265,6 +265,11 @@ BAD = [
     (["--momentum", "1.5"], "--momentum: must be in [0, 1)"),
     (["--gamma", "0"], "--gamma: must be > 0"),
     (["--seed", "-1"], "--seed: must be in 0..2**32 - 1"),
+    # flags the architecture ignored (and config.json recorded as if used)
+    (["--arch", "wideresnet", "--width", "9"], "--width: wideresnet does not take it"),
+    (["--arch", "small_cnn", "--depth", "40"], "--depth: small_cnn does not take it"),
+    (["--arch", "wrn-28-10", "--widen-factor", "2"], "--widen-factor: wrn-28-10 does not take"),
+    (["--arch-f", "wrn-28-10", "--width-f", "8"], "--width-f: wrn-28-10 does not take it"),
 ]
 
 

@@ -37,7 +37,7 @@ from actrain import data as D
 from actrain import losses as L
 from actrain import train as T
 from actrain.attacks.graphed import CaptureFailed, GraphedPGD
-from actrain.config import TrainConfig, build_config
+from actrain.config import WIDTH_ARCHES, TrainConfig, build_config
 from actrain.fused import fused_bn_active
 from actrain.malloc import malloc_in_use
 from actrain.methods import build_method, build_train_attack
@@ -90,7 +90,8 @@ class BenchSpec:
             "method": self.method,
             "dataset": self.dataset,
             "arch": self.arch,
-            "width": self.width,
+            # --width (default 16) is for the ResNet-18-like models; the others are fixed
+            "width": self.width if self.arch in WIDTH_ARCHES else None,
             "batch_size": self.batch_size,
             "steps": self.steps,
             "train_attack": self.train_attack,

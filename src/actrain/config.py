@@ -397,6 +397,7 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    _validate_model_flags(cfg)
     if not 0 <= cfg.seed < 2**32:  # NumPy's seed range, which seeds the data order
         raise ConfigError(f"--seed: must be in 0..2**32 - 1, got {cfg.seed}")
     ms = list(cfg.milestones or [])
@@ -436,6 +437,29 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"--dist-backend: must be auto, nccl or gloo, got {cfg.dist_backend}")
     _validate_attack(cfg)
+
+
+# architectures that take --width (channels of the first stage) and --depth/--widen-factor
+WIDTH_ARCHES = ("resnet18", "preact_resnet18", "small_cnn")
+DEPTH_ARCHES = ("wideresnet",)
+
+
+def _validate_model_flags(cfg: TrainConfig) -> None:
+    """A model flag the architecture does not take was ignored and still recorded in
+    config.json, splitting otherwise identical runs into two configurations."""
+    arch_f = cfg.arch_f or cfg.arch
+    for flag, value, arches, takes in (
+        ("--width", cfg.width, (cfg.arch,), WIDTH_ARCHES),
+        ("--width-f", cfg.width_f, (arch_f,), WIDTH_ARCHES),
+        ("--depth", cfg.depth, (cfg.arch, arch_f), DEPTH_ARCHES),
+        ("--widen-factor", cfg.widen_factor, (cfg.arch, arch_f), DEPTH_ARCHES),
+    ):
+        if value is not None and not any(a in takes for a in arches):
+            raise ConfigError(
+                f"{flag}: {' / '.join(dict.fromkeys(arches))} does not take it (only"
+                f" {', '.join(takes)} {'does' if len(takes) == 1 else 'do'}; wrn-28-10 and"
+                " wrn-34-10 are fixed)"
+            )
 
 
 def _validate_attack(cfg: TrainConfig) -> None:

@@ -41,6 +41,7 @@ from actrain.checkpoint import (
     save_weights,
 )
 from actrain.config import (
+    WIDTH_ARCHES,
     ConfigError,
     TrainConfig,
     eval_step,
@@ -75,7 +76,7 @@ def model_kwargs(cfg: TrainConfig, role: str, info: D.DatasetInfo, num_classes: 
     arch = cfg.arch_f if (role == "f" and cfg.arch_f) else cfg.arch
     width = cfg.width_f if (role == "f" and cfg.width_f) else cfg.width
     kw: dict[str, Any] = {"num_classes": num_classes, "in_channels": info.in_channels}
-    if width is not None and arch in ("resnet18", "preact_resnet18", "small_cnn"):
+    if width is not None and arch in WIDTH_ARCHES:
         kw["width"] = width
     if arch == "wideresnet":
         if cfg.depth is not None:
