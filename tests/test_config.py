@@ -89,3 +89,15 @@ def test_milestones_with_no_value_mean_a_constant_lr(tmp_path):
     ns = build_parser().parse_args(["train", "--epochs", "1", "--milestones"])
     assert ns.milestones == []
     assert build_config({}, {"epochs": 1, "milestones": ns.milestones}).milestones == []
+
+
+def test_resuming_to_fewer_epochs_than_the_schedule_says_what_works(tmp_path):
+    # it advised --milestones, which a resume refuses
+    from actrain.config import resume_config
+
+    cfg = build_config({}, {"dataset": "digits", "epochs": 6})  # milestones [2, 4]
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"resume with --epochs 4 or more"):
+        resume_config(tmp_path, {"epochs": 2})
+    assert resume_config(tmp_path, {"epochs": 8}).epochs == 8

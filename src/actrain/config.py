@@ -314,6 +314,13 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
             f" {', '.join(sorted(RESUMABLE_CHANGES))} may change"
         )
     allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES and v is not None}
+    saved_ms = list(saved.get("milestones") or [])
+    if "epochs" in allowed and saved_ms and saved_ms[-1] > allowed["epochs"]:
+        # (build_config's own message suggests --milestones, which a resume cannot change)
+        raise ConfigError(
+            f"--resume --epochs {allowed['epochs']}: the run's lr milestones {saved_ms} lie"
+            f" beyond it; resume with --epochs {saved_ms[-1]} or more, or train a new run"
+        )
     cfg = build_config(saved, allowed)
     cfg.out = str(run_dir)
     return cfg

@@ -57,7 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir", help="local data folder (else downloaded when online)")
     g.add_argument("--no-download", dest="download", action="store_false", help="never download")
     g.add_argument("--arch", help="resnet18, preact_resnet18, wideresnet, wrn-28-10, resnet50 ...")
-    g.add_argument("--width", type=int, help="base channels of the CIFAR ResNets (64; 16 = 1/4)")
+    g.add_argument(
+        "--width",
+        type=int,
+        help="base channels of resnet18 / preact_resnet18 (64; 16 = 1/4) and small_cnn (32)",
+    )
     g.add_argument("--arch-f", help="ACT: architecture of the natural model F (default: as G)")
     g.add_argument("--width-f", type=int, help="ACT: width of F")
     g.add_argument("--depth", type=int, help="WideResNet depth")
@@ -75,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--milestones",
         nargs="*",
-        help="epochs where lr is multiplied by --gamma (none given: a constant lr)",
+        help="epochs where lr is multiplied by --gamma (default: 30/60/75 %% of the epochs;"
+        " the flag with no value: a constant lr)",
     )
     g.add_argument("--gamma", type=float, help="lr decay factor (0.2)")
     g.add_argument("--seed", type=int)
@@ -83,7 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs (0 = never)")
     g.add_argument("--eval-size", type=int, help="validation/test images per evaluation (500)")
     g.add_argument("--eval-steps", type=int, help="PGD steps of that evaluation (10)")
-    g.add_argument("--eval-step-size", help="PGD step of that evaluation (as --step-size)")
+    g.add_argument(
+        "--eval-step-size",
+        help="PGD step of that evaluation (as --step-size; 2.5 eps / --eval-steps with"
+        " fgsm-rs and free)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--precision", help="auto, fp32, bf16, fp16")
@@ -92,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fused-bn",
         action=argparse.BooleanOptionalAction,
         help="actrain's fused CPU kernels for bf16 (batch norm + add + ReLU, conv post-ops,"
-        " weight-gradient matmuls; default: on with bf16)",
+        " weight-gradient matmuls; default: on for bf16 channels_last on a CPU)",
     )
     g.add_argument(
         "--cuda-graphs",
@@ -106,7 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ACT in the update graph: F's passes on a second CUDA stream, beside G's"
         " (default: on there)",
     )
-    g.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<arch>-s<seed>)")
+    g.add_argument(
+        "--out", help="run folder (default runs/<method>-<dataset>-<arch>[-w<width>]-s<seed>)"
+    )
     g.add_argument("--resume", nargs="?", const=True, help="continue the run in --out (or RUN)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false")
