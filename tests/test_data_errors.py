@@ -217,3 +217,43 @@ def test_cli_cifar_folder_classes_differ(
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "class folders differ" in err
     assert not (tmp_path / "run").exists()
+
+
+def _cifar_pickles(folder: Path) -> None:
+    import pickle
+
+    folder.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}
+        (folder / f).write_bytes(pickle.dumps(batch))
+
+
+def test_a_broken_cifar_folder_says_how_to_get_a_good_one(tmp_path):
+    # a broken batches.meta ended in a traceback; a half-extracted download gave no way out
+    from actrain.data import load_split
+
+    folder = tmp_path / "cifar-10-batches-py"
+    _cifar_pickles(folder)
+    (folder / "batches.meta").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="batches.meta is not a valid cifar10 meta file"):
+        load_split("cifar10", "test", str(tmp_path), download=False)
+    (folder / "batches.meta").unlink()
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(DataError, match=f"missing data_batch_4 .*; delete {folder} and run"):
+        load_split("cifar10", "train", str(tmp_path), download=False)
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    # every offline attempt left FashionMNIST/raw behind in the user's --data-dir
+    from torchvision import datasets as tvd
+
+    from actrain.data import load_split
+
+    def offline(self):
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision does before fetching
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", offline)
+    with pytest.raises(DataError, match="downloading it failed"):
+        load_split("fashion_mnist", "train", str(tmp_path), download=True)
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -255,7 +256,8 @@ def _load_mnist_family(name: str, split: str, root: Path, *, download: bool) -> 
         if not download:
             raise DataError(f"{folder} not found: expected the 4 idx files in {raw}; {hint}")
         try:
-            cls(str(root), train=split == "train", download=True)
+            with _no_leftovers(root / folder):
+                cls(str(root), train=split == "train", download=True)
         except (OSError, RuntimeError, ValueError) as exc:
             raise DataError(
                 f"{folder} not found in {raw} and downloading it failed ({_one_line(exc)}); "
@@ -264,7 +266,10 @@ def _load_mnist_family(name: str, split: str, root: Path, *, download: bool) -> 
     try:
         ds = cls(str(root), train=split == "train", download=False)
     except RuntimeError as exc:
-        raise DataError(f"could not read {folder} from {raw}: {_one_line(exc)}") from exc
+        raise DataError(
+            f"could not read {folder} from {raw}: {_one_line(exc)}; delete {raw} and run again"
+            " to download it afresh (or copy it again)"
+        ) from exc
     images = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return ImageTensors(images, labels, torch.arange(labels.numel()), list(ds.classes))
@@ -330,15 +335,30 @@ def _load_cifar(
 
     cls = tvd.CIFAR10 if info.name == "cifar10" else tvd.CIFAR100
     try:
-        cls(str(root), train=split == "train", download=True)
+        with _no_leftovers(root / _CIFAR_PICKLE[info.name][0]):
+            cls(str(root), train=split == "train", download=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise DataError(
             f"{info.name} not found under {root} and downloading it failed ({_one_line(exc)}): "
-            f"{layouts}; if offline, pass --data-dir"
+            f"{layouts}; if offline, pass --data-dir with a folder that holds it"
         ) from exc
     return _subset(
         _read_cifar_pickle(info.name, root / _CIFAR_PICKLE[info.name][0], split), subset, seed
     )
+
+
+@contextlib.contextmanager
+def _no_leftovers(folder: Path):
+    """A download into ``folder`` that fails leaves none of the empty folders it made (they
+    piled up, ``<Name>/raw`` in the user's data folder, after every offline attempt)."""
+    made = [p for p in (folder, folder / "raw") if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if empty: a partial download stays for the message to name
+        raise
 
 
 def _subset(data: ImageTensors, subset: int | None, seed: int) -> ImageTensors:
@@ -379,9 +399,12 @@ def _read_cifar_pickle(name: str, folder: Path, split: str) -> ImageTensors:
     base, train_files, test_files, meta_file, label_key, names_key = _CIFAR_PICKLE[name]
     files = train_files if split == "train" else test_files
     missing = [f for f in files if not (folder / f).is_file()]
+    # what an interrupted download or extraction leaves: the way out, with the error
+    redo = f"; delete {folder} and run again to download it afresh (or copy it again)"
     if missing:
         raise DataError(
-            f"{folder} is missing {', '.join(missing)} (expected torchvision's '{base}' layout)"
+            f"{folder} is missing {', '.join(missing)} (expected torchvision's '{base}'"
+            f" layout){redo}"
         )
     chunks, labels = [], []
     for fname in files:
@@ -390,12 +413,19 @@ def _read_cifar_pickle(name: str, folder: Path, split: str) -> ImageTensors:
             chunks.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(v) for v in entry[label_key])
         except (KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-            raise DataError(f"{folder / fname} is not a valid {name} pickle batch: {exc}") from exc
+            raise DataError(
+                f"{folder / fname} is not a valid {name} pickle batch: {exc}{redo}"
+            ) from exc
     images = torch.from_numpy(np.concatenate(chunks))
     label_t = torch.tensor(labels, dtype=torch.int64)
     num_classes = 10 if name == "cifar10" else 100
     if (folder / meta_file).is_file():
-        classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+        try:
+            classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+        except (KeyError, ValueError, TypeError, pickle.UnpicklingError, EOFError) as exc:
+            raise DataError(
+                f"{folder / meta_file} is not a valid {name} meta file: {exc!r}{redo}"
+            ) from exc
     else:
         classes = list(CIFAR10_CLASSES) if name == "cifar10" else [str(i) for i in range(100)]
     if len(classes) != num_classes:
