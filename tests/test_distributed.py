@@ -136,3 +136,14 @@ def test_distributed_eval_equals_single_process(tmp_path):
     assert 50 < one["clean_acc"] and 0 < one["robust_acc"] < one["clean_acc"]  # a real test
     for k in ("clean_acc", "robust_acc", "n", "indices", "attack_passes"):
         assert one[k] == two[k], k
+
+
+def test_data_is_loaded_by_rank_0_first_and_its_error_ends_every_rank(tmp_path):
+    # every rank downloaded the same files into the same folder at once; now rank 0 loads
+    # (downloads) first, and a failure there reaches the other ranks instead of a hang
+    empty = tmp_path / "data"
+    empty.mkdir()
+    args = [*ACT, "--dataset", "cifar10", "--data-dir", str(empty), "--no-download"]
+    r = _torchrun("train", *args, "--batch-size", "16", "--out", str(tmp_path / "run"))
+    assert r.returncode != 0
+    assert r.stderr.count("actrain train: error: cifar10 not found under") == 1  # rank 0 only

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +85,26 @@ def model_kwargs(cfg: TrainConfig, role: str, info: D.DatasetInfo, num_classes: 
         if cfg.widen_factor is not None:
             kw["widen_factor"] = cfg.widen_factor
     return {"name": arch, **kw}
+
+
+def rank0_first(load: Callable[[], Any]) -> Any:
+    """``load()`` on rank 0 first, then on the other ranks (under torchrun): a data set that
+    must be downloaded is fetched once, not by every process into the same files at once.
+    Rank 0's failure reaches every rank as the same one-line error."""
+    if not distributed.info().enabled:
+        return load()
+    if distributed.info().is_main:
+        try:
+            result = load()
+        except Exception as exc:  # the others wait on this broadcast: never leave them hanging
+            distributed.broadcast_object(str(exc).splitlines()[0] if str(exc) else repr(exc))
+            raise
+        distributed.broadcast_object(None)
+        return result
+    error = distributed.broadcast_object(None)
+    if error is not None:
+        raise D.DataError(error)
+    return load()
 
 
 def build_model(kw: dict, role: str, dataset: str) -> nn.Module:
@@ -290,8 +311,10 @@ class Trainer:
         self.method: Method = build_method(cfg)
         if self.dist.enabled and hasattr(self.method, "batch_fraction"):
             self.method.batch_fraction = 1.0 / self.dist.world_size  # ACT's attack (issue 5)
-        self.data = build_data(
-            cfg, self.device, self.channels_last, self.dist.rank, self.dist.world_size
+        self.data = rank0_first(
+            lambda: build_data(
+                cfg, self.device, self.channels_last, self.dist.rank, self.dist.world_size
+            )
         )
         self.threat = LinfBall(cfg.eps, cfg.step_size)
         # issue 8: PGD, FGSM-RS or Free-AT; Free-AT replays each batch and divides the epochs
