@@ -290,3 +290,26 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_comm
     assert (run / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="already holds a run"):  # a real run is kept
         run_training(_cfg(tmp_path, epochs=1, eval_every=0))
+
+
+def test_overwrite_never_touches_a_live_run_and_keeps_the_old_results_aside(tmp_path):
+    # --overwrite deleted a training run's files before the lock refused it; and the replaced
+    # run's eval/ and analysis/ stayed where the report credited them to the new run
+    from actrain.config import ConfigError
+    from actrain.train import hold_run_lock
+
+    run = run_training(_cfg(tmp_path, epochs=1, eval_every=0))
+    (run / "eval").mkdir()
+    (run / "eval" / "pgd.json").write_text("{}")
+    (run / "analysis").mkdir()
+    live = hold_run_lock(run)  # another process training it
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ConfigError, match="being trained by another process"):
+        run_training(_cfg(tmp_path, epochs=1, eval_every=0), overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+    live.close()
+    run_training(_cfg(tmp_path, epochs=1, eval_every=0, method="natural"), overwrite=True)
+    names = {p.name for p in run.iterdir()}
+    assert "eval" not in names and "analysis" not in names
+    assert any(n.startswith("eval.replaced-") for n in names)
+    assert json.loads((run / "config.json").read_text())["method"] == "natural"

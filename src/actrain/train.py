@@ -1035,6 +1035,8 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out: {run_dir} exists and is not a folder")
+    if run_dir.is_dir():  # before anything in it is touched (--overwrite deleted a live run)
+        hold_run_lock(run_dir).close()
     if never_started(run_dir):  # only the config of a start that failed: nothing to keep
         (run_dir / CONFIG).unlink()
     if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
@@ -1045,6 +1047,12 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
             )
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+        # what was derived from the replaced run's models stays, under a name the report does
+        # not read (kept as eval/ and analysis/, it was credited to the new run)
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        for derived in ("eval", "analysis"):
+            if (run_dir / derived).exists():
+                (run_dir / derived).rename(run_dir / f"{derived}.replaced-{stamp}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
