@@ -441,6 +441,10 @@ def test_an_eval_file_of_another_run_is_left_out_and_said_so(runs, tmp_path):
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"`{run / 'eval' / 'other.json'}` (an evaluation of a trades run, not of {run})" in md
+    (run / "eval" / "cut.json").write_text('{"clean_acc": 9')  # unreadable: it vanished silently
+    assert main(["report", str(run), "--out", str(tmp_path / "rep2")]) == 0
+    md2 = (tmp_path / "rep2" / "report.md").read_text()
+    assert f"`{run / 'eval' / 'cut.json'}` (unreadable: not a JSON object)" in md2
     row = row_of(md, "| Architecture | Dataset | Defense | A_nat | A_rob", "| small_cnn | digits |")
     assert f"{mine['robust_acc']:.2f}" in row and "1.00" not in row
 

@@ -501,7 +501,7 @@ class ReportBuilder:
         rows = []
         for g in self.groups:
             epochs = [
-                str(len(r.metrics))
+                str(max(len(r.metrics), int((r.final or {}).get("epochs", 0))))
                 + ("" if r.finished else " (unfinished)")
                 + (
                     f" (weights of epoch {r.final['final_weights_epoch']}: overfitting guard)"
@@ -586,11 +586,7 @@ class ReportBuilder:
         foreign = [(r, f, why) for r in self.runs for f, why in r.foreign_evals]
         if foreign:
             self.blocks.append(
-                Para(
-                    "**Left out:** "
-                    + "; ".join(f"`{f}` ({why}, not of {r.path})" for r, f, why in foreign)
-                    + "."
-                )
+                Para("**Left out:** " + "; ".join(f"`{f}` ({why})" for _, f, why in foreign) + ".")
             )
         t = self._score_table("metrics")
         if t is not None:

@@ -152,12 +152,14 @@ def load_run(path: str | Path) -> Run:
     if (p / "eval").is_dir():
         for f in sorted((p / "eval").rglob("*.json")):
             obj = _read_json(f)
-            if isinstance(obj, dict):
-                why = _not_this_runs(obj, config)
-                if why:
-                    foreign.append((str(f), why))
-                else:
-                    evals.append({**obj, "_file": str(f)})
+            if not isinstance(obj, dict):  # an empty or cut file: its numbers are missing
+                foreign.append((str(f), "unreadable: not a JSON object"))
+                continue
+            why = _not_this_runs(obj, config)
+            if why:
+                foreign.append((str(f), f"{why}, not of {p}"))
+            else:
+                evals.append({**obj, "_file": str(f)})
     analysis = _read_json(p / ANALYSIS) if (p / ANALYSIS).is_file() else None
     return Run(
         path=p,
