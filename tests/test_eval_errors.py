@@ -320,3 +320,17 @@ def test_output_checks_create_nothing(tmp_path):
     writable_file(tmp_path / "a" / "b" / "x.json", "--json")  # can be made: accepted
     writable_dir(tmp_path / "out", "--out")
     assert list(tmp_path.iterdir()) == []  # and nothing was made (the probe file is gone)
+
+
+def test_the_python_evaluate_run_matches_the_cli(act_run):
+    # it attacked at 8/255 where `actrain eval` took the run's training eps, and ran
+    # steps=-1 / restarts=0 and recorded them as results
+    from actrain.config import ConfigError
+    from actrain.evaluation import evaluate_run
+
+    res = evaluate_run(str(act_run), steps=2, restarts=1, test_subset=16, progress=False)
+    trained = json.loads((act_run / "config.json").read_text())["eps"]
+    assert res["eps"] == pytest.approx(trained) and trained != pytest.approx(8 / 255)
+    for bad in ({"steps": -1}, {"restarts": 0}):
+        with pytest.raises(ConfigError, match="--steps must be >= 0 and --restarts >= 1"):
+            evaluate_run(str(act_run), **{"steps": 2, "restarts": 1, **bad}, progress=False)

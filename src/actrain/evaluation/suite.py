@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from actrain import data as D
 from actrain.checkpoint import CheckpointError, load_model, read_weights_metadata, run_config
-from actrain.config import ConfigError
+from actrain.config import ConfigError, parse_fraction
 from actrain.errors import UsageError
 from actrain.evaluation import protocols as P
 from actrain.evaluation.sanity import sanity_checks
@@ -580,7 +580,7 @@ def evaluate_run(
     attack: str = "pgd",
     steps: int = 20,
     restarts: int = 5,
-    eps: float = 8 / 255,
+    eps: float | None = None,
     step_size: float = 0.003,
     loss: str = "ce",
     test_subset: int | None = None,
@@ -596,11 +596,15 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate one run folder or weights file; returns the JSON-ready result.
 
-    With the defaults this is the base command (clean and PGD-20x5 accuracy); ``suite="paper"``
-    adds every protocol of the paper (see :class:`EvalOptions` for the other options).
+    With the defaults this is the base command (clean and PGD-20x5 accuracy at the run's
+    training eps, 8/255 where it has none); ``suite="paper"`` adds every protocol of the paper
+    (see :class:`EvalOptions` for the other options).
     """
     if attack not in ATTACKS:
         raise ConfigError(f"--attack: unknown attack '{attack}' (choices: {', '.join(ATTACKS)})")
+    if eps is None:  # as `actrain eval` (it took 8/255 where the CLI took the run's eps)
+        trained = eval_config(path).get("eps") if Path(path).exists() else None
+        eps = 8 / 255 if trained is None else parse_fraction(trained, "eps")
     surrogate_paths = tuple(options.pop("surrogates", ()) or ())
     opts = EvalOptions(
         eps=eps,
@@ -679,6 +683,10 @@ def check_options(opts: EvalOptions) -> None:
     their flags before any data is loaded."""
     if opts.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {opts.batch_size}")
+    if opts.steps < 0 or opts.restarts < 1:  # recorded as "PGD--1" / "restarts: 0" before
+        raise ConfigError(
+            f"--steps must be >= 0 and --restarts >= 1, got {opts.steps} and {opts.restarts}"
+        )
     if opts.precision not in EVAL_PRECISIONS:
         raise ConfigError(
             f"--precision: must be one of {', '.join(EVAL_PRECISIONS)}, got {opts.precision}"
