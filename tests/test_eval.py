@@ -537,3 +537,19 @@ def test_a_run_given_twice_is_not_two_seeds(run_files, capsys):
     argv = ["eval", "--transfer", a, b, "--save-examples", "x.png", "--no-progress"]
     assert main(argv) == 2  # the figure was silently not made
     assert "--save-examples: not with --transfer" in capsys.readouterr().err
+
+
+def test_the_protocols_refuse_arguments_that_failed_deep_inside(digits_model, digits_xy):
+    # raw RuntimeError / KeyError / IndexError, or NaN accuracies on no examples
+    from actrain.evaluation import minimum_perturbation, robust_accuracy
+
+    x, y = digits_xy
+    for kw, message in (
+        ({"x": x, "y": y[:5]}, "images and y 5 labels"),
+        ({"x": x[:0], "y": y[:0]}, "no examples"),
+        ({"x": x[:8], "y": y[:8], "precision": "fp8"}, "precision must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            robust_accuracy(digits_model, kw.pop("x"), kw.pop("y"), steps=1, restarts=1, **kw)
+    with pytest.raises(ValueError, match="fgsm-k and/or pgd-search"):
+        minimum_perturbation(digits_model, x[:8], y[:8], methods=("foo",))

@@ -75,9 +75,20 @@ def _targets_by_rank(model: nn.Module, x: Tensor, y: Tensor, rank: int) -> Tenso
     return logits.topk(rank, dim=1).indices[:, rank - 1]
 
 
+def _check_data(x: Tensor, y: Tensor) -> None:
+    """Images and labels that match, and some of them (a mismatch failed deep in an attack;
+    no examples gave NaN accuracies)."""
+    if len(x) != len(y):
+        raise ValueError(f"x holds {len(x)} images and y {len(y)} labels")
+    if len(y) == 0:
+        raise ValueError("no examples to evaluate (x and y are empty)")
+
+
 def _search(model: nn.Module, fold_bn: bool | None, precision: str):
     """(precision, its autocast factory, the gradient model) of an attack on ``model``: the
     search runs in ``precision`` (auto: bf16 where it pays), the verdicts always in fp32."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     device = _device(model)
     precision = resolve_precision(precision, device)
     return precision, autocast_factory(precision, device), gradient_model(model, fold_bn, precision)
@@ -111,6 +122,7 @@ def robust_accuracy(
     the highest clean logits (other than the label), R restarts of targeted PGD; an example is
     robust only if it survives all of them.
     """
+    _check_data(x, y)
     device = _device(model)
     precision, autocast, steer = _search(model, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -434,6 +446,10 @@ def minimum_perturbation(
     when both run, and any of ``known_adv`` (e.g. the white-box PGD examples, same shape as x)
     that fools the model. So its distance is never above that of any attack found before.
     """
+    _check_data(x, y)
+    unknown = [m for m in methods if m not in ("fgsm-k", "pgd-search")]
+    if unknown or not methods:
+        raise ValueError(f"methods: fgsm-k and/or pgd-search, got {list(methods)}")
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     precision, autocast, steer = _search(model, fold_bn, precision)
