@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from actrain.checkpoint import save_checkpoint, save_weights
@@ -29,20 +28,10 @@ CONFIG = {"dataset": "digits", "arch": "small_cnn", "width": 8, "eps": 0.1, "epo
 
 
 def _fit(model: nn.Module, epochs: int) -> nn.Module:
+    from test_eval import _fit as fit  # test_eval's SGD loop, on the digits training set
+
     train = load_split("digits", "train")
-    x, y = train.images.float() / 255, train.labels
-    torch.manual_seed(0)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y))
-        for s in range(0, len(y), 64):
-            b = perm[s : s + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit(model.train(), train.images.float() / 255, train.labels, epochs, 0.05, 0)
 
 
 def _small(seed: int, num_classes: int = 10) -> nn.Module:

@@ -226,6 +226,20 @@ def _try_forward(
         )
 
 
+def _fits_data(
+    model: nn.Module,
+    path: str | Path,
+    role: str,
+    dataset: str,
+    test: D.ImageTensors,
+    flag: str | None,
+) -> None:
+    """``model`` against the loaded test data: its channels and classes, then one image."""
+    channels, classes = int(test.images.shape[1]), test.num_classes
+    check_fits(model, path, role, dataset, channels=channels, classes=classes, flag=flag)
+    _try_forward(model, test, path, role, dataset)
+
+
 def check_run(
     path: str,
     *,
@@ -466,16 +480,8 @@ def prepare(
     dev = resolve_device(device)
     test = load_eval_data(cfg, dataset, data_dir, test_subset, seed)
     model = model.to(dev)
-    check_fits(
-        model,
-        path,
-        role,
-        name,
-        channels=int(test.images.shape[1]),
-        classes=test.num_classes,
-        flag=flag if flag is not None else ("--dataset" if dataset else None),
-    )
-    _try_forward(model, test, path, role, name)
+    flag = flag if flag is not None else ("--dataset" if dataset else None)
+    _fits_data(model, path, role, name, test, flag)
     return model, test, cfg, role
 
 
@@ -643,16 +649,7 @@ def evaluate_run(
     for sp in surrogate_paths:
         sm, slabel, srole = check_surrogate(sp, target=path, target_dataset=name, dataset=dataset)
         sm = sm.to(resolve_device(device))
-        check_fits(
-            sm,
-            sp,
-            srole,
-            name,
-            channels=int(test.images.shape[1]),
-            classes=test.num_classes,
-            flag="--surrogate",
-        )
-        _try_forward(sm, test, sp, srole, name)
+        _fits_data(sm, sp, srole, name, test, "--surrogate")
         surrogates[slabel] = sm
     return evaluate_loaded(
         path, model, test, cfg, opts, role=role, dataset=dataset, surrogates=surrogates
