@@ -236,6 +236,32 @@ def test_resume_with_different_config_lists_differences(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0  # allowed change
 
 
+def test_resume_refuses_another_batch_size_on_the_same_number_of_processes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *FAST, "--method", "natural", "--epochs", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    config = (out / "config.json").read_text()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2", "--batch-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 16 would change the run's batch (64 per process x 1)" in err
+    assert (out / "config.json").read_text() == config  # nothing rewritten
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra", [["--train-subset", "1"], ["--train-subset", "11", "--val-size", "10"]]
+)
+def test_a_single_training_image_is_refused_not_trained_as_zeros(tmp_path, capsys, extra):
+    out = tmp_path / "run"
+    rc = cli.main(["train", *FAST, "--method", "act", "--epochs", "1", *extra, "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: training data: 1 image, a batch of one, which batch norm"
+                            " cannot train on; use at least 2 training images (--train-subset,"
+                            " --val-size)")  # fmt: skip
+    assert not (out / "final.json").exists() and not (out / "checkpoint.pt").exists()
+
+
 # ---- bad input: one line, exit 2, no traceback, before any data is loaded ---------------------
 ROOT = Path(__file__).resolve().parents[1]
 BAD = [

@@ -237,6 +237,14 @@ def build_data(
         world_size=world_size,
         channels_last=channels_last,
     )
+    if len(loader) == 0:  # a single training image (per process): nothing batch norm can train on
+        n = len(train.labels)
+        where = f" over {world_size} processes: one each" if world_size > 1 else ""
+        raise ConfigError(
+            f"training data: {n} image{'s' if n != 1 else ''}{where}, a batch of one, which"
+            f" batch norm cannot train on; use at least {2 * world_size} training images"
+            " (--train-subset, --val-size)"
+        )
     ex = evalset.images.to(device).float().div_(255)
     if channels_last:
         ex = ex.contiguous(memory_format=torch.channels_last)
@@ -906,6 +914,15 @@ class Trainer:
         learning rate follows the new number of processes."""
         global_batch = self.cfg.batch_size * self.dist.world_size
         saved_batch = int(ckpt.get("global_batch", global_batch))
+        saved_world = int(ckpt.get("world_size", self.dist.world_size))
+        if saved_batch != global_batch and saved_world == self.dist.world_size:
+            # the batch is part of the recipe: it may change only with the process count
+            raise ConfigError(
+                f"--resume: --batch-size {self.cfg.batch_size} would change the run's batch"
+                f" ({saved_batch // saved_world} per process x {saved_world}); the batch size"
+                " may change on resume only with the number of processes (torchrun), to keep"
+                " the global batch"
+            )
         if self.batch and saved_batch != global_batch:
             seen = self.batch * saved_batch
             if seen % global_batch:
