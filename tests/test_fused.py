@@ -393,6 +393,23 @@ def test_attack_blocks_run_conv_add_and_relu_as_one_onednn_call(residual, monkey
         assert _rel(b.grad.float(), r32.grad) < 1e-2
 
 
+def test_an_nchw_model_with_one_pixel_activations_keeps_the_plain_conv():
+    # An 8x8 input leaves ResNet-18's last stage 1x1, which passes for channels_last whatever
+    # the layout; with NCHW weights oneDNN's bf16 add + ReLU post-op raised an internal error
+    # in the first attack pass of `--precision bf16 --no-channels-last --fused-bn` on digits.
+    from actrain.runtime import attack_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, in_channels=1, width=16).eval()
+    plain = attack_model(copy.deepcopy(model), True, "bf16")
+    use_fused_bn(model)
+    view = attack_model(model, True, "bf16")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = view(x), plain(x)
+    assert torch.isfinite(out).all() and _rel(out.float(), want.float()) < 2e-2
+
+
 def test_torch_compile_traces_the_fast_models_without_graph_breaks():
     # `actrain bench --compile`: the fused and im2col paths step aside under torch.compile
     # (a graph break per block made dynamo recompile each block class past its limit).

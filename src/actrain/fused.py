@@ -461,6 +461,8 @@ def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
         return False
     if conv.bias.dtype != torch.bfloat16 or conv.out_channels % 16:
         return False
+    if not conv.weight.is_contiguous(memory_format=torch.channels_last):
+        return False  # (a 1x1 activation passes for channels_last whatever its model's layout)
     if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return False
     if not (
