@@ -273,6 +273,11 @@ BAD = [
     (["--step-size", "2"], "--step-size: must be in [0, 1]"),
     (["--alpha", "1.5"], "--alpha: must be in [0, 1]"),
     (["--beta", "-1"], "--beta: must be >= 0"),
+    # a setting another method alone reads (it was ignored, recorded, and split reports)
+    (["--method", "madry", "--arch-f", "resnet18"], "--arch-f resnet18: only --method act uses"),
+    (["--method", "trades", "--alpha", "0.3"], "--alpha 0.3: only --method act uses it (this"),
+    (["--beta", "6"], "--beta 6.0: only --method trades uses it (this run is --method act)"),
+    (["--method", "natural", "--attack-start", "uniform"], "natural training uses no adversarial"),
     (["--steps", "-1"], "--steps: must be >= 0"),
     (["--milestones", "60", "30"], "--milestones: must be strictly increasing"),
     (["--epochs", "10", "--milestones", "5", "20"], "--milestones: must lie in 1..epochs"),

@@ -405,6 +405,7 @@ def validate(cfg: TrainConfig) -> None:
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     _validate_model_flags(cfg)
+    _validate_method_flags(cfg)
     if not 0 <= cfg.seed < 2**32:  # NumPy's seed range, which seeds the data order
         raise ConfigError(f"--seed: must be in 0..2**32 - 1, got {cfg.seed}")
     ms = list(cfg.milestones or [])
@@ -467,6 +468,32 @@ def _validate_model_flags(cfg: TrainConfig) -> None:
                 f" {', '.join(takes)} {'does' if len(takes) == 1 else 'do'}; wrn-28-10 and"
                 " wrn-34-10 are fixed)"
             )
+
+
+# Settings one method alone reads: given to another method they were ignored and still
+# recorded, splitting otherwise identical runs into two configurations in reports.
+METHOD_ONLY = {
+    "act": ("arch_f", "width_f", "alpha", "temperature", "attack_temperature",
+            "attack_kl_reduction"),
+    "trades": ("beta",),
+}  # fmt: skip
+
+
+def _validate_method_flags(cfg: TrainConfig) -> None:
+    for method, names in METHOD_ONLY.items():
+        if cfg.method == method:
+            continue
+        for name in names:
+            value = getattr(cfg, name)
+            if value != FIELDS[name].default:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {value}: only --method {method} uses it (this"
+                    f" run is --method {cfg.method}); leave it out"
+                )
+    if cfg.method == "natural" and cfg.attack_start != "auto":
+        raise ConfigError(
+            f"--attack-start {cfg.attack_start}: natural training uses no adversarial examples"
+        )
 
 
 def _validate_attack(cfg: TrainConfig) -> None:
