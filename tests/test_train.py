@@ -104,6 +104,12 @@ def test_run_folder_contents_and_load_model_round_trip(digits_runs):
         "images_per_s",
     ):
         assert key in rec, key
+    # what the run resolved its settings to: in each record and in final.json
+    assert rec["device"] == "cpu" and rec["precision"] == "fp32"
+    runtime = json.loads((run / "final.json").read_text())["runtime"]
+    assert runtime["device"] == "cpu" and runtime["precision"] == "fp32"
+    assert runtime["channels_last"] is False and runtime["fused_bn"] is False
+    assert runtime["attack_start"] == "gaussian" and runtime["overfit_guard"] is False
     ckpt = load_checkpoint(run / "checkpoint.pt")
     g = load_model(run)
     f = load_model(run, role="f")

@@ -732,6 +732,8 @@ class Trainer:
                     record["epochs_equivalent"] = (epoch + 1) * self.replays
                 if self.dist.world_size > 1:  # global batch = batch_size x processes
                     record["processes"] = self.dist.world_size
+                # what `auto` chose here (a resume on another machine may choose otherwise)
+                record["device"], record["precision"] = self.device.type, self.precision
                 if self.dist.enabled:
                     self._sync_buffers()  # evaluate and save rank 0's BN statistics
                 last = epoch + 1 == total
@@ -946,6 +948,24 @@ class Trainer:
                 sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
                 sched._last_lr = [g["lr"] for g in opt.param_groups]
 
+    def runtime(self) -> dict[str, Any]:
+        """The settings config.json leaves to `auto`, as this process resolved them."""
+        attack = self.train_attack
+        graphs: str | bool = False
+        if self.graphed_update is not None:
+            graphs = "update, F on a second stream" if self.graphed_update.side else "update"
+        elif self.graphed_attack is not None:
+            graphs = "attack"
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "fused_bn": bool(self.fused_bn),
+            "cuda_graphs": graphs,
+            "attack_start": getattr(attack, "start", "zero" if attack is not None else None),
+            "overfit_guard": self.guard is not None,
+        }
+
     def save_final(self, record: dict[str, Any]) -> None:
         meta = {
             "config": self.cfg.to_dict(),
@@ -954,7 +974,12 @@ class Trainer:
         }
         for role, model in self.models.items():
             save_weights(self.run_dir / f"model_{role}.safetensors", model, {**meta, "role": role})
-        summary: dict[str, Any] = {"status": "finished", "epochs": self.epoch, "last": record}
+        summary: dict[str, Any] = {
+            "status": "finished",
+            "epochs": self.epoch,
+            "last": record,
+            "runtime": self.runtime(),
+        }
         if self.train_attack is not None:
             summary["train_attack"] = self.train_attack.name
             if self.replays > 1:
