@@ -553,3 +553,114 @@ def test_the_protocols_refuse_arguments_that_failed_deep_inside(digits_model, di
             robust_accuracy(digits_model, kw.pop("x"), kw.pop("y"), steps=1, restarts=1, **kw)
     with pytest.raises(ValueError, match="fgsm-k and/or pgd-search"):
         minimum_perturbation(digits_model, x[:8], y[:8], methods=("foo",))
+
+
+def test_one_model_under_another_path_is_not_a_second_seed(run_files, tmp_path, capsys):
+    folder, a, _ = run_files
+    same = f"{folder}/./natural_a.safetensors"
+    assert main(["eval", a, same, "--no-progress"]) == 2
+    assert f"run given more than once: {same} and {a} are one model" in capsys.readouterr().err
+    # a run folder and its final weights
+    from actrain.evaluation.suite import run_identity
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"dataset": "digits", "method": "madry"}))
+    model = create_model("small_cnn", in_channels=1, width=8)
+    save_weights(run / "model_g.safetensors", model, {"config": {"dataset": "digits"}})
+    key = (str(run.resolve()), "g")
+    assert run_identity(run, None) == run_identity(f"{run}/", None) == key
+    assert run_identity(run / "model_g.safetensors", None) == key
+    assert run_identity(run, "f") != key
+
+
+def test_default_step_reaches_the_ball_and_keeps_the_papers_where_it_does(digits_model, digits_xy):
+    from actrain.evaluation.protocols import pgd_step_size
+
+    assert pgd_step_size(0.031, 20) == 0.003  # the paper's protocol is untouched
+    assert pgd_step_size(0.1, 100) == 0.003
+    assert pgd_step_size(0.1, 20) == pytest.approx(0.0125)  # 20 x 0.003 = 0.06 < 0.1
+    assert pgd_step_size(0.1, 20, 0.005) == 0.005  # a given step is kept
+    x, y = digits_xy[0][:40], digits_xy[1][:40]
+    auto = robust_accuracy(digits_model, x, y, eps=0.1, steps=20, restarts=1)
+    given = robust_accuracy(digits_model, x, y, eps=0.1, step_size=0.0125, steps=20, restarts=1)
+    weak = robust_accuracy(digits_model, x, y, eps=0.1, step_size=0.003, steps=20, restarts=1)
+    assert auto["attack"]["step_size"] == pytest.approx(0.0125)
+    assert auto["robust_acc"] == given["robust_acc"] <= weak["robust_acc"]
+
+
+def test_sweep_rows_in_increasing_eps_and_the_checks_read_them_so(digits_model, digits_xy):
+    from actrain.evaluation import eps_sweep, sanity_checks
+
+    x, y = digits_xy[0][:30], digits_xy[1][:30]
+    sweep = eps_sweep(digits_model, x, y, eps_255=(100, 25, 50), steps=10)
+    assert [r["eps_255"] for r in sweep["rows"]] == [25, 50, 100]
+    rows = sweep["rows"][::-1]  # a result written in another order (an older file)
+    checks = sanity_checks({"n": 30, "eps_sweep": {"rows": rows}})["checks"]
+    by_name = {c["name"]: c for c in checks}
+    assert by_name["accuracy monotone in eps"]["passed"] is True
+    assert by_name["accuracy reaches 0 at large eps"]["passed"] is True
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        eps_sweep(digits_model, x, y, eps_255=(25, 300), steps=1)
+
+
+def test_bad_sweep_eps_and_targeted_are_refused_before_any_attack(run_files, digits_model, capsys):
+    _, a, _ = run_files
+    assert main(["eval", a, "--eps-sweep", "25,300", "--sanity", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eps-sweep: values are in units of 1/255, so at most 255" in err
+    assert len(err.splitlines()) == 1
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    with pytest.raises(ValueError, match="has 10 classes, so at most 9 wrong ones"):
+        robust_accuracy(digits_model, x, y, steps=1, restarts=1, targeted=10)
+
+
+def test_attack_names_say_targeted_and_margin(run_files, capsys):
+    folder, a, _ = run_files
+    out = folder / "variant"
+    argv = ["eval", a, "--suite", "paper", "--pgd-steps", "3", "--restarts", "1",
+            "--targeted", "2", "--loss", "margin", "--test-subset", "10", "--no-autoattack",
+            "--min-pert", "fgsm-k", "--eps-sweep", "25", "--sweep-steps", "2",
+            "--square-queries", "0", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "eval.json").read_text())
+    assert res["robust_acc_attack"] == "PGD-3x1 targeted-2 (margin)"
+    assert "PGD-3x1 targeted-2 (margin) (eps 0.1000, step 0.08333)" in printed
+    md = (out / "eval.md").read_text()
+    assert "| PGD-3 targeted-2 (margin) |" in md and "PGD-k targeted-2 (margin)" in md
+
+
+def test_transfer_attacks_at_the_targets_training_eps(run_files, digits_model, tmp_path, capsys):
+    _, natural, _ = run_files
+    target = tmp_path / "madry.safetensors"
+    meta = {"config": {"dataset": "digits", "eps": 0.05, "method": "madry"}}
+    save_weights(target, digits_model, meta)
+    out = tmp_path / "t.json"
+    argv = ["eval", "--transfer", natural, str(target), "--test-subset", "10", "--json",
+            str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0  # the natural surrogate's 0.1 is not the eps the target is judged at
+    assert json.loads(out.read_text())["attack"]["eps"] == 0.05
+    other = tmp_path / "madry2.safetensors"
+    save_weights(other, digits_model, {"config": {**meta["config"], "eps": 0.1}})
+    assert main(["eval", "--transfer", natural, str(target), str(other), "--no-progress"]) == 2
+    assert "--eps: the runs were trained at different eps" in capsys.readouterr().err
+
+
+def test_autoattack_reports_the_reference_codes_defence_checks(digits_model, digits_xy):
+    x, y = digits_xy[0][:8], digits_xy[1][:8]
+
+    class Noisy(nn.Module):  # a randomised defence
+        def forward(self, v):
+            return digits_model(v + 0.05 * torch.randn_like(v))
+
+    class Probabilities(nn.Module):  # softmax outputs instead of logits
+        def forward(self, v):
+            return digits_model(v).softmax(1)
+
+    plain = autoattack(digits_model, x, y, 0.1, attacks=("apgd-ce",)).flags
+    noisy = autoattack(Noisy(), x, y, 0.1, attacks=("apgd-ce",)).flags
+    probs = autoattack(Probabilities(), x, y, 0.1, attacks=("apgd-ce",)).flags
+    assert not any("randomized" in f or "probability" in f for f in plain), plain
+    assert any("randomized defense" in f for f in noisy), noisy
+    assert any("output is a probability distribution" in f for f in probs), probs

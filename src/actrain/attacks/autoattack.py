@@ -13,6 +13,7 @@ the gradient attacks) as flags in the result.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ def autoattack(
                     sub.logger = logger
             if square_queries is not None:
                 aa.square.n_queries = square_queries
+            if len(y):
+                _defence_checks(paa, aa, model, x[:batch_size], y[:batch_size], attacks, logger)
             with torch.no_grad():
                 pred = torch.cat(
                     [model(x[s : s + batch_size]).argmax(1) for s in range(0, len(y), batch_size)]
@@ -130,6 +133,26 @@ def autoattack(
             )
     return AutoAttackResult(
         clean_correct, robust, x_adv, robust_after, broken_by, list(attacks), sorted(set(flags))
+    )
+
+
+def _defence_checks(paa, aa, model: nn.Module, x: Tensor, y: Tensor, attacks, logger) -> None:
+    """The reference code's checks of what kind of defence it faces (randomised, probabilities
+    instead of logits, a forward that differentiates, too few classes), on the model itself
+    (the gradient copy is deterministic whatever the model does), as
+    ``run_standard_evaluation`` runs them on its first batch."""
+    checks = paa.checks
+    checks.check_randomized(model, x, y, bs=len(y), logger=logger)
+    n_cls = checks.check_range_output(model, x, logger=logger)
+    for k in checks.funcs:  # the library's call counters are module-wide: from zero each time
+        checks.funcs[k] = 0
+    tracer = sys.gettrace()  # (it traces the forward, then clears any tracer: a debugger's)
+    try:
+        checks.check_dynamic(model, x, False, logger=logger)
+    finally:
+        sys.settrace(tracer)
+    checks.check_n_classes(
+        n_cls, list(attacks), aa.apgd_targeted.n_target_classes, aa.fab.n_target_classes, logger
     )
 
 

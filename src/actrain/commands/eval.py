@@ -65,7 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--eps", help="L-inf radius, e.g. 8/255 (default: the run's training eps, else 8/255)"
     )
-    a.add_argument("--step-size", default="0.003")
+    a.add_argument(
+        "--step-size",
+        help="PGD step (default: the paper's 0.003, or 2.5 eps / k where k steps of 0.003"
+        " cannot reach the ball's surface, e.g. eps 0.1 with PGD-20)",
+    )
     a.add_argument("--steps", type=int, default=20, help="PGD steps (basic suite)")
     a.add_argument("--pgd-steps", default="20,100,1000", help="PGD-k list (paper suite)")
     a.add_argument("--restarts", type=int, default=5)
@@ -224,22 +228,40 @@ def _preflight(ns: argparse.Namespace, eps_given: bool) -> list[dict[str, Any]]:
         if not (ns.transfer or ns.transfer_matrix):
             for sp in ns.surrogate:
                 check_surrogate(sp, target=path, target_dataset=name, dataset=ns.dataset)
-    if not eps_given and not (ns.transfer or ns.transfer_matrix) and len(configs) > 1:
-        # the default eps is the first run's: refuse to attack the others at another one
+    if not eps_given and len(configs) > 1:
+        # the default eps is a run's training eps: refuse to attack the others at another one.
+        # Transfer attacks at the targets' eps; a naturally trained run was attacked at none.
+        pairs = list(zip(ns.run, configs, strict=True))
+        if ns.transfer:
+            pairs = pairs[1:]
+        adversarial = [(p, c) for p, c in pairs if c.get("method") != "natural"]
+        pairs = adversarial or pairs
         trained = [
-            None if c.get("eps") is None else parse_fraction(c["eps"], "eps") for c in configs
+            (p, None if c.get("eps") is None else parse_fraction(c["eps"], "eps")) for p, c in pairs
         ]
-        known = {e for e in trained if e is not None}
-        if len(known) > 1 or (trained[0] is None and known):
-            each = ", ".join(
-                f"{'unknown' if e is None else f'{e:g}'} ({p})"
-                for p, e in zip(ns.run, trained, strict=True)
-            )
+        known = {e for _, e in trained if e is not None}
+        if len(known) > 1 or (trained[0][1] is None and known):
+            each = ", ".join(f"{'unknown' if e is None else f'{e:g}'} ({p})" for p, e in trained)
             raise UsageError(
                 f"--eps: the runs were trained at different eps ({each}); pass --eps so that"
                 " all are attacked at the same one"
             )
+        ns.eps_from = trained[0][0]
     return configs
+
+
+def _refuse_repeats(paths: list[str], model: str | None) -> None:
+    from actrain.evaluation.suite import run_identity
+
+    seen: dict[tuple[str, str], str] = {}
+    for path in paths:
+        key = run_identity(path, model)
+        if key in seen:
+            same = "given twice" if seen[key] == path else f"and {seen[key]} are one model"
+            raise UsageError(
+                f"run given more than once: {path} {same} ({key[1].upper()} of {key[0]})"
+            )
+        seen[key] = path
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -254,12 +276,12 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.evaluation.sanity import format_checks
     from actrain.evaluation.suite import evaluate_run, transfer_matrix
 
-    step = parse_fraction(ns.step_size, "--step-size")
+    step = None if ns.step_size is None else parse_fraction(ns.step_size, "--step-size")
     if ns.eps is not None:
         eps = parse_fraction(ns.eps, "--eps")
         if not 0 <= eps <= 1:
             raise UsageError("--eps/--step-size: must be in [0, 1]")
-    if not 0 <= step <= 1:
+    if step is not None and not 0 <= step <= 1:
         raise UsageError("--eps/--step-size: must be in [0, 1]")
     if ns.steps < 0 or ns.restarts < 1:
         raise UsageError("--steps must be >= 0 and --restarts >= 1")
@@ -272,23 +294,26 @@ def run(ns: argparse.Namespace) -> int:
     min_pert = tuple(m.strip() for m in ns.min_pert.split(",") if m.strip())
     if not min_pert or any(m not in ("fgsm-k", "pgd-search") for m in min_pert):
         raise UsageError(f"--min-pert: expected fgsm-k and/or pgd-search, got '{ns.min_pert}'")
-    twice = sorted({p for p in ns.run if ns.run.count(p) > 1})
-    if twice and not ns.transfer:  # one run counted as two seeds would fake a std
-        raise UsageError(f"run given more than once: {', '.join(twice)}")
     if ns.save_examples is not None and (ns.transfer or ns.transfer_matrix):
         raise UsageError("--save-examples: not with --transfer/--transfer-matrix (Table 3 only)")
     if ns.transfer and len(ns.run) < 2:
         raise UsageError("--transfer: give SURROGATE TARGET [TARGET...]")
     pgd_steps = _ints(ns.pgd_steps, "--pgd-steps")
     eps_sweep = _floats(ns.eps_sweep, "--eps-sweep")
+    if max(eps_sweep) > 255:
+        raise UsageError(
+            f"--eps-sweep: values are in units of 1/255, so at most 255; got '{ns.eps_sweep}'"
+        )
     out_dir = Path(ns.out) if ns.out else None
     json_path = ns.json or (str(out_dir / "eval.json") if out_dir else None)
     md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)
     _check_outputs(ns, out_dir, json_path, md_path)
     pngs = _example_paths(ns, out_dir)
     configs = _preflight(ns, eps_given=ns.eps is not None)
+    if not ns.transfer:  # one model counted as two seeds would fake a std
+        _refuse_repeats(ns.run, ns.model)
     if ns.eps is None:
-        eps = _default_eps(ns.run[0])
+        eps = _default_eps(getattr(ns, "eps_from", ns.run[0]))
         if not 0 <= eps <= 1:
             raise UsageError(f"--eps: the run's training eps {eps} is not in [0, 1]; pass --eps")
     fold_bn = {"auto": None, "on": True, "off": False}[ns.fold_bn]
@@ -386,17 +411,24 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _print_summary(r: dict, ns: argparse.Namespace, eps: float) -> None:
+    from actrain.evaluation.report import basic_attack_name
+
+    step = None
     if "robust_acc_attack" in r:
         what = r["robust_acc_attack"]
+        first = next(iter(r.get("pgd", {}).values()), {})
+        step = first.get("attack", {}).get("step_size")
     elif ns.attack == "pgd":
-        what = f"PGD-{ns.steps}x{ns.restarts}"
+        what = basic_attack_name(r)
+        step = r.get("attack", {}).get("step_size")
     else:
         what = {"fgsm": "FGSM", "autoattack": "AutoAttack"}[ns.attack]
     if ns.precision != "fp32" and ns.attack == "pgd":
         what += f" ({ns.precision} gradients, fp32 verdicts)"
+    setting = f"eps {eps:.4f}" + (f", step {step:.4g}" if step is not None else "")
     print(
         f"{r['run']} [{r['model'].upper()}]  clean {r['clean_acc']:.2f}%  "
-        f"{what} (eps {eps:.4f}) {r['robust_acc']:.2f}%  on {r['n']} test images"
+        f"{what} ({setting}) {r['robust_acc']:.2f}%  on {r['n']} test images"
     )
 
 

@@ -2,7 +2,7 @@
 JSON-ready dict holding its numbers (percent) and the exact settings that produced them.
 
 Every protocol reports per-example outcomes as positions into the evaluated tensors; the suite
-maps them back to test-set indices.
+adds ``indices``, the test-set index of each position.
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ from actrain.runtime import autocast_factory, gradient_model, resolve_precision
 
 PAPER_PGD_STEPS = (20, 100, 1000)
 PAPER_EPS_SWEEP = (1, 5, 10, 15, 20, 25, 50, 100)  # units of 1/255 (Table 5)
+PAPER_STEP_SIZE = 0.003  # the paper's evaluation step, for eps 0.031
+
+
+def pgd_step_size(eps: float, steps: int, step_size: float | None = None) -> float:
+    """``step_size`` if given, else the paper's 0.003 unless k steps of it cannot reach the
+    ball's surface (eps 0.1 with PGD-20: 0.06 < 0.1), where a weak attack would overstate
+    robustness; then 2.5 eps / k, Madry et al.'s rule."""
+    if step_size is not None:
+        return step_size
+    k = max(steps, 1)
+    return PAPER_STEP_SIZE if PAPER_STEP_SIZE * k >= eps else 2.5 * eps / k
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -100,7 +111,7 @@ def robust_accuracy(
     y: Tensor,
     *,
     eps: float = 8 / 255,
-    step_size: float = 0.003,
+    step_size: float | None = None,
     steps: int = 20,
     restarts: int = 5,
     loss: str = "ce",
@@ -120,9 +131,10 @@ def robust_accuracy(
 
     ``targeted`` > 0 runs the multi-targeted variant: for each of the ``targeted`` classes with
     the highest clean logits (other than the label), R restarts of targeted PGD; an example is
-    robust only if it survives all of them.
+    robust only if it survives all of them. ``step_size`` None: :func:`pgd_step_size`.
     """
     _check_data(x, y)
+    step_size = pgd_step_size(eps, steps, step_size)
     device = _device(model)
     precision, autocast, steer = _search(model, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -130,6 +142,14 @@ def robust_accuracy(
     robust_mask = torch.zeros(len(y), dtype=torch.bool)
     clean_mask = torch.zeros(len(y), dtype=torch.bool)
     x_adv_all = torch.empty_like(x, device="cpu")
+    if targeted and len(y):
+        with torch.no_grad(), eval_mode(model):
+            classes = model(x[:1].to(device)).shape[1]
+        if targeted > classes - 1:
+            raise ValueError(
+                f"targeted={targeted}: the model has {classes} classes, so at most"
+                f" {classes - 1} wrong ones to target"
+            )
     name = f"PGD-{steps}x{restarts}" + (f" targeted-{targeted}" if targeted else "")
     bar = _bar(len(y), name, progress)
     t0 = time.perf_counter()
@@ -535,16 +555,21 @@ def eps_sweep(
     eps_255: Sequence[float] = PAPER_EPS_SWEEP,
     steps: int = 100,
     restarts: int = 1,
-    step_size: float = 0.003,
+    step_size: float | None = None,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
     fold_bn: bool | None = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """PGD-k accuracy at each eps (units of 1/255), as in the paper's Table 5."""
+    """PGD-k accuracy at each eps (units of 1/255), as in the paper's Table 5; rows in
+    increasing eps (the sanity checks read them so)."""
+    bad = [e for e in eps_255 if not 0 <= float(e) <= 255]
+    if bad:
+        raise ValueError(f"eps_255: values must lie in [0, 255] (units of 1/255), got {bad}")
+    step_size = PAPER_STEP_SIZE if step_size is None else step_size
     rows = []
-    for e in eps_255:
+    for e in sorted(set(eps_255), key=float):
         eps = float(e) / 255
         step = sweep_step_size(eps, steps, step_size)
         r = robust_accuracy(
@@ -585,7 +610,7 @@ def transfer_examples(
     y: Tensor,
     *,
     eps: float,
-    step_size: float = 0.003,
+    step_size: float | None = None,
     steps: int = 20,
     batch_size: int = 256,
     seed: int = 0,
@@ -594,7 +619,8 @@ def transfer_examples(
     precision: str = "fp32",
 ) -> Tensor:
     """PGD-k adversarial examples made on the surrogate (final iterate, one uniform start;
-    gradients from :func:`actrain.runtime.gradient_model`)."""
+    gradients from :func:`actrain.runtime.gradient_model`; step: :func:`pgd_step_size`)."""
+    step_size = pgd_step_size(eps, steps, step_size)
     device = _device(surrogate)
     _, autocast, steer = _search(surrogate, fold_bn, precision)
     gen = torch.Generator(device=device).manual_seed(seed)

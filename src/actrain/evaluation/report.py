@@ -97,6 +97,12 @@ def _label(result: dict[str, Any]) -> str:
     return result.get("label") or result.get("run", "?")
 
 
+def attack_variant(a: dict[str, Any]) -> str:
+    """' targeted-N (margin)': what sets an attack apart from untargeted CE PGD, or ''."""
+    out = f" targeted-{a['targeted']}" if a.get("targeted") else ""
+    return out + (f" ({a['loss']})" if a.get("loss") not in (None, "ce") else "")
+
+
 def basic_attack_name(result: dict[str, Any]) -> str:
     """The one attack of a basic-suite result as the table names it: PGD-20x5, FGSM,
     AutoAttack (with a non-default loss or targeting)."""
@@ -104,11 +110,7 @@ def basic_attack_name(result: dict[str, Any]) -> str:
     name = str(a.get("name") or "A_rob")
     if name.startswith("PGD") and a.get("restarts"):
         name += f"x{a['restarts']}"
-    if a.get("targeted"):
-        name += f" targeted-{a['targeted']}"
-    if a.get("loss") not in (None, "ce"):
-        name += f" ({a['loss']})"
-    return name
+    return name + attack_variant(a)
 
 
 def _basic_note(example: dict[str, Any]) -> str:
@@ -136,7 +138,8 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
     basic = not steps and "autoattack" not in example and "robust_acc" in example
     mp = example.get("min_perturbation", {})
     mp_methods = [m for m in ("fgsm-k", "pgd-search") if m in mp]
-    head = ["Defense", "Dataset", "A_nat"] + [f"PGD-{k}" for k in steps]
+    variant = attack_variant(_get(example, "pgd", str(steps[0]), "attack") or {}) if steps else ""
+    head = ["Defense", "Dataset", "A_nat"] + [f"PGD-{k}{variant}" for k in steps]
     if basic:
         head.append(basic_attack_name(example))
     head += [
@@ -156,21 +159,32 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
             cells.append(pm(_get(num, "autoattack", "robust_acc")))
         lines.append("| " + " | ".join(cells) + " |")
     eps = _get(example, "eps")
+    step_of = {k: _get(example, "pgd", str(k), "attack", "step_size") for k in steps}
+    if len(set(step_of.values())) > 1:
+        step = ", ".join(f"{v} (PGD-{k})" for k, v in step_of.items())
+    else:
+        step = str(next(iter(step_of.values()), None))
     notes = [
-        f"A_rob: accuracy (%) under white-box PGD-k, L∞ eps {eps:.4f}, step "
-        f"{_get(example, 'pgd', str(steps[0]), 'attack', 'step_size')}, {restarts} random "
-        f"restarts, worst case per example; n = {example.get('n')} test images."
+        f"A_rob: accuracy (%) under white-box PGD-k{variant}, L∞ eps {eps:.4f}, step {step},"
+        f" {restarts} random restarts, worst case per example; n = {example.get('n')} test"
+        " images."
         if steps and eps is not None
         else ""
     ]
     if basic:
         notes.append(_basic_note(example))
     for m in mp_methods:
-        info = mp[m]
+        counts = []
+        for label, ex, num in rows:
+            info = _get(ex, "min_perturbation", m) or {}
+            if num is not ex:  # a configuration's mean over its runs
+                counts.append(f"{label}: per run, in the JSON")
+            else:
+                counts.append(f"{label}: {info.get('n_found')} of {info.get('n_correct')}")
+        found = counts[0].split(": ", 1)[1] if len(rows) == 1 else "; ".join(counts)
         notes.append(
-            f"Min. pert. ({m}): mean L∞ distance over the {info['n_found']} of "
-            f"{info['n_correct']} correctly classified images where an adversarial example "
-            f"was found."
+            f"Min. pert. ({m}): mean L∞ distance over the correctly classified images where an"
+            f" adversarial example was found ({found})."
         )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes if n) + "\n"
 

@@ -49,7 +49,7 @@ def sanity_checks(result: dict[str, Any], tol: float | None = None) -> dict[str,
         )
 
     # 2. accuracy falls monotonically with eps and reaches 0
-    sweep = result.get("eps_sweep", {}).get("rows")
+    sweep = sorted(result.get("eps_sweep", {}).get("rows") or [], key=lambda r: r["eps_255"])
     if not sweep:
         checks.append(_check("accuracy monotone in eps", None, "needs the eps sweep"))
         checks.append(_check("accuracy reaches 0 at large eps", None, "needs the eps sweep"))

@@ -22,6 +22,7 @@ from actrain.checkpoint import CheckpointError, load_model, read_weights_metadat
 from actrain.config import ConfigError, parse_fraction
 from actrain.errors import UsageError
 from actrain.evaluation import protocols as P
+from actrain.evaluation.report import attack_variant
 from actrain.evaluation.sanity import sanity_checks
 from actrain.runtime import resolve_device
 
@@ -34,7 +35,7 @@ class EvalOptions:
     """Everything that determines an evaluation's numbers (stored in the JSON)."""
 
     eps: float = 8 / 255
-    step_size: float = 0.003
+    step_size: float | None = None  # None: P.pgd_step_size (0.003 unless too small for eps)
     steps: int = 20
     restarts: int = 5
     loss: str = "ce"
@@ -147,6 +148,16 @@ def resolve_role(path: str | Path, requested: str | None) -> str:
             " (leave out --model: a weights file is evaluated as the model it holds)"
         )
     return own
+
+
+def run_identity(path: str | Path, requested: str | None) -> tuple[str, str]:
+    """(run folder or weights file, model) that ``path`` evaluates: ``run``, ``run/`` and
+    ``run/model_g.safetensors`` are one model, which must not count as two seeds."""
+    p = Path(path).resolve()
+    role = resolve_role(p, requested)
+    if p.is_file() and _in_run_folder(p):
+        p = p.parent
+    return str(p), role
 
 
 def _check_role(path: str | Path, role: str, cfg: dict[str, Any]) -> None:
@@ -338,7 +349,8 @@ def evaluate_model(
             _log(opts.progress, f"  PGD-{k}x{opts.restarts}: {out['robust_acc']:.2f}%")
         first = str(opts.pgd_steps[0])
         res["robust_acc"] = res["pgd"][first]["robust_acc"]
-        res["robust_acc_attack"] = f"PGD-{first}x{opts.restarts}"
+        variant = attack_variant(res["pgd"][first]["attack"])
+        res["robust_acc_attack"] = f"PGD-{first}x{opts.restarts}{variant}"
     if "fgsm" in protos:
         res.update(P.clean_accuracy(model, x, y, opts.batch_size))
         res.pop("correct_examples")
@@ -445,7 +457,7 @@ def _transfer_attack(opts: EvalOptions) -> dict[str, Any]:
         "name": "PGD-20 transfer",
         "norm": "Linf",
         "eps": opts.eps,
-        "step_size": opts.step_size,
+        "step_size": P.pgd_step_size(opts.eps, 20, opts.step_size),
         "steps": 20,
         "restarts": 1,
         "loss": "ce",
@@ -587,7 +599,7 @@ def evaluate_run(
     steps: int = 20,
     restarts: int = 5,
     eps: float | None = None,
-    step_size: float = 0.003,
+    step_size: float | None = None,
     loss: str = "ce",
     test_subset: int | None = None,
     dataset: str | None = None,
@@ -696,6 +708,9 @@ def check_options(opts: EvalOptions) -> None:
     ):
         if value < least:
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
+    bad = [e for e in opts.eps_sweep if not 0 <= float(e) <= 255]
+    if bad:
+        raise ConfigError(f"--eps-sweep: values are in units of 1/255, so 0 to 255; got {bad}")
 
 
 def transfer_matrix(
@@ -703,7 +718,7 @@ def transfer_matrix(
     targets: list[str],
     *,
     eps: float,
-    step_size: float = 0.003,
+    step_size: float | None = None,
     steps: int = 20,
     test_subset: int | None = None,
     dataset: str | None = None,
@@ -720,6 +735,7 @@ def transfer_matrix(
 
     All models are evaluated on the same test examples (same data set, subset and seed).
     """
+    step_size = P.pgd_step_size(eps, steps, step_size)
     check_options(EvalOptions(batch_size=batch_size, precision=precision))
     paths = list(dict.fromkeys(surrogates + targets))
     names = {p: check_run(p, role=role, dataset=dataset)[2] for p in paths}
