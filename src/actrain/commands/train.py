@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="base channels of resnet18 / preact_resnet18 (64; 16 = 1/4) and small_cnn (32)",
     )
     g.add_argument("--arch-f", help="ACT: architecture of the natural model F (default: as G)")
-    g.add_argument("--width-f", type=int, help="ACT: width of F")
+    g.add_argument(
+        "--width-f", type=int, help="ACT: width of F (default: --width, also for another --arch-f)"
+    )
     g.add_argument("--depth", type=int, help="WideResNet depth")
     g.add_argument("--widen-factor", type=int, help="WideResNet widen factor")
     g.add_argument("--train-subset", type=int, help="train on a class-balanced subset of N")
