@@ -220,6 +220,15 @@ def test_create_model_name_and_arch_handling() -> None:
         create_model("small_cnn", width=object())
 
 
+def test_an_option_the_architecture_does_not_take_names_the_ones_it_does() -> None:
+    with pytest.raises(TypeError, match="unknown option depth; resnet18 takes width$"):
+        create_model("resnet18", depth=3)
+    with pytest.raises(TypeError, match="unknown option foo; wideresnet takes depth, widen_fac"):
+        create_model("wideresnet", foo=1)
+    with pytest.raises(TypeError, match="resnet50 takes no options"):
+        create_model("resnet50", width=8)
+
+
 def test_register_model_refuses_duplicates() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet18")(lambda **kw: nn.Linear(1, 1))

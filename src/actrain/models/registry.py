@@ -7,6 +7,7 @@ Kept in its own module (rather than ``models/__init__.py``) so the architecture 
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -84,6 +85,16 @@ def create_model(
         # The spec is written into checkpoints as JSON; fail now rather than at save time.
         raise TypeError(f"model kwargs must be JSON-serialisable: {err}") from err
 
-    model = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    builder = _REGISTRY[name]
+    params = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not takes_any:
+        options = [p for p in params if p not in ("num_classes", "in_channels")]
+        raise TypeError(
+            f"create_model({name!r}): unknown option{'s' * (len(unknown) > 1)}"
+            f" {', '.join(unknown)}; {name} takes {', '.join(options) or 'no options'}"
+        )
+    model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.spec = spec
     return model
