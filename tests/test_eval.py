@@ -664,3 +664,13 @@ def test_autoattack_reports_the_reference_codes_defence_checks(digits_model, dig
     assert not any("randomized" in f or "probability" in f for f in plain), plain
     assert any("randomized defense" in f for f in noisy), noisy
     assert any("output is a probability distribution" in f for f in probs), probs
+
+
+def test_transfer_matrix_takes_one_path_as_a_list_of_one(run_files):
+    from actrain.evaluation import transfer_matrix
+
+    _, a, b = run_files
+    one = transfer_matrix(a, b, eps=0.1, test_subset=10, progress=False)
+    lists = transfer_matrix([a], [b], eps=0.1, test_subset=10, progress=False)
+    assert one["surrogates"] == [a] and one["targets"] == [b]
+    assert one["success_rate"] == lists["success_rate"]

@@ -714,8 +714,8 @@ def check_options(opts: EvalOptions) -> None:
 
 
 def transfer_matrix(
-    surrogates: list[str],
-    targets: list[str],
+    surrogates: list[str] | str,
+    targets: list[str] | str,
     *,
     eps: float,
     step_size: float | None = None,
@@ -733,8 +733,11 @@ def transfer_matrix(
 ) -> dict[str, Any]:
     """Table 3: success rate of PGD-k examples made on each surrogate against each target.
 
-    All models are evaluated on the same test examples (same data set, subset and seed).
+    All models are evaluated on the same test examples (same data set, subset and seed); one
+    path alone may stand for a list of one.
     """
+    surrogates = [str(surrogates)] if isinstance(surrogates, (str, Path)) else list(surrogates)
+    targets = [str(targets)] if isinstance(targets, (str, Path)) else list(targets)
     step_size = P.pgd_step_size(eps, steps, step_size)
     check_options(EvalOptions(batch_size=batch_size, precision=precision))
     paths = list(dict.fromkeys(surrogates + targets))
