@@ -674,3 +674,21 @@ def test_transfer_matrix_takes_one_path_as_a_list_of_one(run_files):
     lists = transfer_matrix([a], [b], eps=0.1, test_subset=10, progress=False)
     assert one["surrogates"] == [a] and one["targets"] == [b]
     assert one["success_rate"] == lists["success_rate"]
+
+
+def test_multi_targeted_pgd_attacks_later_targets_only_on_examples_still_standing(
+    digits_model, digits_xy
+):
+    x, y = digits_xy[0][:60], digits_xy[1][:60]
+    kw = dict(eps=0.1, step_size=0.0125, steps=10, restarts=1, seed=0)
+    first = robust_accuracy(digits_model, x, y, targeted=1, **kw)
+    lean = robust_accuracy(digits_model, x, y, targeted=4, **kw)
+    full = robust_accuracy(digits_model, x, y, targeted=4, early_stop=False, **kw)
+    assert lean["robust_acc"] <= first["robust_acc"]  # every target tried on what survives
+    assert full["robust_acc"] <= first["robust_acc"]
+    # the examples the first target broke cost nothing more
+    assert lean["attack_passes"] < first["attack_passes"] * 4 < full["attack_passes"] * 1.01
+    broken = ~lean["robust_mask"] & lean["clean_mask"]
+    with torch.no_grad():
+        assert (digits_model(lean["x_adv"][broken]).argmax(1) != y[broken]).all()
+    assert (lean["x_adv"] - x).abs().max() <= 0.1 + 1e-6

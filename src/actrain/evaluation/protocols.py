@@ -163,13 +163,19 @@ def robust_accuracy(
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         ranks = range(1, targeted + 1) if targeted else [0]
         alive = None
-        x_best = xb.clone()
         for r in ranks:
+            # with early stop, a later target class attacks only the examples still standing
+            rows = alive.nonzero().squeeze(1) if early_stop and alive is not None else None
+            if rows is not None and rows.numel() == 0:
+                break
             tgt = _targets_by_rank(model, xb, yb, r) if r else None
+            xs, ys = (xb, yb) if rows is None else (xb[rows], yb[rows])
+            if tgt is not None and rows is not None:
+                tgt = tgt[rows]
             res = pgd_robustness(
                 model,
-                xb,
-                yb,
+                xs,
+                ys,
                 eps,
                 step_size,
                 steps,
@@ -183,14 +189,18 @@ def robust_accuracy(
                 verdict_autocast=contextlib.nullcontext,
             )
             passes += res.forward_passes
-            broken_now = ~res.robust if alive is None else alive & ~res.robust
-            x_best[broken_now] = res.x_adv[broken_now]
-            if alive is None:
+            if alive is None:  # the first (or only) attack: every example's outcome
                 clean_b = res.clean_correct
                 alive = res.robust.clone()
-                x_best[alive] = res.x_adv[alive]
-            else:
+                x_best = res.x_adv.clone()
+            elif rows is None:
+                broken_now = alive & ~res.robust
+                x_best[broken_now] = res.x_adv[broken_now]
                 alive &= res.robust
+            else:
+                broken_now = rows[~res.robust]
+                x_best[broken_now] = res.x_adv[~res.robust]
+                alive[rows] = res.robust
         clean += int(clean_b.sum())
         robust += int(alive.sum())
         robust_mask[s : s + len(yb)] = alive.cpu()
