@@ -1,3 +1,3 @@
-from actrain.cli import main
+from actrain.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -104,3 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def entry() -> None:
+    """``actrain`` and ``python -m actrain``: :func:`main`, then exit with its code; a torchrun
+    worker leaves without the interpreter's teardown (:func:`actrain.distributed.leave`)."""
+    rc = main()
+    if "torch.distributed" in sys.modules:
+        from actrain import distributed
+
+        if distributed.launched():
+            distributed.leave(rc)
+    raise SystemExit(rc)
