@@ -42,6 +42,24 @@ def test_matches_conv2d_and_its_gradients_in_fp32():
         assert torch.autograd.gradcheck(lambda *a: im2col_conv3x3(*a, stride=2), (x2, w2, b2))
 
 
+def test_its_output_may_be_modified_in_place_as_torchvisions_bottleneck_does():
+    # ReLU(inplace=True) on the output (ResNet-50's blocks): it was a view made inside the
+    # autograd function, which autograd refuses to let anyone modify
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    out = im2col_conv3x3(x, w, b)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out._base is None
+    y = F.relu(out, inplace=True)
+    ref = F.relu(F.conv2d(x, w, b, padding=1))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), go)
+    want = torch.autograd.grad(ref, (x, w, b), go)
+    for g1, g2 in zip(got, want, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
 def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(monkeypatch):
     assert im2col_pays(512, 4, 4) and not im2col_pays(128, 4, 4) and not im2col_pays(512, 8, 8)
     assert im2col_pays(256, 4, 4, stride=2) and not im2col_pays(64, 4, 4, stride=2)

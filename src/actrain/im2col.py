@@ -139,14 +139,20 @@ class _Im2colConv(torch.autograd.Function):
         ctx.weight_meta = weight.dtype, weight.stride()
         weight = weight.to(x.dtype)
         wm = weight.permute(0, 2, 3, 1).reshape(o, -1)
-        out = _cols(x, stride, reuse=True) @ wm.t()
+        ho, wo = _out_size(h, stride), _out_size(w, stride)
+        # the matmul writes into a channels_last tensor of its own, not a view: the next layer
+        # may modify it in place (torchvision's Bottleneck: ReLU(inplace=True))
+        y = torch.empty(
+            (n, o, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+        out = y.permute(0, 2, 3, 1).view(-1, o)
+        torch.mm(_cols(x, stride, reuse=True), wm.t(), out=out)
         if bias is not None:
             out += bias
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.stride = stride
-        ho, wo = _out_size(h, stride), _out_size(w, stride)
-        return out.view(n, ho, wo, o).permute(0, 3, 1, 2)  # a channels_last NCHW view
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
