@@ -248,10 +248,76 @@ def test_bench_all_writes_a_markdown_row_per_configuration(tmp_path, capsys):
     printed = capsys.readouterr()
     assert table in printed.out
     # vs Madry comes from the four methods' steps timed round-robin in one process
-    assert "interleaved, width 2: act " in printed.err
+    assert "interleaved, resnet18 w2: act " in printed.err
+    assert "Model resnet18, cifar10-shaped data, batch 4, training attack PGD (K=1)." in table
     assert "vs Madry, width 2: act " in table and "vs Madry, width 2: natural " in table
     madry_row = next(r for r in rows if r.startswith("| madry "))
     assert madry_row.rstrip(" |").endswith("1.00x")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--out", "x.md"], "--out: only with --all"),
+        (["--widths", "8"], "--widths: only with --all"),
+        (["--all", "--width", "8"], "--width: --all runs every method at --widths"),
+        (["--all", "--method", "madry"], "--method: --all runs every method"),
+        (["--arch", "wideresnet", "--width", "64"], "--width: wideresnet has a fixed size"),
+        (["--all", "--arch", "wrn-28-10", "--widths", "8"], "--widths: wrn-28-10 has a fixed"),
+        (["--eval", "--fold-bn", "off"], "--fold-bn: not used by --eval"),
+        (["--eval", "--compile"], "--compile: not used by --eval"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16: a GPU option"),
+    ],
+)
+def test_bench_refuses_flags_it_would_ignore(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bench_all_keeps_an_existing_table_unless_told(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "keep.md"
+    out.write_text("IMPORTANT")
+    monkeypatch.setattr(bench, "run_all", lambda *a, **k: pytest.fail("ran the matrix"))
+    assert main(["bench", "--all", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "IMPORTANT"
+
+
+def _fake_matrix(monkeypatch) -> list[bench.BenchSpec]:
+    """run_all with each timing replaced by a record of what it would have timed."""
+    timed: list[bench.BenchSpec] = []
+
+    def run_bench(spec: bench.BenchSpec) -> dict:
+        timed.append(spec)
+        cfg = spec.train_config()
+        row = {"method": spec.method, "arch": spec.arch, "width": cfg.width, "precision": "bf16"}
+        return {**row, "ms_per_step": 10.0, "reference_ms_per_step": 30.0}
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    monkeypatch.setattr(bench, "format_line", lambda r: "")
+    monkeypatch.setattr(bench, "interleaved_step_ms", lambda specs, rounds: [1.0, 1.0])
+    return timed
+
+
+def test_the_matrix_halves_the_timed_steps_only_at_full_width(monkeypatch):
+    timed = _fake_matrix(monkeypatch)
+    base = bench.BenchSpec(iters=6, warmup=2)
+    bench.run_all(base, (64, 16), log=lambda line: None)
+    iters = {(s.width, s.method, s.precision): s.iters for s in timed}
+    assert iters[(64, "act", "auto")] == 3 and iters[(16, "act", "auto")] == 6  # it carried on
+
+
+def test_the_matrix_of_a_fixed_size_model_or_a_fast_attack(monkeypatch):
+    timed = _fake_matrix(monkeypatch)
+    rows = bench.run_all(bench.BenchSpec(arch="wrn-28-10", width=None), (None,), log=print)
+    assert [r["method"] for r in rows] == ["act", "madry", "trades", "natural"]
+    assert all(r["width"] is None and r["vs_madry"] == 1.0 for r in rows)
+    timed.clear()
+    fgsm = bench.BenchSpec(train_attack="fgsm-rs")
+    rows = bench.run_all(fgsm, (8,), log=lambda line: None)
+    assert "natural" not in {s.method for s in timed}  # natural training has no attack
+    assert all(r["reference_method"] == "act" for r in rows)
 
 
 def test_folded_weights_stored_in_bf16_give_the_per_pass_cast_bit_for_bit():

@@ -561,6 +561,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "method": cfg.method,
         "arch": cfg.arch,
         "width": cfg.width,
+        "dataset": cfg.dataset,
         "batch_size": bs,
         "steps": cfg.steps,
         "train_attack": cfg.train_attack,
@@ -590,7 +591,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
             "g_update": 1000 * essential["g"],
             "f_update": 1000 * essential["f"],
             "data": 1000 * data_t,
-            "other": 1000 * max(step - essential_s, 0.0),
+            # negative where the passes timed alone took longer than inside the step (noise)
+            "other": 1000 * (step - essential_s),
         },
         "data_share": data_t / (step + data_t),
         "essential_ms": 1000 * essential_s,
@@ -605,6 +607,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         result["reference_ms_per_step"] = 1000 * ref
         result["reference_images_per_s"] = bs / ref
         result["speedup_vs_reference"] = ref / (step + data_t)
+        result["reference_method"] = cfg.method  # (--all: every row against ACT's)
     if spec.flops:
         flops = model_flops_per_step(cfg, x, y)
         peak = matmul_tflops(device, autocast_dtype(result["precision"]) or torch.float32)
@@ -744,6 +747,7 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
     x = synthetic_images(info, spec.batch_size, 1, spec.seed).images.float().div(255).to(device)
     with torch.no_grad():
         y = model(x).argmax(1)
+    from actrain.evaluation import protocols as P
     from actrain.evaluation.protocols import robust_accuracy
 
     precision = "fp32" if spec.precision == "auto" else spec.precision
@@ -772,7 +776,8 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
         "images_per_s": rate[True],
         "images_per_s_plain_gradients": rate[False],
         "speedup": rate[True] / rate[False],
-        "default_gradients": results[eval_fold_bn_default(device)]["attack"]["gradients"],
+        # what `actrain eval` does without flags: fp32 gradients, folded where that is the default
+        "default_gradients": P.gradients_label(model, eval_fold_bn_default(device), "fp32"),
         "robust_acc": {
             "folded": results[True]["robust_acc"],
             "plain": results[False]["robust_acc"],
@@ -785,7 +790,7 @@ def run_eval_bench(spec: BenchSpec) -> dict[str, Any]:
 
 def format_eval_line(r: dict[str, Any]) -> str:
     return (
-        f"eval PGD-{r['steps']} {r['arch']} w{r['width']} batch {r['batch_size']}:"
+        f"eval PGD-{r['steps']} {_model_label(r)} batch {r['batch_size']}:"
         f" {r['images_per_s']:.1f} img/s with BN-folded {r['precision']} gradients,"
         f" {r['images_per_s_plain_gradients']:.1f} img/s with the model's fp32 ones"
         f" ({r['speedup']:.2f}x);"
@@ -803,27 +808,32 @@ ALL_METHODS = ("natural", "madry", "trades", "act")
 def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any]]:
     """Every method at every width with ``base``'s other settings, plus an ACT row with the
     fast-path levers off (precision fp32, NCHW, no folding) for comparison at widths < 32. The
-    plain reference (ACT) is timed once per width. Widths >= 32 use half the timed steps and
-    one warm-up. ``vs_madry`` comes from each method's steps and Madry's, timed in
-    interleaved rounds in one process (:func:`interleaved_step_ms`: ``iters`` rounds, at
-    least 3, of 2 timed steps each), two trainers at a time as a real run holds one."""
+    plain reference (ACT) is timed once per width. Widths >= 32 (and fixed-size models, width
+    None) use half the timed steps and one warm-up. ``vs_madry`` comes from each method's
+    steps and Madry's, timed in interleaved rounds in one process (:func:`interleaved_step_ms`:
+    ``iters`` rounds, at least 3, of 2 timed steps each), two trainers at a time as a real run
+    holds one. Natural training has no rows with FGSM-RS or Free-AT (no attack to change)."""
     rows: list[dict[str, Any]] = []
+    methods = [m for m in ("act", "madry", "trades", "natural")]
+    if base.train_attack != "pgd":
+        methods.remove("natural")
     for width in widths:
         ref_row = None
-        if width >= 32:  # full-size models: fewer repetitions keep the matrix within minutes
-            base = BenchSpec(
+        spec_w = base
+        if width is None or width >= 32:  # full-size models: fewer repetitions
+            spec_w = BenchSpec(
                 **{**asdict(base), "iters": max(2, base.iters // 2), "warmup": min(base.warmup, 1)}
             )
-        for method in ("act", "madry", "trades", "natural"):
-            spec = BenchSpec(**{**asdict(base), "method": method, "width": width})
+        for method in methods:
+            spec = BenchSpec(**{**asdict(spec_w), "method": method, "width": width})
             spec.reference = method == "act" and base.reference
             row = run_bench(spec)
             if ref_row is None:
                 ref_row = row
             log(format_line(row))
             rows.append(row)
-        if width < 32:  # at full width the plain reference row says the same, faster
-            plain = BenchSpec(**{**asdict(base), "width": width, "precision": "fp32"})
+        if width is not None and width < 32:  # at full width the plain reference says the same
+            plain = BenchSpec(**{**asdict(spec_w), "width": width, "precision": "fp32"})
             plain.channels_last, plain.fold_bn, plain.reference = False, False, False
             plain.fused_bn, plain.cuda_graphs = False, False
             row = run_bench(plain)
@@ -831,23 +841,26 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
             rows.append(row)
         ref_ms = ref_row.get("reference_ms_per_step")
         paired = {}  # method -> (its step, Madry's step), timed in interleaved rounds
-        rounds = max(3, base.iters)
-        for method in ("act", "trades", "natural"):
+        rounds = max(3, spec_w.iters)
+        for method in (m for m in methods if m != "madry"):
             specs = [
-                BenchSpec(**{**asdict(base), "method": m, "width": width})
+                BenchSpec(**{**asdict(spec_w), "method": m, "width": width})
                 for m in (method, "madry")
             ]
             paired[method] = interleaved_step_ms(specs, rounds)
             log(
-                f"interleaved, width {width}: {method} {paired[method][0]:.0f} ms, madry"
-                f" {paired[method][1]:.0f} ms -> {paired[method][0] / paired[method][1]:.3f}x Madry"
+                f"interleaved, {_model_label(ref_row)}: {method} {paired[method][0]:.0f} ms,"
+                f" madry {paired[method][1]:.0f} ms"
+                f" -> {paired[method][0] / paired[method][1]:.3f}x Madry"
             )
-        madry = next(r for r in rows if r["width"] == width and r["method"] == "madry")
-        for r in rows:
-            if r["width"] == width and ref_ms:
+        mine_rows = rows[len(rows) - len(methods) - (width is not None and width < 32) :]
+        madry = next(r for r in mine_rows if r["method"] == "madry")
+        for r in mine_rows:
+            if ref_ms:
                 r["reference_ms_per_step"] = ref_ms
                 r["speedup_vs_reference"] = ref_ms / r["ms_per_step"]
-            if r["width"] == width and r["precision"] == madry["precision"]:
+                r["reference_method"] = "act"
+            if r["precision"] == madry["precision"]:
                 mine, theirs = paired.get(r["method"], (1.0, 1.0))
                 if r["method"] != "madry":
                     r["interleaved_ms_per_step"] = {r["method"]: mine, "madry": theirs}
@@ -855,30 +868,40 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
     return rows
 
 
+def _model_label(r: dict[str, Any]) -> str:
+    """``resnet18 w16``, or the architecture alone where it has a fixed size."""
+    return r["arch"] + (f" w{r['width']}" if r.get("width") is not None else "")
+
+
 def attack_label(r: dict[str, Any]) -> str:
     """``K=10`` for PGD training, ``fgsm-rs``, ``free m=4``."""
     attack = r.get("train_attack", "pgd")
-    if r["method"] == "natural" or attack == "pgd":
+    if r["method"] == "natural":
+        return "no attack"
+    if attack == "pgd":
         return f"K={r['steps']}"
     return f"free m={r['replays']}" if attack == "free" else attack
 
 
 def format_line(r: dict[str, Any]) -> str:
     b = r["breakdown_ms"]
+    compiled = f" (compiled in {r['compile_s']:.0f} s)" if r["compile"] else ""
+    fold = r["fold_bn"] and r.get("attack_passes", 1) > 0  # (natural training: no attack)
     per_update = ""
     if r.get("replays", 1) > 1:
         per_update = f" ({r['ms_per_update']:.0f} ms/update)"
     text = (
-        f"{r['method']:<7} {r['arch']} w{r['width']} bs{r['batch_size']} {attack_label(r)}"
+        f"{r['method']:<7} {_model_label(r)} {r.get('dataset', '')} bs{r['batch_size']}"
+        f" {attack_label(r)}"
         f" {r['precision']}{' CL' if r['channels_last'] else ''}"
-        f"{' fold' if r['fold_bn'] else ''}{' im2col' if r.get('im2col') else ''}"
+        f"{' fold' if fold else ''}{' im2col' if r.get('im2col') else ''}"
         f"{' mmWgrad' if r.get('mm_wgrad') else ''}"
         f"{' fusedBN' if r.get('fused_bn') else ''}"
         f"{' graphs' if r.get('cuda_graphs') else ''}"
         f"{' stepGraph' if r.get('step_graph') else ''}"
         f"{' streams' if r.get('model_streams') else ''}"
         f"{' compile' if r['compile'] else ''}"
-        f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}:"
+        f"{' ' + r['compile_mode'] if r.get('compile_mode') else ''}{compiled}:"
         f" {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.0f} ms/step{per_update}"
         f" (attack {b['attack']:.0f}, G {b['g_update']:.0f}, F {b['f_update']:.0f},"
         f" data {b['data']:.1f}, other {b['other']:.0f} ms; step/essential"
@@ -906,7 +929,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         b = r["breakdown_ms"]
-        levers = [s for s, on in (("CL", r["channels_last"]), ("fold", r["fold_bn"])) if on]
+        fold = r["fold_bn"] and r.get("attack_passes", 1) > 0
+        levers = [s for s, on in (("CL", r["channels_last"]), ("fold", fold)) if on]
         if r.get("im2col"):
             levers.append("im2col")
         if r.get("mm_wgrad"):
@@ -926,9 +950,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r.get("model_tflops"):
             tflops = f"{r['model_tflops']:.2f} ({100 * r['matmul_share']:.0f}%)"
         attack = attack_label(r)
-        label = r["method"] if attack.startswith("K=") else f"{r['method']} {attack}"
+        plain = attack.startswith("K=") or r["method"] == "natural"
+        label = r["method"] if plain else f"{r['method']} {attack}"
+        width = "-" if r["width"] is None else r["width"]
         lines.append(
-            f"| {label} | {r['width']} | {r['precision']} | {'+'.join(levers) or '-'} "
+            f"| {label} | {width} | {r['precision']} | {'+'.join(levers) or '-'} "
             f"| {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {b['attack']:.0f} "
             f"| {b['g_update']:.0f} | {b['f_update']:.0f} | {b['data']:.1f} | {b['other']:.0f} "
             f"| {r['overhead_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {tflops} "
@@ -948,6 +974,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         for w, ms in refs.items()
     )
     env, last = rows[0]["env"], rows[-1]["env"]
+    first = rows[0]
+    attack = "PGD" if first.get("train_attack", "pgd") == "pgd" else first["train_attack"]
+    foot += (
+        f"\nModel {first['arch']}, {first.get('dataset', '?')}-shaped data, batch"
+        f" {first['batch_size']}, training attack {attack} ({attack_label(first)})."
+    )
     foot += (
         f"\nClock: {rows[0]['clock']} time; {env['threads']} thread(s); {env['device']}"
         f" ({env.get('gpu', env['cpu'])}), torch {env['torch']}, malloc"

@@ -19,9 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Times Trainer.train_step on random data of the data set's shape, its"
         " essential passes on their own, and a plain fp32 NCHW step of the same method.",
     )
-    p.add_argument("--method", default="act", help="natural, madry, trades or act")
+    p.add_argument("--method", help="natural, madry, trades or act (default: act)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--width", type=int, default=16, help="resnet18 width (64 = full)")
+    p.add_argument(
+        "--width", type=int, help="width of resnet18-like models (default 16; 64 = full)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="PGD steps K per training step")
     p.add_argument(
@@ -95,13 +97,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         " model vs gradients from its BN-folded copy in --precision (auto: fp32), --iters"
         " alternating rounds",
     )
-    p.add_argument("--widths", default="16,64", help="widths for --all")
-    p.add_argument("--out", default="benchmarks/results.md", help="Markdown table of --all")
+    p.add_argument("--widths", help="widths for --all (default 16,64; none for fixed-size models)")
+    p.add_argument("--out", help="Markdown table of --all (default benchmarks/results.md)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="let --all replace an existing --out file"
+    )
     p.set_defaults(func=run)
 
 
 def _spec(ns: argparse.Namespace):
     from actrain.bench import BenchSpec
+    from actrain.config import WIDTH_ARCHES
 
     for name in ("batch_size", "iters", "reference_iters"):
         if getattr(ns, name) < 1:
@@ -110,6 +116,11 @@ def _spec(ns: argparse.Namespace):
         raise UsageError("--steps/--warmup: must be >= 0")
     if ns.width is not None and ns.width < 1:
         raise UsageError(f"--width: must be >= 1, got {ns.width}")
+    takes_width = ns.arch in WIDTH_ARCHES
+    if ns.width is not None and not takes_width:
+        raise UsageError(
+            f"--width: {ns.arch} has a fixed size (only {', '.join(WIDTH_ARCHES)} take it)"
+        )
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads: must be >= 1, got {ns.threads}")
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -118,9 +129,9 @@ def _spec(ns: argparse.Namespace):
             f"--compile-mode: expected one of {', '.join(modes)}, got {ns.compile_mode!r}"
         )
     return BenchSpec(
-        method=ns.method,
+        method=ns.method or "act",
         arch=ns.arch,
-        width=ns.width,
+        width=(ns.width or 16) if takes_width else None,
         batch_size=ns.batch_size,
         steps=ns.steps,
         train_attack=ns.train_attack,
@@ -146,14 +157,54 @@ def _spec(ns: argparse.Namespace):
     )
 
 
+def _refuse_ignored(ns: argparse.Namespace) -> None:
+    """Flags the chosen mode would not use: one line, not a run that silently ignores them."""
+    given = {
+        "--out": ns.out is not None,
+        "--widths": ns.widths is not None,
+        "--overwrite": ns.overwrite,
+    }
+    if not ns.all:
+        for flag, on in given.items():
+            if on:
+                raise UsageError(f"{flag}: only with --all (the matrix and its table)")
+    else:
+        for flag, on in (("--width", ns.width is not None), ("--method", ns.method is not None)):
+            if on:
+                raise UsageError(f"{flag}: --all runs every method at --widths; leave it out")
+    if ns.eval:
+        unused = {
+            "--method": ns.method is not None,
+            "--train-attack": ns.train_attack != "pgd",
+            "--replays": ns.replays is not None,
+            "--fold-bn": ns.fold_bn != "auto",
+            "--channels-last": ns.channels_last != "auto",
+            "--fused-bn": ns.fused_bn != "auto",
+            "--cuda-graphs": ns.cuda_graphs != "auto",
+            "--model-streams": ns.model_streams != "auto",
+            "--compile": ns.compile or ns.compile_mode is not None,
+            "--warmup": ns.warmup != 2,
+            "--reference-iters": ns.reference_iters != 2,
+            "--no-reference": not ns.reference,
+            "--no-flops": not ns.flops,
+        }
+        for flag, on in unused.items():
+            if on:
+                raise UsageError(
+                    f"{flag}: not used by --eval (it times PGD-k with the model's fp32"
+                    " gradients against its BN-folded copy's in --precision)"
+                )
+
+
 def run(ns: argparse.Namespace) -> int:
     from actrain import bench
 
+    if ns.eval and ns.all:
+        raise UsageError("--eval and --all: choose one")
+    _refuse_ignored(ns)
     spec = _spec(ns)
-    spec.train_config()  # validates method, arch, precision, ... before any time is spent
+    cfg = spec.train_config()  # validates method, arch, precision, ... before any time is spent
     if ns.eval:
-        if ns.all:
-            raise UsageError("--eval and --all: choose one")
         if ns.precision not in ("auto", "fp32", "bf16"):
             raise UsageError(
                 f"--precision: --eval takes fp32 (auto, the evaluation default) or bf16,"
@@ -162,22 +213,31 @@ def run(ns: argparse.Namespace) -> int:
         result = bench.run_eval_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_eval_line(result))
         return 0
+    if spec.precision == "fp16" and bench.T.resolve_device(cfg.device).type != "cuda":
+        raise UsageError("--precision fp16: a GPU option (with a grad scaler); on a CPU use bf16")
     if not ns.all:
         result = bench.run_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_line(result))
         return 0
-    try:
-        widths = tuple(int(w) for w in ns.widths.replace(",", " ").split())
-    except ValueError:
-        raise UsageError(f"--widths: expected integers such as 16,64, got {ns.widths!r}") from None
-    if not widths or min(widths) < 1:
-        raise UsageError(f"--widths: expected positive integers, got {ns.widths!r}")
+    widths: tuple[int | None, ...] = (None,)  # a fixed-size model: one "width"
+    if spec.width is None and ns.widths is not None:
+        raise UsageError(f"--widths: {ns.arch} has a fixed size")
+    if spec.width is not None:
+        text = ns.widths or "16,64"
+        try:
+            widths = tuple(int(w) for w in text.replace(",", " ").split())
+        except ValueError:
+            raise UsageError(f"--widths: expected integers such as 16,64, got {text!r}") from None
+        if not widths or min(widths) < 1:
+            raise UsageError(f"--widths: expected positive integers, got {text!r}")
     from actrain.outputs import writable_file
 
-    writable_file(ns.out, "--out")  # before the matrix's minutes, not after
+    out = Path(ns.out or "benchmarks/results.md")
+    if out.exists() and not ns.overwrite:
+        raise UsageError(f"--out: {out} exists; pass --overwrite to replace it, or another --out")
+    writable_file(out, "--out")  # before the matrix's minutes, not after
     rows = bench.run_all(spec, widths, log=lambda line: print(line, file=sys.stderr, flush=True))
     table = bench.markdown_table(rows)
-    out = Path(ns.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
