@@ -450,11 +450,13 @@ def test_imagefolder_loaders(tiny_imagenet: Path) -> None:
         tiny_imagenet, 4, num_workers=0, crop_size=16, resize_size=20, seed=1
     )
     assert isinstance(train, ImageFolderLoader) and train.classes == ["ant", "bee"]
-    assert len(train) == 2 and len(val) == 3 and train.num_examples == 10
+    # every training image each epoch: the last batch of 2 is trained (it was dropped)
+    assert len(train) == 3 and len(val) == 3 and train.num_examples == 10
     rng_state = torch.get_rng_state()
     x, y = _collect(train.epoch(0))
     assert torch.equal(torch.get_rng_state(), rng_state)  # global RNG untouched
-    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and float(x.max()) <= 1.0
+    assert x.shape == (10, 3, 16, 16) and x.dtype == torch.float32 and float(x.max()) <= 1.0
+    assert sorted(y.tolist()) == [0] * 5 + [1] * 5
     x2, y2 = _collect(train.epoch(0))
     assert torch.equal(x, x2) and torch.equal(y, y2)
     tx, ty = _collect(train.epoch(0, start_batch=1))
@@ -473,6 +475,17 @@ def test_imagefolder_loaders(tiny_imagenet: Path) -> None:
     shutil.rmtree(tiny_imagenet / "val")
     with pytest.raises(DataError, match="no evaluation split"):
         make_imagefolder_loaders(tiny_imagenet, 4, num_workers=0)
+
+
+def test_a_folder_drops_only_a_lone_last_image_and_skips_hidden_folders(tiny_imagenet: Path):
+    (tiny_imagenet / "train" / "bee" / "4.jpg").unlink()  # 9 images: batches of 4, 4 and 1
+    (tiny_imagenet / "train" / ".ipynb_checkpoints").mkdir()  # not a class (it was refused)
+    (tiny_imagenet / "val" / ".cache" / "x").mkdir(parents=True)
+    train, val = make_imagefolder_loaders(tiny_imagenet, 4, num_workers=0, crop_size=16)
+    assert train.classes == val.classes == ["ant", "bee"]
+    assert len(train) == 2  # the lone ninth image waits for the next epoch's shuffle
+    seen = [_collect(train.epoch(e))[1] for e in range(2)]
+    assert all(len(ys) == 8 for ys in seen)
 
 
 def test_a_folder_eval_split_in_memory_is_what_training_evaluated(tiny_imagenet: Path) -> None:

@@ -528,6 +528,49 @@ def test_an_imagefolder_run_is_evaluated_and_analysed(tmp_path, monkeypatch, cap
     assert "on 4 test images" in capsys.readouterr().out
     analysis = analyze_run(run, max_samples=6, probe_epochs=1, save=False)
     assert analysis["samples"] == 6 and 0 < analysis["models"]["g"]["entropy"] < math.log(2)
+    # a class folder renamed: the folder names are the labels, so neither eval nor a resume
+    # may go on (eval gave numbers for permuted labels, resume trained on them)
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "bee").rename(tmp_path / "data" / split / "ant2")
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 2 classes and the data has 2 whose sorted names differ" in err
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the data's classes are not the run's" in err and "[ant, ant2]" in err
+    assert len(json.loads((run / "final.json").read_text())["last"]) > 0  # nothing rewritten
+
+
+def test_imagefolder_runs_refuse_subsets_train_every_batch_and_group_by_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from actrain.analysis.runs import semantic_settings
+    from actrain.config import ConfigError, build_config
+    from actrain.train import run_training
+
+    base = {"method": "natural", "dataset": "imagefolder", "data_dir": str(tmp_path)}
+    for flag in ("train_subset", "val_size", "test_subset"):  # they were silently ignored
+        with pytest.raises(ConfigError, match="not for --dataset imagefolder"):
+            build_config({}, {**base, flag: 4})
+    for split in ("train", "val"):
+        (tmp_path / split / "ant").mkdir(parents=True)
+        arr = np.zeros((8, 8, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / split / "ant" / "0.png")
+    values = {
+        **base,
+        "arch": "small_cnn",
+        "epochs": 1,
+        "num_workers": 0,
+        "out": str(tmp_path / "r"),
+    }
+    with pytest.raises(ConfigError, match="1 image in .*, a batch of one"):
+        run_training(build_config({}, values))  # it trained zero steps and said "finished"
+    # two folders are two data sets; two copies of CIFAR-10 are one
+    a, b = {**base, "seed": 0}, {**base, "seed": 1, "data_dir": "/other"}
+    assert semantic_settings(a) != semantic_settings(b)
+    c, d = {**a, "dataset": "cifar10"}, {**b, "dataset": "cifar10"}
+    assert semantic_settings(c) == semantic_settings(d)
 
 
 def test_a_run_given_twice_is_not_two_seeds(run_files, capsys):

@@ -406,6 +406,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
     _validate_model_flags(cfg)
     _validate_method_flags(cfg)
+    if cfg.dataset == "imagefolder":  # streamed from train/ and val/, as they are
+        for name, what in (
+            ("train_subset", "it trains on every image of train/: make a smaller folder"),
+            ("val_size", "it evaluates on val/; --eval-size sets how many of them"),
+            ("test_subset", "it evaluates on val/; --eval-size sets how many of them"),
+        ):
+            if getattr(cfg, name):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: not for --dataset imagefolder; {what}"
+                )
     if not 0 <= cfg.seed < 2**32:  # NumPy's seed range, which seeds the data order
         raise ConfigError(f"--seed: must be in 0..2**32 - 1, got {cfg.seed}")
     ms = list(cfg.milestones or [])

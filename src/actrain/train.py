@@ -273,6 +273,14 @@ def build_folder_data(
         world_size=world_size,
         channels_last=channels_last,
     )
+    if len(train) == 0:
+        n = train.num_examples
+        where = f" over {world_size} processes: one each" if world_size > 1 else ""
+        raise ConfigError(
+            f"training data: {n} image{'s' if n != 1 else ''} in {cfg.data_dir}/train{where},"
+            " a batch of one, which batch norm cannot train on; use at least"
+            f" {2 * world_size} training images"
+        )
     targets = torch.tensor(evaluation.folder.targets)
     keep = D.balanced_subset_indices(targets, cfg.eval_size or len(targets), seed=0)
     subset = D.decode_subset(evaluation, keep)
@@ -837,6 +845,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "rng": rng_state(),
             "specs": json.dumps(self.specs),
+            "classes": json.dumps(self.data.classes),
             "config": self.cfg.to_json(),
             "train_attack": attack_state,
             "guard": self.guard.state_dict() if self.guard is not None else None,
@@ -865,6 +874,12 @@ class Trainer:
             atomic_write_text(path, json.dumps(summary, indent=2))
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        saved_classes = json.loads(ckpt.get("classes") or "null")
+        if saved_classes is not None and list(saved_classes) != list(self.data.classes or []):
+            raise ConfigError(
+                "--resume: the data's classes are not the run's (a class folder renamed, added"
+                f" or removed?): saved {_names(saved_classes)}, found {_names(self.data.classes)}"
+            )
         for r, m in self.models.items():
             if r not in ckpt["models"]:
                 raise ConfigError(f"--resume: the checkpoint holds no model '{r}'")
@@ -991,6 +1006,12 @@ class Trainer:
                 # the weights written are the best epoch's, not the last record's
                 summary["final_weights_epoch"] = self.guard.best_epoch
         atomic_write_text(self.run_dir / "final.json", json.dumps(summary, indent=2))
+
+
+def _names(classes: list[str] | None) -> str:
+    classes = list(classes or [])
+    more = f", ... ({len(classes)})" if len(classes) > 6 else ""
+    return "[" + ", ".join(map(str, classes[:6])) + more + "]"
 
 
 def _load_state_checked(model: nn.Module, state: dict[str, Tensor], role: str) -> None:

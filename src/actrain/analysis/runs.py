@@ -30,6 +30,15 @@ NON_SEMANTIC = (
 )
 
 
+def semantic_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A training config without the settings that change nothing trained; an ImageNet-style
+    run keeps its data folder, which is its data set (two folders are two data sets)."""
+    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    if config.get("dataset") == "imagefolder":
+        semantic["data_dir"] = config.get("data_dir")
+    return semantic
+
+
 @dataclass
 class Run:
     """One run folder as the analyses and the report see it."""
@@ -96,7 +105,7 @@ class Run:
         """What makes a configuration: the config without seed, paths, device ..., and the
         process count (``--batch-size`` is per process: 2 processes train a twice larger
         global batch)."""
-        semantic = {k: v for k, v in self.config.items() if k not in NON_SEMANTIC}
+        semantic = semantic_settings(self.config)
         if self.processes > 1:
             semantic["processes"] = self.processes
         return semantic

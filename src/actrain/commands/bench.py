@@ -233,9 +233,9 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.outputs import writable_file
 
     out = Path(ns.out or "benchmarks/results.md")
-    if out.exists() and not ns.overwrite:
-        raise UsageError(f"--out: {out} exists; pass --overwrite to replace it, or another --out")
     writable_file(out, "--out")  # before the matrix's minutes, not after
+    if out.is_file() and not ns.overwrite:
+        raise UsageError(f"--out: {out} exists; pass --overwrite to replace it, or another --out")
     rows = bench.run_all(spec, widths, log=lambda line: print(line, file=sys.stderr, flush=True))
     table = bench.markdown_table(rows)
     try:

@@ -15,6 +15,7 @@ from actrain.data.datasets import (
     IMAGE_READ_ERRORS,
     ImageTensors,
     check_same_classes,
+    class_folders,
     default_data_dir,
     image_read_error,
     load_split,
@@ -232,6 +233,28 @@ class _SeededImageDataset(Dataset):
             return self.transform(image), label
 
 
+_VisibleImageFolder = None
+
+
+def _visible_image_folder(tvd):
+    """torchvision's ImageFolder with the class folders :func:`class_folders` sees (hidden
+    ones such as ``.ipynb_checkpoints`` skipped, as for the CIFAR image folders and in
+    evaluation); made once, at module level so that DataLoader workers can unpickle it."""
+    global _VisibleImageFolder
+    if _VisibleImageFolder is None:
+
+        class VisibleImageFolder(tvd.ImageFolder):
+            def find_classes(self, directory):
+                classes = class_folders(Path(directory))
+                if not classes:
+                    raise FileNotFoundError(f"no class folders in {directory}")
+                return classes, {c: i for i, c in enumerate(classes)}
+
+        VisibleImageFolder.__qualname__ = VisibleImageFolder.__name__ = "_VisibleImageFolder"
+        _VisibleImageFolder = VisibleImageFolder
+    return _VisibleImageFolder
+
+
 class ImageFolderLoader:
     """Large ImageFolder data streamed by DataLoader workers, with InMemoryLoader's interface.
 
@@ -265,7 +288,7 @@ class ImageFolderLoader:
         if not split_dir.is_dir():
             raise DataError(f"folder not found: {split_dir} (expected {split_dir}/<class>/*.jpg)")
         try:
-            self.folder = tvd.ImageFolder(str(split_dir))
+            self.folder = _visible_image_folder(tvd)(str(split_dir))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(
                 f"{split_dir} is not an image folder (expected <class>/*.jpg|png): {exc}"
@@ -280,7 +303,11 @@ class ImageFolderLoader:
         self.classes = list(self.folder.classes)
         self.channels_last = channels_last
         self.train = train
-        drop = train if drop_last is None else drop_last
+        n = len(self.folder.samples)
+        # as the in-memory loader: every image each epoch, except a lone last one (batch norm
+        # cannot train on a batch of one), which waits for the next epoch's shuffle
+        lone_last = shard_size(n, world_size, False) % batch_size == 1 and batch_size > 1
+        drop = (train and lone_last) if drop_last is None else drop_last
         self.sampler = _EpochBatchSampler(
             len(self.folder.samples),
             batch_size,

@@ -237,14 +237,6 @@ def sanity_table(label: str, sanity: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _non_semantic() -> tuple[str, ...]:
-    """Config keys that change nothing trained (the seed: runs that differ only there are
-    repeats); the rule ``actrain report`` groups runs by."""
-    from actrain.analysis.runs import NON_SEMANTIC
-
-    return NON_SEMANTIC
-
-
 def configuration_key(config: dict[str, Any], result: dict[str, Any]) -> str | None:
     """What makes two evaluated runs repeats of one configuration: the training config without
     the seed and settings that change nothing trained (as ``actrain report`` groups runs),
@@ -252,9 +244,13 @@ def configuration_key(config: dict[str, Any], result: dict[str, Any]) -> str | N
     run is never averaged with another."""
     if not config:
         return None
-    skip = set(_non_semantic())
-    semantic = {k: v for k, v in config.items() if k not in skip}
-    key = {"config": semantic, "model": result.get("model"), "dataset": result.get("dataset")}
+    from actrain.analysis.runs import semantic_settings
+
+    key = {
+        "config": semantic_settings(config),
+        "model": result.get("model"),
+        "dataset": result.get("dataset"),
+    }
     return json.dumps(key, sort_keys=True, default=str)
 
 

@@ -494,7 +494,36 @@ def prepare(
     model = model.to(dev)
     flag = flag if flag is not None else ("--dataset" if dataset else None)
     _fits_data(model, path, role, name, test, flag)
+    if name == "imagefolder":  # the folder names are the labels: a renamed class moves them
+        check_same_class_names(recorded_classes(path, role), list(test.classes), path, role)
     return model, test, cfg, role
+
+
+def recorded_classes(path: str | Path, role: str) -> list[str] | None:
+    """The class names a model was trained on, from its weights file (None where unknown)."""
+    p = Path(path)
+    f = p / f"model_{role}.safetensors" if p.is_dir() else p
+    if f.suffix != ".safetensors" or not f.is_file():
+        return None
+    classes = read_weights_metadata(f).get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+def check_same_class_names(
+    trained: list[str] | None, found: list[str], path: str | Path, role: str
+) -> None:
+    if trained is None or trained == found:
+        return
+    first = next(
+        (i for i, (a, b) in enumerate(zip(trained, found, strict=False)) if a != b),
+        min(len(trained), len(found)),
+    )
+    raise ConfigError(
+        f"{path} [{role.upper()}] was trained on {len(trained)} classes and the data has"
+        f" {len(found)} whose sorted names differ from position {first} on"
+        f" ({trained[first : first + 3]} vs {found[first : first + 3]}): its labels would not"
+        " match; evaluate it on the folder it was trained on"
+    )
 
 
 def evaluate_loaded(
