@@ -515,3 +515,18 @@ def test_pre_activation_blocks_sum_their_input_gradients_inside_the_kernels(name
             g_twin, g_sum, exact = g_twin[:1], g_sum[:1], exact[:1]
         flat = [torch.cat([t.float().flatten() for t in g]) for g in (g_twin, g_sum, exact)]
         assert _rel(flat[0], flat[2]) <= _rel(flat[1], flat[2]) * 1.1 + 1e-3, kind
+
+
+def test_a_run_says_the_kernels_ran_only_where_its_model_calls_them():
+    # torchvision's ResNet-50 calls its batch norms itself: switching them on changes nothing,
+    # and final.json / bench rows said "fused" for it
+    from actrain.fused import fused_bn_ran
+
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=CL)
+    for name, kw, ran in (("resnet18", {"width": 16}, True), ("resnet50", {}, False)):
+        model = create_model(name, num_classes=10, **kw).to(memory_format=CL).train()
+        use_fused_bn(model)
+        assert fused_bn_active(model) and not fused_bn_ran(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+        assert fused_bn_ran(model) is ran, name

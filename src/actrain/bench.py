@@ -38,7 +38,7 @@ from actrain import losses as L
 from actrain import train as T
 from actrain.attacks.graphed import CaptureFailed, GraphedPGD
 from actrain.config import WIDTH_ARCHES, TrainConfig, build_config
-from actrain.fused import fused_bn_active
+from actrain.fused import fused_bn_ran
 from actrain.malloc import malloc_in_use
 from actrain.methods import build_method, build_train_attack
 from actrain.models import create_model
@@ -574,7 +574,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "mm_wgrad": any(
             getattr(m, "matmul_weight_grad_used", False) for m in _all_modules(trainer)
         ),
-        "fused_bn": any(fused_bn_active(m) for m in trainer.models.values()),
+        "fused_bn": any(fused_bn_ran(m) for m in trainer.models.values()),
         "cuda_graphs": trainer.graphed_attack is not None,
         "step_graph": trainer.graphed_update is not None,
         "model_streams": trainer.graphed_update is not None

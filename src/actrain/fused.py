@@ -408,6 +408,7 @@ def bn_act(
     shortcut reads too (:func:`input_twin`); the batch-norm kernels only."""
     if getattr(bn, "fused_kernels", False) and _tensors_fit(x, residual) and library() is not None:
         if _training_batch_norm(bn, x):
+            bn.__dict__["fused_kernels_ran"] = True  # (plain attribute: no Module bookkeeping)
             args = (x, bn.weight, bn.bias, residual, bn, relu, fork, twin_input)
             return _twin_of(_BatchNormAct.apply(*args))
         if relu and type(bn) is nn.Identity:  # batch norm folded away (runtime.AttackView)
@@ -552,3 +553,11 @@ def use_fused_bn(model: nn.Module, on: bool = True) -> int:
 
 def fused_bn_active(model: nn.Module) -> bool:
     return available() and any(getattr(m, "fused_kernels", False) for m in model.modules())
+
+
+def fused_bn_ran(model: nn.Module) -> bool:
+    """Whether ``model``'s training-mode batch norm has run through the kernels, not only been
+    switched on: torchvision's ResNet-50 calls its BN layers itself, never :func:`bn_act`."""
+    return fused_bn_active(model) and any(
+        m.__dict__.get("fused_kernels_ran", False) for m in model.modules()
+    )

@@ -52,7 +52,7 @@ from actrain.config import (
 )
 from actrain.data.sampling import mix_seed, shard_size
 from actrain.errors import EXIT_FAILED, EXIT_INTERRUPTED, TrainingStopped, UserError
-from actrain.fused import use_fused_bn
+from actrain.fused import fused_bn_ran, use_fused_bn
 from actrain.guard import OverfitGuard
 from actrain.im2col import use_im2col_convs
 from actrain.malloc import malloc_in_use
@@ -975,7 +975,7 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision,
             "channels_last": self.channels_last,
-            "fused_bn": bool(self.fused_bn),
+            "fused_bn": any(fused_bn_ran(m) for m in self.models.values()),
             "cuda_graphs": graphs,
             "attack_start": getattr(attack, "start", "zero" if attack is not None else None),
             "overfit_guard": self.guard is not None,
