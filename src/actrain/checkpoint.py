@@ -103,9 +103,15 @@ def _torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> None:
     """Safetensors weights with the spec needed by :func:`load_model` in the header."""
-    meta = {"spec": json.dumps(model.spec), **{k: json.dumps(v) for k, v in metadata.items()}}
+    if not isinstance(getattr(model, "spec", None), dict):
+        raise TypeError(
+            f"save_weights: {type(model).__name__} has no .spec (the recipe load_model rebuilds"
+            " it from): build the model with actrain.models.create_model"
+        )
+    extra = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    meta = {"spec": json.dumps(model.spec), **extra}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
 
@@ -150,15 +156,26 @@ def _superseded(run_dir: Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, role: str = "g", device: str | torch.device = "cpu") -> nn.Module:
+def load_model(
+    path: str | Path, role: str | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Rebuild a trained model (eval mode, logits for inputs in [0, 1]).
 
     ``path`` is a run folder (its final ``model_{role}.safetensors``, or the latest checkpoint
-    while the run is still going) or a ``.safetensors`` file written by actrain.
+    while the run is still going) or a ``.safetensors`` file written by actrain. ``role``: "g"
+    (the default) or "f"; a weights file is the model it holds, and a ``role`` it contradicts
+    is an error.
     """
     path = Path(path)
+    if role not in (None, "g", "f"):
+        raise ValueError(f"role: 'g' (the robust model) or 'f' (ACT's natural one), got {role!r}")
     if not path.exists():
         raise CheckpointError(f"no such run folder or weights file: {path}")
+    if path.is_file() and path.suffix == ".safetensors":
+        own = read_weights_metadata(path).get("role")
+        if role is not None and own in ("g", "f") and own != role:
+            raise CheckpointError(f"{path} holds model {own.upper()}, not {role.upper()}")
+    role = role or "g"
     wpath = _weights_path(path, role)
     if wpath.suffix == ".safetensors":
         meta = read_weights_metadata(wpath)

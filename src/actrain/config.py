@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -179,7 +181,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Merge defaults < config file < explicit flags, then validate."""
+    """Merge defaults < config file < explicit flags, then validate (two mappings: a config
+    file's values, e.g. :func:`load_yaml`, and the overrides)."""
+    for name, given in (("file_values", file_values), ("overrides", overrides)):
+        if not isinstance(given, Mapping):
+            raise TypeError(
+                f"build_config: {name} must be a mapping, got {type(given).__name__}"
+                " (for a file: build_config(load_yaml(path), overrides))"
+            )
     values: dict[str, Any] = {}
     values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -366,6 +375,9 @@ def validate(cfg: TrainConfig) -> None:
 
     get_dataset_info(cfg.dataset)  # raises DataError with a "did you mean"
     arches = list(ARCHITECTURES)
+    registry = sys.modules.get("actrain.models.registry")  # loaded: models may be registered
+    if registry is not None:
+        arches += [a for a in registry.list_models() if a not in arches]
     for flag, arch in (("--arch", cfg.arch), ("--arch-f", cfg.arch_f)):
         if arch is not None and arch not in arches:
             raise ConfigError(

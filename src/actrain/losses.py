@@ -6,6 +6,8 @@ log-softmax and KL are never evaluated in bf16/fp16.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,8 @@ def kl_divergence(
     KL averaged over examples), ``"sum"`` (summed over the batch, as TRADES' and ACT's released
     attack code do) or ``"none"`` (one value per example).
     """
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"kl_divergence: temperature must be > 0 and finite, got {temperature}")
     log_p = F.log_softmax(p_logits.float() / temperature, dim=1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=1)
     per_example = (log_p.exp() * (log_p - log_q)).sum(dim=1)
@@ -52,8 +56,8 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, target: Tensor, beta: 
     As in the TRADES reference, the clean distribution is not detached in the robust term:
     gradients flow through both f(x) and f(x').
     """
-    if beta < 0:
-        raise ValueError(f"trades_loss: beta must be >= 0, got {beta}")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"trades_loss: beta must be >= 0 and finite, got {beta}")
     return cross_entropy(logits_clean, target) + beta * kl_divergence(logits_clean, logits_adv)
 
 
@@ -70,8 +74,8 @@ def _check_alpha_temperature(alpha: float, temperature: float) -> None:
     """alpha outside [0, 1] makes a loss negative, T = 0 makes it NaN: both train quietly wrong."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"ACT: alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0:
-        raise ValueError(f"ACT: temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"ACT: temperature must be > 0 and finite, got {temperature}")
 
 
 def act_losses(

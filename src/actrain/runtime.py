@@ -228,16 +228,33 @@ def _cached_view(
 ) -> torch.nn.Module:
     """``model``'s refreshed :class:`AttackView` from ``cache`` (built on first use), or the
     model itself where folding does not apply (untraceable, or no conv -> BN pair)."""
-    view = cache.get(model)
-    if view is None or (view and (view.dtype != dtype or view.placement != _placement(model))):
+    entry = cache.get(model)
+    # (view, fingerprint) where built here; a bare view where a Trainer set its own
+    view, built_for = entry if isinstance(entry, tuple) else (entry, None)
+    now = _fingerprint(model) if built_for is not None else None
+    if (
+        view is None
+        or (built_for is not None and built_for != now)  # modules or parameters replaced
+        or (view and (view.dtype != dtype or view.placement != _placement(model)))
+    ):
         try:
             view = AttackView(model, dtype, channels_last)
         except Exception:  # untraceable model (data-dependent control flow): use it as it is
             view = False
         if view and not view.pairs:
             view = False
-        cache[model] = view
+        cache[model] = (view, now if now is not None else _fingerprint(model))
     return view.refresh() if view else model
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
+    """The identity of ``model``'s modules, parameters and buffers: a copy made before one of
+    them was replaced (a new head, a reassigned Parameter) computes another function."""
+    return (
+        *(id(m) for m in model.modules()),
+        *(id(p) for p in model.parameters()),
+        *(id(b) for b in model.buffers()),
+    )
 
 
 def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

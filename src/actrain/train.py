@@ -299,9 +299,9 @@ class Trainer:
     and resume continues from exactly there, with the partial epoch's metrics and every RNG.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str, resume: bool = False) -> None:
         self.cfg = cfg
-        self.run_dir = run_dir
+        self.run_dir = Path(run_dir)
         # Under torchrun (issue 5): this process's device and place in the job; SINGLE otherwise.
         self.device = resolve_device(distributed.device_name(cfg.device))
         if self.device.type == "cpu":

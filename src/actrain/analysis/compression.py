@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from actrain.attacks.base import eval_mode
+
 HIDDEN = (400, 200)
 
 
@@ -45,12 +47,12 @@ def extract_features(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tens
         raise TypeError(
             f"{type(model).__name__} has no features(x); cannot probe its representation"
         )
-    model.eval()
     device = next(model.parameters()).device
-    out = [
-        model.features(x[s : s + batch_size].to(device).float()).float().flatten(1).cpu()
-        for s in range(0, len(x), batch_size)
-    ]
+    with eval_mode(model):  # the caller's train/eval mode comes back (BN frozen only here)
+        out = [
+            model.features(x[s : s + batch_size].to(device).float()).float().flatten(1).cpu()
+            for s in range(0, len(x), batch_size)
+        ]
     return torch.cat(out)
 
 

@@ -39,4 +39,9 @@ def weight_norms(model: nn.Module) -> list[dict[str, Any]]:
                 "norm": norm,
             }
         )
+    if not rows and any(isinstance(m, (_ConvNd, nn.Linear)) for m in model.modules()):
+        raise ValueError(
+            "weight_norms: every conv and linear weight is frozen (requires_grad False), and"
+            " only learnable layers are counted; call model.requires_grad_(True) first"
+        )
     return rows

@@ -84,7 +84,12 @@ def autoattack(
     flags: list[str] = []
     try:
         search = model if searcher is None else searcher
-        with eval_mode(model), eval_mode(search), warnings.catch_warnings(record=True) as caught:
+        with (
+            _own_rng(device),
+            eval_mode(model),
+            eval_mode(search),
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             aa = paa.AutoAttack(search, eps=eps, version="standard", seed=seed, device=device)
             aa.logger = logger
@@ -134,6 +139,13 @@ def autoattack(
     return AutoAttackResult(
         clean_correct, robust, x_adv, robust_after, broken_by, list(attacks), sorted(set(flags))
     )
+
+
+def _own_rng(device: torch.device):
+    """The reference code seeds torch's global generators (``manual_seed`` in every attack):
+    the caller's random state is put back afterwards, as actrain's own attacks leave it."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
 
 
 def _defence_checks(paa, aa, model: nn.Module, x: Tensor, y: Tensor, attacks, logger) -> None:
@@ -198,7 +210,7 @@ def square_attack(
 
     del paa
     search = model if searcher is None else searcher
-    with eval_mode(model), eval_mode(search):
+    with _own_rng(x.device), eval_mode(model), eval_mode(search):
         sq = SquareAttack(
             search,
             p_init=0.8,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,8 +45,13 @@ class LinfBall:
         # a string such as "8/255", or a negative radius, would otherwise attack quietly wrong
         for name in ("eps", "step_size", "lower", "upper"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()  # a 0-d tensor or NumPy scalar is a number too
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"LinfBall.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"LinfBall.{name} must be finite, got {value}")
+            object.__setattr__(self, name, float(value))
         if not 0 <= self.eps <= self.upper - self.lower or self.step_size < 0:
             raise ValueError(
                 f"LinfBall: need 0 <= eps <= upper - lower and step_size >= 0, got eps"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -70,6 +71,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
 
 
 def clean_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> dict:
+    _check_data(x, y, batch_size)
     correct = predict(model, x, batch_size) == y.cpu()
     return {
         "clean_acc": _pct(correct.sum(), len(y)),
@@ -86,13 +88,29 @@ def _targets_by_rank(model: nn.Module, x: Tensor, y: Tensor, rank: int) -> Tenso
     return logits.topk(rank, dim=1).indices[:, rank - 1]
 
 
-def _check_data(x: Tensor, y: Tensor) -> None:
-    """Images and labels that match, and some of them (a mismatch failed deep in an attack;
-    no examples gave NaN accuracies)."""
+def _check_data(x: Tensor, y: Tensor, batch_size: int = 1) -> None:
+    """Images in [0, 1] and class labels that match, and some of them: each mistake failed
+    deep in an attack with an internal error, or (images in 0..255, no examples) gave numbers
+    that looked like results."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y: expected tensors, got {type(x).__name__}, {type(y).__name__}")
     if len(x) != len(y):
         raise ValueError(f"x holds {len(x)} images and y {len(y)} labels")
     if len(y) == 0:
         raise ValueError("no examples to evaluate (x and y are empty)")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x: expected float32 images in [0, 1], got {x.dtype} (uint8: x / 255)")
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise TypeError(
+            f"y: expected int64 class labels of shape [N], got {y.dtype} {tuple(y.shape)}"
+        )
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"x: images must lie in [0, 1] (the model normalises), got [{lo:g}, {hi:g}]"
+        )
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
 
 
 def _search(model: nn.Module, fold_bn: bool | None, precision: str):
@@ -133,7 +151,15 @@ def robust_accuracy(
     the highest clean logits (other than the label), R restarts of targeted PGD; an example is
     robust only if it survives all of them. ``step_size`` None: :func:`pgd_step_size`.
     """
-    _check_data(x, y)
+    _check_data(x, y, batch_size)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps: must be an integer >= 0, got {steps!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
+        raise ValueError(f"restarts: must be an integer >= 1, got {restarts!r}")
+    if not isinstance(targeted, numbers.Integral) or targeted < 0:
+        raise ValueError(f"targeted: must be an integer >= 0, got {targeted!r}")
+    if not isinstance(eps, numbers.Real) or not 0 <= eps <= 1:
+        raise ValueError(f"eps: must be a number in [0, 1], got {eps!r} (8/255, not '8/255')")
     step_size = pgd_step_size(eps, steps, step_size)
     device = _device(model)
     precision, autocast, steer = _search(model, fold_bn, precision)
