@@ -514,3 +514,44 @@ def test_analysing_one_model_keeps_the_others_and_mixed_probes_are_flagged(runs,
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "**Different probe settings on digits:**" in md
     assert "2 epochs, seed 0, 100 images (ACT (G))" in md and "3 epochs" in md
+
+
+def test_of_two_equally_complete_results_the_report_takes_the_strongest(runs, tmp_path):
+    # a second PGD-3 result with another step (e.g. the old default) sorted first by name and
+    # was taken, whatever it measured
+    import shutil
+
+    from actrain.analysis.runs import load_run
+    from actrain.report import eval_scores
+
+    run = tmp_path / "madry"
+    shutil.copytree(runs["madry-s0"], run)
+    good = json.loads((run / "eval" / "pgd3.json").read_text())
+    weak = {**good, "robust_acc": good["robust_acc"] + 10.0}
+    weak["attack"] = {**good["attack"], "step_size": 0.0001}
+    (run / "eval" / "a-weak.json").write_text(json.dumps(weak))
+    assert eval_scores(load_run(run), "g")["PGD-3"] == good["robust_acc"]
+
+
+def test_analysis_and_report_refuse_what_they_would_ignore_or_destroy(runs, tmp_path, capsys):
+    run = runs["act"]
+    before = (run / "analysis" / "analysis.json").read_text()
+    argv = ["analyze", str(run), "--max-samples", "20", "--probe-epochs", "1"]
+    assert main([*argv, "--out", str(run / "analysis")]) == 2
+    assert "is the run's own analysis folder" in capsys.readouterr().err
+    assert (run / "analysis" / "analysis.json").read_text() == before
+    out = tmp_path / "r"
+    assert main(["report", str(run), "--out", str(out), "--probe-epochs", "3"]) == 2
+    assert "--probe-epochs: only with --analyze" in capsys.readouterr().err
+
+
+def test_a_sweep_refuses_a_repeated_value_and_a_run_of_another_config(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    base = ["sweep", "--set", "dataset=digits", "--out", str(out), "--dry-run"]
+    assert main([*base, "--param", "alpha", "0.1", "0.10"]) == 2
+    assert "0.1 and 0.10 are the same value" in capsys.readouterr().err
+    (out / "alpha-0.1").mkdir(parents=True)  # trained before the config file was edited
+    cfg = build_config({}, {"dataset": "digits", "alpha": 0.1, "epochs": 1})
+    (out / "alpha-0.1" / "config.json").write_text(cfg.to_json())
+    assert main([*base, "--param", "alpha", "0.1", "--set", "epochs=2"]) == 2
+    assert "was trained with epochs 1 (now 2)" in capsys.readouterr().err

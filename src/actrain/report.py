@@ -300,13 +300,15 @@ def eval_scores(run: Run, role: str) -> dict[str, float]:
         by_name.setdefault(a["name"], []).append(a)
     for name in sorted(by_name, key=_attack_order):
         # at the training eps (or nearest), the most complete measurement: most images, then
-        # most restarts (it took the first file's, 16 images with 1 restart beside 32 with 2)
+        # most restarts (it took the first file's, 16 images with 1 restart beside 32 with 2);
+        # of equally complete ones (another step size) the strongest, not the first file's
         pick = min(
             by_name[name],
             key=lambda a: (
                 abs((a["eps"] or train_eps) - train_eps),
                 -(a["n"] or 0),
                 -(a["restarts"] or 1),
+                a["robust_acc"] if a["robust_acc"] is not None else math.inf,
             ),
         )
         scores[name] = pick["robust_acc"]

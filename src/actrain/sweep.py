@@ -90,13 +90,19 @@ def plan_sweep(
     file_values = load_yaml(config) if config else {}
     out_dir = Path(out_dir)
     plan = []
+    seen: dict[str, str] = {}  # the value as the run takes it -> as given
     for v in values:
         overrides: dict[str, Any] = {**sets, key: v}
         if key == "milestones":
             overrides[key] = v.replace(",", " ")
         run_dir = out_dir / f"{key}-{_folder_value(v)}"
         overrides["out"] = str(run_dir)
-        build_config(file_values, overrides)  # raises ConfigError naming the bad value
+        cfg = build_config(file_values, overrides)  # raises ConfigError naming the bad value
+        taken = json.dumps(getattr(cfg, key), sort_keys=True)
+        if taken in seen:  # 0.1 and 0.10: two folders, one configuration, the same seed
+            raise UsageError(f"--param {param}: {seen[taken]} and {v} are the same value")
+        seen[taken] = v
+        _check_earlier_config(run_dir, cfg.to_dict())
         argv = [sys.executable, "-m", "actrain", "train"]
         if config:
             argv += ["--config", str(config)]
@@ -106,6 +112,29 @@ def plan_sweep(
         argv += ["--out", str(run_dir), "--no-progress"]
         plan.append({"value": v, "out": str(run_dir), "argv": argv})
     return plan
+
+
+def _check_earlier_config(run_dir: Path, planned: dict[str, Any]) -> None:
+    """A run folder this sweep made before, trained with other settings (the config file was
+    edited since): skipping or resuming it would put two configurations in one table."""
+    from actrain.analysis.runs import NON_SEMANTIC
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    differ = sorted(
+        k
+        for k, v in planned.items()
+        if k not in NON_SEMANTIC and k not in ("out", "progress") and k in saved
+        and saved[k] != v
+    )  # fmt: skip
+    if differ:
+        each = ", ".join(f"{k} {saved[k]!r} (now {planned[k]!r})" for k in differ)
+        raise UsageError(
+            f"--out: {run_dir} was trained with {each}; the config changed since that run:"
+            " choose another --out, or move that run away"
+        )
 
 
 def _state(run_dir: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 from actrain.commands import UsageError
 
@@ -81,13 +82,19 @@ def run(ns: argparse.Namespace) -> int:
     device = resolve_device(ns.device)
     runs = expand_run_args(ns.runs)
     command = command_of(ns)
+    roles = None if ns.model == "all" else [ns.model]
+    for r in runs:  # every refusal before the table starts
+        if roles and roles[0] not in r.roles:
+            raise UsageError(f"{r.path}: no model '{ns.model}' (this run has {', '.join(r.roles)})")
+        if ns.out and Path(ns.out).resolve() == (Path(r.path) / "analysis").resolve():
+            raise UsageError(
+                f"--out: {ns.out} is the run's own analysis folder, whose analysis.json the"
+                " figures' summary would replace; give another folder"
+            )
     print(
         f"{'run':<32} {'model':<5} {'layers':>6} {'sum |W|_F':>10} {'probe acc':>9} {'entropy':>8}"
     )
     for r in runs:
-        roles = None if ns.model == "all" else [ns.model]
-        if roles and roles[0] not in r.roles:
-            raise UsageError(f"{r.path}: no model '{ns.model}' (this run has {', '.join(r.roles)})")
         res = analyze_run(
             r.path,
             roles=roles,

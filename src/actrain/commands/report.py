@@ -34,6 +34,11 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.errors import UsageError
     from actrain.report import build_report
 
+    if not ns.analyze:
+        for flag, given in (("--max-samples", ns.max_samples is not None),
+                            ("--probe-epochs", ns.probe_epochs != 30)):  # fmt: skip
+            if given:
+                raise UsageError(f"{flag}: only with --analyze (it sets how analyses are made)")
     if ns.max_samples is not None and ns.max_samples < 2:
         raise UsageError("--max-samples: must be >= 2")
     if ns.probe_epochs < 1:
