@@ -506,10 +506,13 @@ def test_analysing_one_model_keeps_the_others_and_mixed_probes_are_flagged(runs,
     # `analyze --model f` dropped G's analysis; the caption gave one probe's settings for all
     run = tmp_path / "act"
     shutil.copytree(runs["act"], run)
-    analyze_run(run, roles=["f"], max_samples=100, probe_epochs=3)
+    analyze_run(run, roles=["f"], max_samples=100, probe_epochs=3, command="analyze F")
     saved = json.loads((run / "analysis" / "analysis.json").read_text())["models"]
     assert list(saved) == ["g", "f"] and saved["f"]["probe"]["epochs"] == 3
     assert saved["g"]["probe"]["epochs"] == 2  # the fixture's analysis of G, kept
+    # each model keeps the command and sample count behind its numbers
+    assert saved["f"]["command"] == "analyze F" and saved["f"]["samples"] == 100
+    assert saved["g"]["command"] == f"actrain analyze {runs['act']}"
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "**Different probe settings on digits:**" in md

@@ -803,9 +803,16 @@ class ReportBuilder:
         cmds: list[str] = []
         for g in analysed:
             for r in g.runs:
-                c = (r.analysis or {}).get("command")
-                if c and c not in cmds:
-                    cmds.append(c)
+                analysis = r.analysis or {}
+                models = analysis.get("models")
+                each = (
+                    [m.get("command") for m in models.values() if isinstance(m, dict)]
+                    if isinstance(models, dict)
+                    else []
+                )
+                for c in [analysis.get("command"), *each]:
+                    if isinstance(c, str) and c not in cmds:
+                        cmds.append(c)
 
         def series(g: Group, role: str) -> str:
             return g.short if role == "g" and len(g.roles) == 1 else f"{g.short} ({role.upper()})"

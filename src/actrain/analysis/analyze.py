@@ -97,6 +97,9 @@ def analyze_run(
             "norms": weight_norms(model),
             "entropy": mean_entropy(model, x, batch_size),
             "probe": probe,
+            # its own settings: a later `--model f` with others keeps G's beside them
+            "samples": len(train),
+            "command": command,
         }
     result = {
         "run": str(run.path),
