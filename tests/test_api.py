@@ -102,11 +102,16 @@ def test_weights_files_roles_and_models_not_built_by_actrain(tmp_path):
 
 
 def test_a_registered_architecture_is_a_valid_config_arch():
+    from actrain.models import registry
+
     @register_model("api_test_mlp")
     def api_test_mlp(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
 
-    cfg = build_config({}, {"arch": "api_test_mlp", "dataset": "digits", "method": "madry"})
-    assert cfg.arch == "api_test_mlp"
+    try:
+        cfg = build_config({}, {"arch": "api_test_mlp", "dataset": "digits", "method": "madry"})
+        assert cfg.arch == "api_test_mlp"
+    finally:  # the registry is process-wide: other tests list it
+        registry._REGISTRY.pop("api_test_mlp")
     with pytest.raises(TypeError, match="build_config: file_values must be a mapping"):
         build_config("configs/quickstart/digits_act.yaml", {})
