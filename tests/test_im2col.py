@@ -14,19 +14,22 @@ from actrain.models import create_model
 from actrain.runtime import AttackView, cpu_has_amx
 
 
+def _same_values_and_gradients(ours, ref, inputs) -> None:
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(ours, inputs, go)
+    want = torch.autograd.grad(ref, inputs, go)
+    for g1, g2 in zip(got, want, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
 def test_matches_conv2d_and_its_gradients_in_fp32():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 6, 7).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(4, 5, 3, 3), torch.randn(4)
     for t in (x, w, b):
         t.requires_grad_(True)
-    ours, ref = im2col_conv3x3(x, w, b), F.conv2d(x, w, b, padding=1)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    go = torch.randn_like(ref)
-    got_grads = torch.autograd.grad(ours, (x, w, b), go)
-    want_grads = torch.autograd.grad(ref, (x, w, b), go)
-    for got, want in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _same_values_and_gradients(im2col_conv3x3(x, w, b), F.conv2d(x, w, b, padding=1), (x, w, b))
     args = [
         torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True),
         torch.randn(5, 3, 3, 3, dtype=torch.double, requires_grad=True),
@@ -51,13 +54,7 @@ def test_its_output_may_be_modified_in_place_as_torchvisions_bottleneck_does():
     out = im2col_conv3x3(x, w, b)
     assert out.is_contiguous(memory_format=torch.channels_last) and out._base is None
     y = F.relu(out, inplace=True)
-    ref = F.relu(F.conv2d(x, w, b, padding=1))
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    go = torch.randn_like(ref)
-    got = torch.autograd.grad(y, (x, w, b), go)
-    want = torch.autograd.grad(ref, (x, w, b), go)
-    for g1, g2 in zip(got, want, strict=True):
-        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+    _same_values_and_gradients(y, F.relu(F.conv2d(x, w, b, padding=1)), (x, w, b))
 
 
 def test_full_width_resnet18_uses_it_only_in_its_last_stage_and_agrees_in_bf16(monkeypatch):

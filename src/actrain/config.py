@@ -512,10 +512,6 @@ def _validate_method_flags(cfg: TrainConfig) -> None:
                     f"--{name.replace('_', '-')} {value}: only --method {method} uses it (this"
                     f" run is --method {cfg.method}); leave it out"
                 )
-    if cfg.method == "natural" and cfg.attack_start != "auto":
-        raise ConfigError(
-            f"--attack-start {cfg.attack_start}: natural training uses no adversarial examples"
-        )
 
 
 def _validate_attack(cfg: TrainConfig) -> None:
@@ -526,11 +522,16 @@ def _validate_attack(cfg: TrainConfig) -> None:
             f"{_did_you_mean(cfg.train_attack, TRAIN_ATTACKS)}"
             f" (choices: {', '.join(TRAIN_ATTACKS)})"
         )
-    if cfg.method == "natural" and cfg.train_attack != "pgd":
-        raise ConfigError(
-            f"--train-attack {cfg.train_attack}: natural training uses no adversarial examples"
-            " (use --method madry, trades or act)"
-        )
+    if cfg.method == "natural":  # settings of the attack it does not run
+        for flag, value, default in (
+            ("--train-attack", cfg.train_attack, "pgd"),
+            ("--attack-start", cfg.attack_start, "auto"),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"{flag} {value}: natural training uses no adversarial examples"
+                    " (use --method madry, trades or act)"
+                )
     if cfg.replays < 1:
         raise ConfigError(f"--replays: must be >= 1, got {cfg.replays}")
     if cfg.replays != 1 and cfg.train_attack != "free":
