@@ -814,10 +814,11 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
     ``iters`` rounds, at least 3, of 2 timed steps each), two trainers at a time as a real run
     holds one. Natural training has no rows with FGSM-RS or Free-AT (no attack to change)."""
     rows: list[dict[str, Any]] = []
-    methods = [m for m in ("act", "madry", "trades", "natural")]
+    methods = ["act", "madry", "trades", "natural"]
     if base.train_attack != "pgd":
         methods.remove("natural")
     for width in widths:
+        first_row = len(rows)
         ref_row = None
         spec_w = base
         if width is None or width >= 32:  # full-size models: fewer repetitions
@@ -853,9 +854,8 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
                 f" madry {paired[method][1]:.0f} ms"
                 f" -> {paired[method][0] / paired[method][1]:.3f}x Madry"
             )
-        mine_rows = rows[len(rows) - len(methods) - (width is not None and width < 32) :]
-        madry = next(r for r in mine_rows if r["method"] == "madry")
-        for r in mine_rows:
+        madry = next(r for r in rows[first_row:] if r["method"] == "madry")
+        for r in rows[first_row:]:
             if ref_ms:
                 r["reference_ms_per_step"] = ref_ms
                 r["speedup_vs_reference"] = ref_ms / r["ms_per_step"]
@@ -866,6 +866,11 @@ def run_all(base: BenchSpec, widths=ALL_WIDTHS, log=print) -> list[dict[str, Any
                     r["interleaved_ms_per_step"] = {r["method"]: mine, "madry": theirs}
                 r["vs_madry"] = mine / theirs
     return rows
+
+
+def _fold_shown(r: dict[str, Any]) -> bool:
+    """Whether a row's attack passes ran on the BN-folded view (natural training has none)."""
+    return bool(r["fold_bn"]) and r.get("attack_passes", 1) > 0
 
 
 def _model_label(r: dict[str, Any]) -> str:
@@ -886,7 +891,7 @@ def attack_label(r: dict[str, Any]) -> str:
 def format_line(r: dict[str, Any]) -> str:
     b = r["breakdown_ms"]
     compiled = f" (compiled in {r['compile_s']:.0f} s)" if r["compile"] else ""
-    fold = r["fold_bn"] and r.get("attack_passes", 1) > 0  # (natural training: no attack)
+    fold = _fold_shown(r)
     per_update = ""
     if r.get("replays", 1) > 1:
         per_update = f" ({r['ms_per_update']:.0f} ms/update)"
@@ -929,7 +934,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         b = r["breakdown_ms"]
-        fold = r["fold_bn"] and r.get("attack_passes", 1) > 0
+        fold = _fold_shown(r)
         levers = [s for s, on in (("CL", r["channels_last"]), ("fold", fold)) if on]
         if r.get("im2col"):
             levers.append("im2col")

@@ -70,15 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        rc = ns.func(ns)
-        if rc == 0 and "torch.distributed" in sys.modules:
-            from actrain import distributed
-
-            # under torchrun: leave the process group before exiting; gloo's threads, still
-            # running at interpreter exit, abort the process ("terminate called without an
-            # active exception") now and then
-            distributed.cleanup()
-        return rc
+        return ns.func(ns)  # (a torchrun worker leaves its group in entry())
     except UserError as exc:
         # the message as written: quotes are part of it ("unknown loss 'x'"); several lines
         # (a wrapped cause) become one

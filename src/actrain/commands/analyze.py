@@ -8,6 +8,8 @@ from pathlib import Path
 
 from actrain.commands import UsageError
 
+PROBE_EPOCHS = 30
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="class-balanced seeded subset of N training images (default: the whole training set)",
     )
-    p.add_argument("--probe-epochs", type=int, default=30, help="MLP epochs (30)")
+    p.add_argument(
+        "--probe-epochs", type=int, default=PROBE_EPOCHS, help=f"MLP epochs ({PROBE_EPOCHS})"
+    )
     p.add_argument("--probe-seed", type=int, default=0, help="random labels and MLP seed (0)")
     p.add_argument("--probe-lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     p.add_argument("--probe-batch-size", type=int, default=128)

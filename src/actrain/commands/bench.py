@@ -10,6 +10,7 @@ from pathlib import Path
 from actrain.commands import UsageError
 
 ONOFF = {"auto": None, "on": True, "off": False}
+WARMUP, REFERENCE_ITERS = 2, 2  # defaults (--eval uses neither: given otherwise, refused)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
     p.add_argument("--iters", type=int, default=5, help="timed steps (median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reference-iters", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--reference-iters", type=int, default=REFERENCE_ITERS)
     p.add_argument("--no-reference", dest="reference", action="store_false")
     p.add_argument(
         "--no-flops",
@@ -183,8 +184,8 @@ def _refuse_ignored(ns: argparse.Namespace) -> None:
             "--cuda-graphs": ns.cuda_graphs != "auto",
             "--model-streams": ns.model_streams != "auto",
             "--compile": ns.compile or ns.compile_mode is not None,
-            "--warmup": ns.warmup != 2,
-            "--reference-iters": ns.reference_iters != 2,
+            "--warmup": ns.warmup != WARMUP,
+            "--reference-iters": ns.reference_iters != REFERENCE_ITERS,
             "--no-reference": not ns.reference,
             "--no-flops": not ns.flops,
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from actrain.commands.analyze import PROBE_EPOCHS  # the analyses --analyze makes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run `actrain analyze` (default settings) on runs that have no analysis yet",
     )
     p.add_argument("--max-samples", type=int, help="with --analyze: training images per analysis")
-    p.add_argument("--probe-epochs", type=int, default=30, help="with --analyze: MLP epochs")
+    p.add_argument(
+        "--probe-epochs", type=int, default=PROBE_EPOCHS, help="with --analyze: MLP epochs"
+    )
     p.set_defaults(func=run)
 
 
@@ -36,7 +40,7 @@ def run(ns: argparse.Namespace) -> int:
 
     if not ns.analyze:
         for flag, given in (("--max-samples", ns.max_samples is not None),
-                            ("--probe-epochs", ns.probe_epochs != 30)):  # fmt: skip
+                            ("--probe-epochs", ns.probe_epochs != PROBE_EPOCHS)):  # fmt: skip
             if given:
                 raise UsageError(f"{flag}: only with --analyze (it sets how analyses are made)")
     if ns.max_samples is not None and ns.max_samples < 2:
@@ -61,7 +65,7 @@ def run(ns: argparse.Namespace) -> int:
             acmd_extra = ["--max-samples", str(ns.max_samples)]
         else:
             acmd_extra = []
-        if ns.probe_epochs != 30:
+        if ns.probe_epochs != PROBE_EPOCHS:
             argv += ["--probe-epochs", str(ns.probe_epochs)]
             acmd_extra += ["--probe-epochs", str(ns.probe_epochs)]
         for r in runs:
