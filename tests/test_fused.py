@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from actrain import fused
 from actrain.fused import bn_act, fused_bn_active, use_fused_bn
 from actrain.models import create_model
-from actrain.runtime import AttackView
+from actrain.runtime import AttackView, cpu_runs_bf16
 
 CL = torch.channels_last
 
@@ -357,6 +357,7 @@ def test_resnet18_blocks_sum_their_input_gradients_inside_the_kernels(monkeypatc
             assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(not cpu_runs_bf16(), reason="oneDNN has no bf16 kernels on this CPU")
 @pytest.mark.parametrize("residual", [False, True])
 def test_attack_blocks_run_conv_add_and_relu_as_one_onednn_call(residual, monkeypatch):
     # AttackView's blocks: relu(conv(x) + folded bias + shortcut), constant bf16 weights.
@@ -530,3 +531,26 @@ def test_a_run_says_the_kernels_ran_only_where_its_model_calls_them():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x).float().sum().backward()
         assert fused_bn_ran(model) is ran, name
+
+
+def test_attack_blocks_keep_the_plain_conv_where_onednn_has_no_bf16(monkeypatch):
+    # AVX2-only CPUs: oneDNN's fused conv raises in bf16, PyTorch's own conv runs (slowly).
+    import actrain.runtime
+
+    monkeypatch.setattr(actrain.runtime, "cpu_runs_bf16", lambda: False)
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+    conv.weight.data = conv.weight.data.bfloat16().contiguous(memory_format=CL)
+    conv.bias.data = conv.bias.data.bfloat16()
+    conv.requires_grad_(False)
+    ident = torch.nn.Identity()
+    ident.fused_kernels = True
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=CL)
+    calls = []
+    real = fused._ConvAddReLU.apply
+    monkeypatch.setattr(fused._ConvAddReLU, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused.conv_bn_act(conv, ident, x)
+        ref = F.relu(conv(x))
+    assert not calls
+    assert torch.equal(out, ref)

@@ -319,3 +319,45 @@ def test_overwrite_never_touches_a_live_run_and_keeps_the_old_results_aside(tmp_
     assert "eval" not in names and "analysis" not in names
     assert any(n.startswith("eval.replaced-") for n in names)
     assert json.loads((run / "config.json").read_text())["method"] == "natural"
+
+
+def test_bf16_on_a_cpu_without_onednn_bf16_trains_and_says_it_is_slow(tmp_path, capsys, monkeypatch):
+    # AVX2-only CPUs: oneDNN's own bf16 ops raise there, PyTorch's portable path runs ~10x
+    # slower than fp32. The run must finish (no oneDNN call of ours) and say so in one line.
+    import actrain.runtime
+    from actrain import cli
+
+    monkeypatch.setattr(actrain.runtime, "cpu_runs_bf16", lambda: False)
+    common = ["--dataset", "digits", "--width", "16", "--epochs", "1", "--steps", "2"]
+    common += ["--train-subset", "256", "--test-subset", "64", "--no-progress"]
+    assert cli.main(["train", *common, "--precision", "bf16", "--out", str(tmp_path / "b")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "no bf16 kernels" in ln]
+    assert len(notes) == 1 and "10x slower than fp32" in notes[0]
+    final = json.loads((tmp_path / "b" / "final.json").read_text())
+    assert final["runtime"]["precision"] == "bf16"
+    assert cli.main(["train", *common, "--precision", "fp32", "--out", str(tmp_path / "f")]) == 0
+    assert "no bf16 kernels" not in capsys.readouterr().err
+
+
+def test_channels_last_fp32_training_refuses_the_strided_1x1_convs_that_corrupt_memory_on_avx2(
+    tmp_path, capsys, monkeypatch
+):
+    # torch 2.14.1 on an AVX2-only CPU: the fp32 channels_last weight gradient of a 1x1
+    # stride-2 conv with 2-7 input channels aborts with "double free or corruption".
+    import actrain.runtime as rt
+    from actrain import cli
+    from actrain.models import create_model
+
+    monkeypatch.setattr(rt, "_cpu_capability", lambda: "AVX2")
+    narrow = create_model("resnet18", width=4)
+    assert rt.channels_last_fp32_hazard(narrow) == "layers.1.0.shortcut.0 (4 input channels)"
+    assert rt.channels_last_fp32_hazard(create_model("resnet18", width=8)) is None
+    assert rt.channels_last_fp32_hazard(narrow.requires_grad_(False)) is None
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--width", "4", "--precision", "fp32"]
+    assert cli.main([*argv, "--channels-last", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "strided 1x1 conv layers.1.0.shortcut.0 (4 input channels)" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    monkeypatch.setattr(rt, "_cpu_capability", lambda: "AVX512")
+    assert rt.channels_last_fp32_hazard(create_model("resnet18", width=4)) is None

@@ -481,7 +481,7 @@ def _prime(spec: BenchSpec) -> None:
     key = (spec.method, spec.precision, spec.device)
     if key in _PRIMED:
         return
-    tiny = BenchSpec(**{**asdict(spec), "width": 2, "batch_size": 2, "steps": min(spec.steps, 1)})
+    tiny = BenchSpec(**{**asdict(spec), "width": 8, "batch_size": 2, "steps": min(spec.steps, 1)})
     trainer = synthetic_trainer(tiny.train_config(), batches=1)
     trainer.fold_bn = spec.fold_bn
     trainer.train_step(*next(endless_batches(trainer.data.train)))

@@ -453,6 +453,7 @@ def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
     """A plain 2-D convolution with constant bf16 weights and bias (folded), on bf16
     channels_last CPU activations, that ``actrain.im2col`` does not take over."""
     from actrain.im2col import Im2colConv2d, im2col_pays
+    from actrain.runtime import cpu_runs_bf16
 
     if type(conv) not in (nn.Conv2d, Im2colConv2d) or conv.bias is None:
         return False
@@ -464,7 +465,7 @@ def _conv_fuses(conv: nn.Module, x: object, residual: object) -> bool:
         return False
     if not conv.weight.is_contiguous(memory_format=torch.channels_last):
         return False  # (a 1x1 activation passes for channels_last whatever its model's layout)
-    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise") or not cpu_runs_bf16():
         return False
     if not (
         isinstance(x, Tensor)

@@ -43,6 +43,51 @@ def cpu_has_amx() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+@functools.cache
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Without
+    them PyTorch's own bf16 convolutions take a slow portable path, and oneDNN ops called
+    directly (``actrain.fused``'s conv + add + ReLU) raise (AVX2-only CPUs)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
+def channels_last_fp32_hazard(model: torch.nn.Module) -> str | None:
+    """The first conv whose fp32 channels_last weight gradient corrupts the heap on this CPU.
+
+    Seen with torch 2.14.1 on an AVX2-only AMD EPYC: a 1x1 convolution with stride >= 2, no
+    padding and 2 to 7 input channels (ResNet shortcuts below width 8) aborts the process
+    ("double free or corruption") in its weight gradient; NCHW, AVX-512 CPUs and 8 or more
+    channels are fine."""
+    if platform.machine() not in ("x86_64", "AMD64") or _cpu_capability() == "AVX512":
+        return None
+    for name, m in model.named_modules():
+        if (
+            isinstance(m, torch.nn.Conv2d)
+            and m.kernel_size == (1, 1)
+            and m.stride != (1, 1)
+            and m.padding in ((0, 0), "valid")
+            and 1 < m.in_channels < 8
+            and m.weight.requires_grad
+        ):
+            return f"{name} ({m.in_channels} input channels)"
+    return None
+
+
+def _cpu_capability() -> str:
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def slow_bf16_note(device: torch.device, precision: str) -> str | None:
+    """One line for a user who asked for bf16 on a CPU without oneDNN's bf16 kernels."""
+    if device.type != "cpu" or precision != "bf16" or cpu_runs_bf16():
+        return None
+    return (
+        "actrain: note: this CPU has no bf16 kernels in oneDNN (AVX2 only): bf16 runs PyTorch's"
+        " portable path, about 10x slower than fp32 here (the default)"
+    )
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision

@@ -61,10 +61,12 @@ from actrain.models import create_model
 from actrain.runtime import (
     attack_model,
     autocast_factory,
+    channels_last_fp32_hazard,
     cpu_has_amx,
     keep_freed_memory,
     resolve_device,
     resolve_precision,
+    slow_bf16_note,
 )
 from actrain.step_graph import GraphedUpdate
 
@@ -354,6 +356,13 @@ class Trainer:
             model = build_model(kw, role, cfg.dataset).to(self.device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
+            if self.channels_last and self.device.type == "cpu" and self.precision == "fp32":
+                if hazard := channels_last_fp32_hazard(model):
+                    raise ConfigError(
+                        f"--channels-last: on this CPU (no AVX-512) PyTorch's fp32 channels_last"
+                        f" weight gradient of {kw['name']}'s strided 1x1 conv {hazard} corrupts"
+                        " memory; leave channels_last off, or use a width of 8 or more"
+                    )
             if self.device.type == "cpu" and self.precision == "bf16" and cpu_has_amx():
                 # issue 7: oneDNN is slow at 512 channels, 4x4; its weight gradients at 4x4
                 # (the latter goes with the fused kernels: off, a run rounds as before them)
@@ -1211,6 +1220,8 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
             f" -> {run_dir}",
             file=sys.stderr,
         )
+        if note := slow_bf16_note(trainer.device, trainer.precision):
+            print(note, file=sys.stderr)
         if trainer.fused_bn and not fused.available():
             print(
                 "actrain: note: the fused batch-norm kernels could not be built (is a C compiler"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -275,6 +276,7 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.evaluation.report import group_label, group_results
     from actrain.evaluation.sanity import format_checks
     from actrain.evaluation.suite import evaluate_run, transfer_matrix
+    from actrain.runtime import resolve_device, slow_bf16_note
 
     step = None if ns.step_size is None else parse_fraction(ns.step_size, "--step-size")
     if ns.eps is not None:
@@ -310,6 +312,9 @@ def run(ns: argparse.Namespace) -> int:
     _check_outputs(ns, out_dir, json_path, md_path)
     pngs = _example_paths(ns, out_dir)
     configs = _preflight(ns, eps_given=ns.eps is not None)
+    note = slow_bf16_note(resolve_device(ns.device), ns.precision)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
     if not ns.transfer:  # one model counted as two seeds would fake a std
         _refuse_repeats(ns.run, ns.model)
     if ns.eps is None:
