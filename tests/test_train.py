@@ -321,7 +321,7 @@ def test_overwrite_never_touches_a_live_run_and_keeps_the_old_results_aside(tmp_
     assert json.loads((run / "config.json").read_text())["method"] == "natural"
 
 
-def test_bf16_on_a_cpu_without_onednn_bf16_trains_and_says_it_is_slow(tmp_path, capsys, monkeypatch):
+def test_bf16_on_a_cpu_without_onednn_bf16_trains_and_says_so(tmp_path, capsys, monkeypatch):
     # AVX2-only CPUs: oneDNN's own bf16 ops raise there, PyTorch's portable path runs ~10x
     # slower than fp32. The run must finish (no oneDNN call of ours) and say so in one line.
     import actrain.runtime
