@@ -246,23 +246,10 @@ class _ChannelsLastInput(torch.nn.Module):
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fp32_levers_pay(device: torch.device) -> bool:
-    """channels_last and BN folding in fp32 training: measured to pay on an AVX2-only x86 CPU,
-    where fp32 is the default (ResNet-18 width 16, one thread: a train pass 596 -> 506 ms in
-    channels_last; ACT and Madry steps about 1.3-1.5x faster with both). Unmeasured in fp32
-    elsewhere (AVX-512 CPUs train in bf16 by default), so the plain path stays there."""
-    return (
-        device.type == "cpu"
-        and platform.machine() in ("x86_64", "AMD64")
-        and _cpu_capability() == "AVX2"
-    )
-
-
-def fold_bn_default(precision: str, device: torch.device | None = None) -> bool:
+def fold_bn_default(precision: str) -> bool:
     """Fold BN for attack passes by default wherever the attack already runs in reduced
-    precision, and in fp32 where :func:`fp32_levers_pay`; elsewhere fp32 keeps the plain path,
-    so its results stay bit-identical to it."""
-    return precision != "fp32" or (device is not None and fp32_levers_pay(device))
+    precision; fp32 keeps the plain path so its results stay bit-identical to it."""
+    return precision != "fp32"
 
 
 def attack_model(
@@ -272,7 +259,7 @@ def attack_model(
     :func:`fold_bn_default`) its refreshed :class:`AttackView`, built once per model and cached.
     Models that cannot be traced or have no conv -> BN pair are used as they are."""
     if fold_bn is None:
-        fold_bn = fold_bn_default(precision, _placement(model)[0])
+        fold_bn = fold_bn_default(precision)
     if not fold_bn:
         return model
     return _cached_view(_VIEWS, model, autocast_dtype(precision), channels_last=False)
