@@ -618,6 +618,35 @@ def stride2(width: int) -> None:
         )
 
 
+def fp32levers(width: int, rounds: int = 3) -> None:
+    """fp32 ACT and Madry steps with channels_last and BN folding off/on, all eight in
+    interleaved rounds (``bench.interleaved_step_ms``): what the fp32 levers buy on a CPU where
+    fp32 is the default (no AVX512-BF16/AMX)."""
+    from actrain import bench
+
+    levers = [(cl, fold) for cl in (False, True) for fold in (False, True)]
+    specs = [
+        bench.BenchSpec(
+            method=m,
+            width=width,
+            threads=1,
+            clock="cpu",
+            precision="fp32",
+            channels_last=cl,
+            fold_bn=fold,
+        )  # fmt: skip
+        for cl, fold in levers
+        for m in ("act", "madry")
+    ]
+    ms = bench.interleaved_step_ms(specs, rounds, block=1)
+    for i, (cl, fold) in enumerate(levers):
+        act, madry = ms[2 * i], ms[2 * i + 1]
+        print(
+            f"width {width} fp32 channels_last={cl} fold={fold}: ACT {act:.0f} ms,"
+            f" Madry {madry:.0f} ms, ACT/Madry {act / madry:.3f}"
+        )
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what, *rest = sys.argv[1:] or ["profile"]
@@ -634,4 +663,5 @@ if __name__ == "__main__":
         commands["trainprofile"], commands["pass"] = trainprofile, onepass
         commands["convpasses"], commands["twothreads"] = convpasses, twothreads
         commands["optim"], commands["stride2"] = optim, stride2
+        commands["fp32levers"] = fp32levers
         commands[what](width)
