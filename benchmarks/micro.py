@@ -634,7 +634,7 @@ def fp32levers(width: int, rounds: int = 3) -> None:
             precision="fp32",
             channels_last=cl,
             fold_bn=fold,
-        )  # fmt: skip
+        )
         for cl, fold in levers
         for m in ("act", "madry")
     ]
