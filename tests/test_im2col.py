@@ -106,7 +106,7 @@ def test_the_trainer_takes_the_path_at_full_width_in_bf16_and_the_benchmark_says
     from actrain import bench
 
     base = {"method": "madry", "arch": "resnet18", "batch_size": 2, "steps": 1, "device": "cpu"}
-    fast = {"iters": 1, "warmup": 0, "reference": False, "threads": 1}
+    fast = {"iters": 1, "warmup": 0, "reference": False, "threads": 1, "flops": False}
 
     def run(width: int, precision: str) -> dict:
         return bench.run_bench(bench.BenchSpec(width=width, precision=precision, **base, **fast))
