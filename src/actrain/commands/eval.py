@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -267,7 +266,7 @@ def _refuse_repeats(paths: list[str], model: str | None) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     # ---- issue 5: under torchrun, PGD batches are split over processes; rank 0 reports ----
-    from actrain.distributed import eval_setup
+    from actrain.distributed import env_info, eval_setup
 
     ns = eval_setup(ns)
     # ---- end issue 5 ----
@@ -313,7 +312,7 @@ def run(ns: argparse.Namespace) -> int:
     pngs = _example_paths(ns, out_dir)
     configs = _preflight(ns, eps_given=ns.eps is not None)
     note = slow_bf16_note(resolve_device(ns.device), ns.precision)
-    if note and os.environ.get("RANK", "0") == "0":
+    if note and env_info().is_main:
         print(note, file=sys.stderr)
     if not ns.transfer:  # one model counted as two seeds would fake a std
         _refuse_repeats(ns.run, ns.model)
