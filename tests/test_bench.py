@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actrain import bench
+from actrain import bench, runtime
 from actrain.attacks import LinfBall, pgd
 from actrain.cli import main
 from actrain.fused import fused_bn_active
@@ -46,9 +46,10 @@ def _params(models) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["act", "madry", "trades", "natural"])
 def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
-    trainer, ref, x, y = _pair(method, precision="fp32")
+    # NCHW and no folding: the fp32 default except on AVX2-only x86 CPUs (next test)
+    trainer, ref, x, y = _pair(method, precision="fp32", channels_last=False, fold_bn=False)
     assert trainer.precision == "fp32" and not trainer.channels_last
-    assert not bench.fold_active(trainer)  # fp32 keeps the plain attack path by default
+    assert not bench.fold_active(trainer)
     assert not any(fused_bn_active(m) for m in trainer.models.values())
     torch.manual_seed(1)
     out = trainer.train_step(x, y)
@@ -60,6 +61,38 @@ def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
     assert mine.keys() == theirs.keys()
     for k in mine:
         assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_fp32_takes_channels_last_and_folding_by_default_only_on_avx2_x86_cpus(monkeypatch):
+    # There both pay in fp32 (benchmarks/README.md); AVX-512 CPUs train in bf16 by default,
+    # and an fp32 run there keeps the plain path.
+    monkeypatch.setattr(runtime, "_cpu_capability", lambda: "AVX2")
+    trainer, ref, x, y = _pair("act", precision="fp32", width=8)
+    assert trainer.channels_last and bench.fold_active(trainer)
+    assert trainer.runtime()["fold_bn"]
+    before = _params(trainer.models)
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    # The same step up to float rounding (which may flip PGD's sign on a pixel or two)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=1e-3, atol=1e-4), role
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for role in ref_losses:
+        keys = [k for k in mine if k.startswith(f"{role}.") and mine[k].is_floating_point()]
+        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
+        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
+        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.999, role
+    # A model with the strided 1x1 conv PyTorch mishandles there stays NCHW (still folded)
+    narrow, *_ = _pair("act", precision="fp32", width=4)
+    assert not narrow.channels_last and bench.fold_active(narrow)
+    off, *_ = _pair("act", precision="fp32", width=8, fold_bn=False)
+    assert off.channels_last and not bench.fold_active(off)
+    assert not off.runtime()["fold_bn"]
+    monkeypatch.setattr(runtime, "_cpu_capability", lambda: "AVX512")
+    avx512, *_ = _pair("act", precision="fp32", width=8)
+    assert not avx512.channels_last and not bench.fold_active(avx512)
 
 
 @pytest.mark.parametrize("method", ["act", "madry"])
@@ -145,6 +178,23 @@ def test_attack_view_folds_bn_exactly_and_leaves_the_model_alone():
         torch.testing.assert_close(view.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
     assert attack_model(model, fold_bn=False) is model
     assert attack_model(model, fold_bn=True) is attack_model(model, fold_bn=True)
+
+
+def test_attack_view_folds_the_synchronised_batch_norm_of_torchrun_runs():
+    # torchrun --sync-bn converts every BN to SyncBatchNorm, an eval-mode affine map like any
+    # BN; it was left unfolded, so 2 processes attacked another function than 1 (issue 5)
+    # (torch's on CUDA, actrain's portable one on CPUs)
+    from actrain.distributed import convert_sync_batchnorm
+
+    x = torch.rand(6, 3, 32, 32)
+    for device in ("cpu", "cuda"):
+        synced = convert_sync_batchnorm(_trained_bn_model(), torch.device(device))
+        view = AttackView(synced)
+        assert len(view.pairs) == 20
+        with torch.no_grad():
+            torch.testing.assert_close(
+                view.module.eval()(x), synced.eval()(x), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_pgd_on_the_folded_view_finds_the_same_attack_in_fp32():

@@ -21,16 +21,22 @@ import torch
 from safetensors.torch import load_file
 
 from actrain import cli
+from actrain.runtime import fold_bn_default
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("ACTRAIN_FAULT_AT", None)
-# ACT, G and F with batch norm; 128 images = 4 global batches of 32 per epoch.
+# ACT, G and F with batch norm; 128 images = 4 global batches of 32 per epoch. NCHW: in
+# channels_last (fp32's default on AVX2-only CPUs) batch norm over 1 and over 2 processes
+# rounds differently, and PGD's sign steps turn such a rounding difference into a whole step
+# on a pixel now and then (F's weights 1e-4 apart, as between NCHW and channels_last in one
+# process). BN folding (on there too) keeps the two equal.
 ACT = [
     "--method", "act", "--dataset", "digits", "--arch", "small_cnn", "--width", "8",
     "--train-subset", "128", "--eps", "0.1", "--step-size", "0.025", "--steps", "2",
     "--lr", "0.05", "--precision", "fp32", "--eval-every", "0", "--no-progress",
     "--device", "cpu", "--sync-bn", "--attack-start", "zero", "--epochs", "1",
+    "--no-channels-last",
 ]  # fmt: skip
 TIMEOUT = 240  # a hang would fail here instead of blocking the suite
 
@@ -73,6 +79,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_two_processes_train_the_same_weights_as_one(runs):
     _assert_close(runs["one"], runs["two"])
+    # both attacked the BN-folded G where fp32 folds by default (SyncBatchNorm folds too)
+    folded = fold_bn_default("fp32", torch.device("cpu"))
+    for run in ("one", "two"):
+        assert json.loads((runs[run] / "final.json").read_text())["runtime"]["fold_bn"] == folded
     m1 = json.loads((runs["one"] / "metrics.jsonl").read_text().splitlines()[-1])
     m2 = json.loads((runs["two"] / "metrics.jsonl").read_text().splitlines()[-1])
     for k in ("loss_g", "loss_f", "train_acc_g", "train_acc_f"):  # reduced over both ranks

@@ -365,6 +365,7 @@ def test_fp32_fast_attack_steps_equal_the_plainly_written_step(method, attack):
     spec = bench.BenchSpec(
         method=method, arch="resnet18", width=4, batch_size=8, train_attack=attack,
         replays=2 if attack == "free" else None, precision="fp32", device="cpu",
+        channels_last=False, fold_bn=False,  # the plain levers (on by default on AVX2 CPUs)
     )  # fmt: skip
     cfg = spec.train_config()
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from actrain.config import build_config, resume_config
 from actrain.data import load_split
 from actrain.evaluate import robust_accuracy
 from actrain.losses import act_attack_objective, act_losses
+from actrain.runtime import fp32_levers_pay
 from actrain.train import Trainer, prepare_run_dir, run_training
 
 DIGITS = {
@@ -108,7 +109,9 @@ def test_run_folder_contents_and_load_model_round_trip(digits_runs):
     assert rec["device"] == "cpu" and rec["precision"] == "fp32"
     runtime = json.loads((run / "final.json").read_text())["runtime"]
     assert runtime["device"] == "cpu" and runtime["precision"] == "fp32"
-    assert runtime["channels_last"] is False and runtime["fused_bn"] is False
+    levers = fp32_levers_pay(torch.device("cpu"))  # fp32's channels_last and BN folding
+    assert runtime["channels_last"] is levers and runtime["fold_bn"] is levers
+    assert runtime["fused_bn"] is False
     assert runtime["attack_start"] == "gaussian" and runtime["overfit_guard"] is False
     ckpt = load_checkpoint(run / "checkpoint.pt")
     g = load_model(run)

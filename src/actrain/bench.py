@@ -66,8 +66,8 @@ class BenchSpec:
     train_attack: str = "pgd"  # pgd, fgsm-rs or free (issue 8)
     replays: int | None = None  # Free-AT's m (None: the config default, 4)
     precision: str = "auto"
-    channels_last: bool | None = None  # None: on with bf16/fp16 (the Trainer's default)
-    fold_bn: bool | None = None  # None: runtime.fold_bn_default(precision)
+    channels_last: bool | None = None  # None: the Trainer's default (bf16/fp16; fp32 on AVX2)
+    fold_bn: bool | None = None  # None: runtime.fold_bn_default
     fused_bn: bool | None = None  # None: the Trainer's default (actrain.fused)
     cuda_graphs: bool | None = None  # None: the Trainer's default (on with CUDA)
     model_streams: bool | None = None  # None: the Trainer's default (ACT, update graph)
@@ -99,6 +99,7 @@ class BenchSpec:
             "overfit_guard": False,  # synthetic data has no held-out batch; fit() is not run
             "precision": self.precision,
             "channels_last": self.channels_last,
+            "fold_bn": self.fold_bn,
             "fused_bn": self.fused_bn,
             "cuda_graphs": self.cuda_graphs,
             "model_streams": self.model_streams,
@@ -483,7 +484,6 @@ def _prime(spec: BenchSpec) -> None:
         return
     tiny = BenchSpec(**{**asdict(spec), "width": 8, "batch_size": 2, "steps": min(spec.steps, 1)})
     trainer = synthetic_trainer(tiny.train_config(), batches=1)
-    trainer.fold_bn = spec.fold_bn
     trainer.train_step(*next(endless_batches(trainer.data.train)))
     _PRIMED.add(key)
 
@@ -507,7 +507,6 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     memory = PeakMemory(device)
     memory.reset()  # peak memory is counted from before the models exist
     trainer = synthetic_trainer(cfg)
-    trainer.fold_bn = spec.fold_bn
     batches = endless_batches(trainer.data.train)
     compile_s = 0.0
     if spec.compile:
@@ -703,7 +702,6 @@ def interleaved_step_ms(specs: list[BenchSpec], rounds: int, block: int = 2) -> 
     for spec in specs:
         torch.manual_seed(spec.seed)
         trainer = synthetic_trainer(spec.train_config())
-        trainer.fold_bn = spec.fold_bn
         runs.append((trainer, endless_batches(trainer.data.train)))
     device = runs[0][0].device
     times: list[list[float]] = [[] for _ in specs]

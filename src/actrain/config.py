@@ -95,6 +95,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool | None = None
+    # The eval-mode attack passes on a copy of G with batch norm folded into its convs
+    # (runtime.AttackView); None: on in bf16/fp16, and in fp32 where runtime.fp32_levers_pay.
+    fold_bn: bool | None = None
     # actrain's own CPU kernels for bf16 (actrain.fused: batch norm + add + ReLU, the residual
     # gradient sums, the attack passes' conv + add + ReLU; the weight-gradient matmuls of
     # actrain.im2col); None: on for bf16 channels_last on a CPU where they build.
@@ -151,6 +154,23 @@ RESUMABLE_CHANGES = {
     "dist_backend",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The yes/no settings and the train flags that set them on and off (None: no flag, the default).
+ON_OFF_FLAGS: dict[str, tuple[str | None, str | None]] = {
+    name: (f"--{name.replace('_', '-')}", f"--no-{name.replace('_', '-')}")
+    for name in (
+        "channels_last",
+        "fold_bn",
+        "fused_bn",
+        "cuda_graphs",
+        "model_streams",
+        "overfit_guard",
+    )
+} | {
+    "download": (None, "--no-download"),
+    "deterministic": ("--deterministic", None),
+    "sync_bn": ("--sync-bn", None),
+    "scale_lr": ("--scale-lr", None),
+}
 FRACTION_FIELDS = ("eps", "step_size", "eval_step_size")
 
 

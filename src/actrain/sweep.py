@@ -23,16 +23,11 @@ from typing import Any
 
 from actrain.checkpoint import atomic_write_text
 from actrain.commands import UsageError
-from actrain.config import FIELDS, build_config, load_yaml
+from actrain.config import FIELDS, ON_OFF_FLAGS, build_config, load_yaml
 from actrain.errors import EXIT_INTERRUPTED, TrainingStopped
 
 NOT_SWEEPABLE = ("out", "progress")
 STOP_GRACE_S = 300.0  # a stopped run's last step and checkpoint (ImageNet-size steps take long)
-BOOL_FLAGS = {
-    "download": ("--download", "--no-download"),
-    "channels_last": ("--channels-last", "--no-channels-last"),
-    "fused_bn": ("--fused-bn", "--no-fused-bn"),
-}
 
 
 def param_key(param: str) -> str:
@@ -58,9 +53,9 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
 
 
 def _flags(key: str, value: str) -> list[str]:
-    if key in BOOL_FLAGS:
-        on, off = BOOL_FLAGS[key]
-        return [on if str(value).lower() in ("1", "true", "yes") else off]
+    if key in ON_OFF_FLAGS:
+        flag = ON_OFF_FLAGS[key][0 if str(value).lower() in ("1", "true", "yes") else 1]
+        return [flag] if flag else []  # no flag: the default
     if key == "milestones":
         return ["--milestones", *str(value).replace(",", " ").split()]
     return ["--" + key.replace("_", "-"), str(value)]

@@ -63,6 +63,7 @@ from actrain.runtime import (
     autocast_factory,
     channels_last_fp32_hazard,
     cpu_has_amx,
+    fp32_levers_pay,
     keep_freed_memory,
     resolve_device,
     resolve_precision,
@@ -310,16 +311,7 @@ class Trainer:
             keep_freed_memory()  # issue 7: no page faults re-reading freed activations
         self.dist = distributed.init(self.device, cfg.dist_backend)
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.channels_last = (
-            cfg.channels_last if cfg.channels_last is not None else self.precision != "fp32"
-        )
         self.autocast = autocast_factory(self.precision, self.device)
-        # issue 7: BN + add + ReLU fused for train-mode passes (bf16 channels_last on a CPU)
-        self.fused_bn = (
-            cfg.fused_bn
-            if cfg.fused_bn is not None
-            else self.device.type == "cpu" and self.precision == "bf16" and self.channels_last
-        )
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -327,6 +319,15 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN's fastest algorithms
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
+        self.channels_last = (
+            cfg.channels_last if cfg.channels_last is not None else self._channels_last_pays()
+        )
+        # issue 7: BN + add + ReLU fused for train-mode passes (bf16 channels_last on a CPU)
+        self.fused_bn = (
+            cfg.fused_bn
+            if cfg.fused_bn is not None
+            else self.device.type == "cpu" and self.precision == "bf16" and self.channels_last
+        )
         if self.dist.enabled and hasattr(self.method, "batch_fraction"):
             self.method.batch_fraction = 1.0 / self.dist.world_size  # ACT's attack (issue 5)
         self.data = rank0_first(
@@ -442,12 +443,30 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.partial = self._fresh_partial()
         self.stop_signal: str | None = None
-        self.fold_bn: bool | None = None  # None: fold BN for attack passes unless fp32 (issue 7)
+        # None: runtime.fold_bn_default (issue 7)
+        self.fold_bn: bool | None = cfg.fold_bn
         if resume:
             self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
         if self.dist.rank > 0:
             # Attack starts: every process draws its own noise for its own shard.
             torch.manual_seed(mix_seed(cfg.seed, self.dist.rank, self.global_step))
+
+    def _channels_last_pays(self) -> bool:
+        """channels_last by default in bf16/fp16, and in fp32 where ``fp32_levers_pay``
+        unless a model has a conv that PyTorch mishandles there (channels_last_fp32_hazard)."""
+        if self.precision != "fp32":
+            return True
+        if not fp32_levers_pay(self.device):
+            return False
+        info = D.get_dataset_info(self.cfg.dataset)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            models = [
+                build_model(
+                    model_kwargs(self.cfg, r, info, info.num_classes or 2), r, self.cfg.dataset
+                )
+                for r in self.method.roles
+            ]
+        return not any(channels_last_fp32_hazard(m) for m in models)
 
     def _fresh_partial(self) -> dict[str, Any]:
         roles = self.method.roles
@@ -984,6 +1003,8 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision,
             "channels_last": self.channels_last,
+            "fold_bn": attack_model(self.models["g"], self.fold_bn, self.precision)
+            is not self.models["g"],
             "fused_bn": any(fused_bn_ran(m) for m in self.models.values()),
             "cuda_graphs": graphs,
             "attack_start": getattr(attack, "start", "zero" if attack is not None else None),

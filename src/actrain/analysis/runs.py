@@ -25,7 +25,10 @@ NON_SEMANTIC = (
     "download",
     "num_workers",
     "channels_last",
+    "fold_bn",
     "fused_bn",
+    "cuda_graphs",
+    "model_streams",
     "precision",
 )
 
@@ -243,7 +246,7 @@ def _flag(key: str) -> str:
 
 def train_command(config: dict[str, Any]) -> str:
     """The ``actrain train`` command line that reproduces a run from its resolved config."""
-    from actrain.config import TrainConfig
+    from actrain.config import ON_OFF_FLAGS, TrainConfig
 
     defaults = TrainConfig().to_dict()
     args = ["actrain", "train"]
@@ -254,12 +257,9 @@ def train_command(config: dict[str, Any]) -> str:
             continue
         if value is None:
             continue
-        if key == "download":
-            if not value:
-                args.append("--no-download")
-            continue
-        if key in ("channels_last", "fused_bn", "overfit_guard"):  # --flag / --no-flag options
-            args.append(_flag(key) if value else "--no-" + _flag(key)[2:])
+        if key in ON_OFF_FLAGS:
+            if flag := ON_OFF_FLAGS[key][0 if value else 1]:
+                args.append(flag)
             continue
         if isinstance(value, list):
             args += [_flag(key), *(str(v) for v in value)]

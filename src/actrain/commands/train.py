@@ -98,7 +98,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--precision", help="auto, fp32, bf16, fp16")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="channels_last memory format (default: on in bf16/fp16, and in fp32 on x86 CPUs"
+        " without AVX-512, where it pays)",
+    )
+    g.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        help="attack passes on a copy of G with batch norm folded into its convs (default: as"
+        " --channels-last)",
+    )
     g.add_argument(
         "--fused-bn",
         action=argparse.BooleanOptionalAction,
