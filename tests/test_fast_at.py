@@ -435,6 +435,25 @@ def test_train_command_round_trips_the_new_flags():
     assert build_config({}, given).to_dict() == cfg.to_dict()
 
 
+def test_yes_no_settings_become_the_train_flags_that_exist():
+    # the report's command and sweep's --set/--param once gave "--cuda-graphs True" and
+    # "--download", which train does not take
+    from actrain.sweep import _flags
+
+    yes_no = {"model_streams": True, "fold_bn": False, "download": False}
+    cfg = build_config({}, {**yes_no, "deterministic": True, "sync_bn": True})
+    args = shlex.split(train_command(cfg.to_dict()))
+    for flag in ("--model-streams", "--no-fold-bn", "--no-download", "--deterministic"):
+        assert flag in args, flag
+    ns = cli.build_parser().parse_args(args[1:])
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "func", "version")}
+    assert build_config({}, given).to_dict() == cfg.to_dict()
+    assert _flags("cuda_graphs", "false") == ["--no-cuda-graphs"]
+    assert _flags("deterministic", "true") == ["--deterministic"]
+    assert _flags("download", "true") == []  # the default: train has no --download
+    assert _flags("scale_lr", "false") == []
+
+
 BAD = [
     (["--train-attack", "fgsm"], "--train-attack: unknown attack 'fgsm'; did you mean 'fgsm-rs'"),
     (["--method", "natural", "--train-attack", "free"], "natural training uses no adversarial"),
