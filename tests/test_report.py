@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -687,9 +688,14 @@ def test_a_report_redone_with_fewer_runs_removes_its_own_stale_figures_only(tmp_
     (out / "analysis.json").write_text(json.dumps({"figures": ["entropy.png"]}))
     (out / "entropy.png").write_bytes(PNG_MAGIC)
     report = json.loads((out / "report.json").read_text())
-    (out / "report.json").write_text(json.dumps({**report, "figures": ["entropy.png"]}))
+    own = {"entropy.png": hashlib.sha256(PNG_MAGIC).hexdigest()}  # as if this report drew it
+    (out / "report.json").write_text(json.dumps({**report, "figure_sha256": own}))
     assert main(["report", str(a), "--out", str(out)]) == 0
     assert (out / "entropy.png").is_file()
+    (out / "analysis.json").unlink()  # now it is this report's alone, unchanged: removed
+    (out / "report.json").write_text(json.dumps({**report, "figure_sha256": own}))
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert not (out / "entropy.png").exists()
 
 
 def test_entropy_rows_of_different_sample_counts_are_flagged(tmp_path):

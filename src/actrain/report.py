@@ -1284,6 +1284,61 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.4g}"
 
 
+#: The names of the figures a report writes (:class:`ReportBuilder`); no other file is removed.
+OWN_FIGURE = re.compile(r"(?:(?:norms|compression|curves|sweep|examples)-[^/\\]+|entropy)\.png")
+#: The reports a folder may hold (``actrain report`` and ``actrain analyze --out``), each with
+#: its ``STEM.json`` listing the figures it wrote.
+STEMS = ("report", "analysis")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """A report's ``STEM.json`` as written last time; ``{}`` if none or not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def remove_stale_figures(
+    out: Path, stem: str, previous: dict[str, Any], now: list[str]
+) -> list[str]:
+    """Remove the figures the last report of ``stem`` in ``out`` wrote that this one does not
+    (a report redone with fewer runs left the plots of the others beside it). A file goes only
+    if the last report listed it with its SHA-256 and it is still that file, it has a report
+    figure's name, and the folder's other report does not list it: a file a person made or
+    changed is never removed (an older report's list without hashes removes nothing)."""
+    hashes = previous.get("figure_sha256")
+    if not isinstance(hashes, dict):
+        return []
+    others = {
+        str(f)
+        for other in STEMS
+        if other != stem
+        for f in _manifest(out / f"{other}.json").get("figures", []) or []
+    }
+    removed = []
+    for name, digest in hashes.items():
+        path = out / str(name)
+        if (
+            name in now
+            or name in others
+            or not isinstance(name, str)
+            or not OWN_FIGURE.fullmatch(name)
+            or not path.is_file()
+            or path.is_symlink()
+        ):
+            continue
+        if _sha256(path) == digest:
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
 def build_report(
     runs: list[Run],
     out_dir: str | Path,
@@ -1292,13 +1347,15 @@ def build_report(
     command: str | None = None,
     sections: Sequence[str] = SECTIONS,
 ) -> dict[str, Any]:
-    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNGs."""
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNGs;
+    remove the PNGs the last report into ``out_dir`` wrote and this one does not."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _EVAL_CACHE.clear()
+    stem = "report" if "runs" in sections else "analysis"
+    previous = _manifest(out / f"{stem}.json")  # before this report overwrites it
     builder = ReportBuilder(runs, out, title, command, sections)
     blocks = builder.build()
-    stem = "report" if "runs" in sections else "analysis"
     md = out / f"{stem}.md"
     md.write_text(render_markdown(blocks))
     page = out / f"{stem}.html"
@@ -1316,11 +1373,22 @@ def build_report(
                 ],
                 "tables": builder.tables,
                 "figures": [p.name for p in builder.figures],
+                # what this report wrote: the next one into this folder removes what it no
+                # longer draws, if unchanged (remove_stale_figures)
+                "figure_sha256": {p.name: _sha256(p) for p in builder.figures},
             },
             indent=2,
         )
     )
-    return {"markdown": md, "html": page, "json": js, "figures": builder.figures}
+    now = [p.name for p in builder.figures]
+    removed = remove_stale_figures(out, stem, previous, now)
+    return {
+        "markdown": md,
+        "html": page,
+        "json": js,
+        "figures": builder.figures,
+        "removed": removed,
+    }
 
 
 def command_line(argv: Sequence[str]) -> str:
