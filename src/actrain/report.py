@@ -2,7 +2,9 @@
 
 Runs are grouped by configuration (everything in ``config.json`` except the seed and settings
 that do not change what is trained), seeds being the repeats; every number in a table is the
-mean ± sample standard deviation (n - 1) over the seeds of a group. Sections appear for
+mean ± sample standard deviation (n - 1) over the seeds of a group (marked ``[k/n]`` where only k
+of the row's n seeds have it; results of one attack made with different settings are columns of
+their own, never one mean). Sections appear for
 whatever the runs hold: training curves (``metrics.jsonl``), evaluation tables (``eval/*.json``
 from ``actrain eval``, else the last during-training evaluation), parameter sweeps (Table 1),
 transfer (Table 3), epsilon sweeps (Table 5), sanity checks and the analyses of
