@@ -183,6 +183,7 @@ def test_analyze_run_and_cli(runs, tmp_path, capsys):
     saved = json.loads((runs["act"] / "analysis" / "analysis.json").read_text())
     assert saved["models"].keys() == {"g", "f"} == res["models"].keys()
     assert saved["samples"] == 150
+    assert saved["num_classes"] == 10  # digits: the report's log(C) reference
     for role in ("g", "f"):
         model = load_model(runs["act"], role)
         norms = [

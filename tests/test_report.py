@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import re
 import shutil
 import statistics
@@ -558,3 +560,219 @@ def test_a_sweep_refuses_a_repeated_value_and_a_run_of_another_config(tmp_path, 
     (out / "alpha-0.1" / "config.json").write_text(cfg.to_json())
     assert main([*base, "--param", "alpha", "0.1", "--set", "epochs=2"]) == 2
     assert "was trained with epochs 1 (now 2)" in capsys.readouterr().err
+
+
+# ---- fake run folders: config, metrics, eval and analysis JSON written directly (no training) --
+def fake_run(
+    path: Path,
+    *,
+    method: str = "madry",
+    seed: int = 0,
+    evals: dict[str, dict] | None = None,
+    analysis: dict | None = None,
+    epochs: int = 2,
+    **config,
+) -> Path:
+    """A run folder as `actrain train`/`eval`/`analyze` leave it, with made-up numbers."""
+    cfg = {"method": method, "dataset": "digits", "arch": "small_cnn", "seed": seed}
+    cfg.update({"eps": 0.1, "step_size": 0.05, **config})
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    recs = [
+        {"epoch": e, "loss_g": 2.0 / e, "train_acc_g": 40.0 + e, "test_clean_acc_g": 50.0 + e}
+        for e in range(1, epochs + 1)
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for name, obj in (evals or {}).items():
+        (path / "eval").mkdir(exist_ok=True)
+        (path / "eval" / name).write_text(json.dumps(obj))
+    if analysis is not None:
+        (path / "analysis").mkdir()
+        (path / "analysis" / "analysis.json").write_text(json.dumps(analysis))
+    return path
+
+
+def pgd_result(steps: int, robust: float, clean: float = 90.0, step_size: float = 0.003) -> dict:
+    attack = {"name": f"PGD-{steps}", "steps": steps, "restarts": 1, "eps": 0.1}
+    return {
+        "clean_acc": clean,
+        "robust_acc": robust,
+        "n": 100,
+        "model": "g",
+        "attack": {**attack, "step_size": step_size},
+    }
+
+
+def fake_analysis(entropy: float, samples: int, num_classes: int | None = None) -> dict:
+    probe = {
+        "final_acc": 60.0,
+        "best_acc": 61.0,
+        "curve": [55.0, 60.0],
+        "chance_acc": 50.0,
+        "n": samples,
+        "hidden": [400, 200],
+        "epochs": 2,
+        "lr": 0.001,
+        "batch_size": 128,
+        "seed": 0,
+        "standardize": False,
+    }
+    model = {
+        "norms": [{"layer": "classifier", "kind": "linear", "norm": 3.0}],
+        "entropy": entropy,
+        "probe": probe,
+        "samples": samples,
+    }
+    out = {"samples": samples, "models": {"g": model}}
+    if num_classes is not None:
+        out["num_classes"] = num_classes
+    return out
+
+
+def test_seeds_column_says_how_many_seeds_each_number_averages(tmp_path):
+    # beta=1 has 3 seeds, only 2 with a PGD-20 result: Table 1 and 2 showed Seeds=3 beside it
+    root = tmp_path / "runs"
+    for seed, evals in (
+        (0, {"pgd20.json": pgd_result(20, 40.0, clean=80.0)}),
+        (1, {"pgd20.json": pgd_result(20, 44.0, clean=82.0)}),
+        (2, {"pgd100.json": pgd_result(100, 39.0, clean=84.0)}),
+    ):
+        fake_run(root / f"b1-s{seed}", method="trades", seed=seed, beta=1.0, evals=evals)
+    fake_run(
+        root / "b6-s0",
+        method="trades",
+        beta=6.0,
+        evals={"pgd20.json": pgd_result(20, 50.0, clean=70.0)},
+    )
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    t1 = row_of(md, "| beta | G A_nat | G A_rob (PGD-20) | Seeds", "| 1 |")
+    assert t1 == ["1", fmt_ms([80.0, 82.0, 84.0]), fmt_ms([40.0, 44.0]) + " [2/3]", "3"]
+    assert row_of(md, "| beta | G A_nat", "| 6 |") == ["6", "70.00", "50.00", "1"]
+    header = "| Architecture | Dataset | Defense | A_nat | A_rob PGD-20 | A_rob PGD-100 | Seeds"
+    t2 = row_of(md, header, "| small_cnn | digits | TRADES (beta=1) |")
+    assert t2[3:] == [
+        fmt_ms([80.0, 82.0, 84.0]),
+        fmt_ms([40.0, 44.0]) + " [2/3]",
+        "39.00 [1/3]",
+        "3",
+    ]
+    assert "[k/n]: the mean over the k of the row's n seeds" in md
+
+
+def test_a_report_redone_with_fewer_runs_removes_its_own_stale_figures_only(tmp_path):
+    # report.md and report.json were right, the PNGs of runs no longer reported stayed behind
+    a = fake_run(tmp_path / "madry", method="madry")
+    b = fake_run(tmp_path / "trades", method="trades")
+    out = tmp_path / "rep"
+    out.mkdir()
+    mine = {"curves-mine.png": b"mine", "holiday.png": PNG_MAGIC + b"user", "notes.txt": b"n"}
+    for name, data in mine.items():  # the user's files (one named like a report figure)
+        (out / name).write_bytes(data)
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    first = json.loads((out / "report.json").read_text())["figures"]
+    trades_png = next(f for f in first if f.startswith("curves-TRADES"))
+    madry_png = next(f for f in first if f.startswith("curves-Madry"))
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert not (out / trades_png).exists()  # this report's own, no longer in it: removed
+    assert (out / madry_png).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "report.json").read_text())["figures"] == [madry_png]
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data
+    # a figure the user replaced after the report wrote it is the user's now: kept
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    (out / trades_png).write_bytes(PNG_MAGIC + b"edited by hand")
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert (out / trades_png).read_bytes() == PNG_MAGIC + b"edited by hand"
+    # a figure that `actrain analyze --out` wrote into the same folder belongs to analysis.md
+    (out / "analysis.json").write_text(json.dumps({"figures": ["entropy.png"]}))
+    (out / "entropy.png").write_bytes(PNG_MAGIC)
+    report = json.loads((out / "report.json").read_text())
+    own = {"entropy.png": hashlib.sha256(PNG_MAGIC).hexdigest()}  # as if this report drew it
+    (out / "report.json").write_text(json.dumps({**report, "figure_sha256": own}))
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert (out / "entropy.png").is_file()
+    (out / "analysis.json").unlink()  # now it is this report's alone, unchanged: removed
+    (out / "report.json").write_text(json.dumps({**report, "figure_sha256": own}))
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert not (out / "entropy.png").exists()
+
+
+def test_entropy_rows_of_different_sample_counts_are_flagged(tmp_path):
+    # compression rows said so, entropy rows averaged and compared them silently
+    root = tmp_path / "runs"
+    fake_run(root / "madry", method="madry", analysis=fake_analysis(0.5, 100))
+    fake_run(root / "trades", method="trades", analysis=fake_analysis(0.7, 300))
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "**Different analysis settings for the entropy on digits:**" in md
+    assert row_of(md, "| Dataset | Model | Mean entropy", "| digits | Madry")[3] == "100"
+    assert row_of(md, "| Dataset | Model | Mean entropy", "| digits | TRADES")[3] == "300"
+    assert "100 training images (Madry); 300 training images (TRADES)" in md
+    assert "**Different probe settings on digits:**" in md  # the compression flag, as before
+    # one setting: no flag
+    assert main(["report", str(root / "madry"), "--out", str(tmp_path / "rep2")]) == 0
+    md2 = (tmp_path / "rep2" / "report.md").read_text()
+    assert "Different analysis settings" not in md2 and "100 training images." in md2
+
+
+def test_results_of_different_attack_settings_are_not_averaged_as_seeds(tmp_path):
+    # seed 0 had PGD-20 only at step 0.003, seed 1 only at 0.007: one mean of two attacks
+    root = tmp_path / "runs"
+    fake_run(root / "s0", seed=0, evals={"p.json": pgd_result(20, 40.0, step_size=0.003)})
+    fake_run(root / "s1", seed=1, evals={"p.json": pgd_result(20, 50.0, step_size=0.007)})
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = (
+        "| Architecture | Dataset | Defense | A_nat | A_rob PGD-20 (step 0.003) "
+        "| A_rob PGD-20 (step 0.007) | Seeds"
+    )
+    row = row_of(md, header, "| small_cnn | digits | Madry |")
+    assert row[3:] == [fmt_ms([90.0, 90.0]), "40.00 [1/2]", "50.00 [1/2]", "2"]
+    assert fmt_ms([40.0, 50.0]) not in md
+    assert "**Different attack settings:** PGD-20 at step 0.003 (s0), at step 0.007 (s1)" in md
+    # where each run has the strongest of its results at one setting, they are one column
+    both = pgd_result(20, 45.0, step_size=0.007)
+    (root / "s0" / "eval" / "q.json").write_text(json.dumps(both))  # weaker: 0.003 stays
+    (root / "s1" / "eval" / "q.json").write_text(json.dumps(pgd_result(20, 42.0)))  # stronger
+    assert main(["report", str(root), "--out", str(tmp_path / "rep2")]) == 0
+    md2 = (tmp_path / "rep2" / "report.md").read_text()
+    row = row_of(
+        md2, "| Architecture | Dataset | Defense | A_nat | A_rob PGD-20 | Seeds", "| small"
+    )
+    assert row[4:] == [fmt_ms([40.0, 42.0]), "2"]
+    assert "Different attack settings" not in md2
+
+
+def test_the_entropy_reference_is_the_log_of_each_data_sets_own_class_count(tmp_path, monkeypatch):
+    # two ImageFolder data sets of 3 and 5 classes shared one "imagefolder" log(C) line
+    import actrain.analysis.plots as plots
+
+    drawn = {}
+
+    def record(bars, path, ylabel, title="", refs=None):
+        drawn.update(bars=dict(bars), refs=dict(refs or {}))
+        return plots._save(plots.plt.figure(), path)  # a real file: the HTML embeds it
+
+    monkeypatch.setattr(plots, "plot_bars", record)
+    root = tmp_path / "runs"
+    for name, classes in (("birds", 3), ("cars", 5)):
+        fake_run(
+            root / name,
+            dataset="imagefolder",
+            data_dir=str(tmp_path / "data" / name),
+            analysis=fake_analysis(0.5, 100, num_classes=classes),
+        )
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    assert drawn["refs"] == {
+        "imagefolder (birds)": pytest.approx(math.log(3)),
+        "imagefolder (cars)": pytest.approx(math.log(5)),
+    }
+    assert sorted(drawn["bars"]) == ["imagefolder (birds)", "imagefolder (cars)"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = row_of(md, "| Dataset | Model | Mean entropy", "| imagefolder (cars) |")
+    assert row[4] == f"{math.log(5):.4f}"
+    # a data set of the registry needs no recorded class count: digits has 10
+    fake_run(root / "digits", analysis=fake_analysis(0.5, 100))
+    assert main(["report", str(root / "digits"), "--out", str(tmp_path / "rep2")]) == 0
+    assert drawn["refs"] == {"digits": pytest.approx(math.log(10))}

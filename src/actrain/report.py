@@ -2,7 +2,9 @@
 
 Runs are grouped by configuration (everything in ``config.json`` except the seed and settings
 that do not change what is trained), seeds being the repeats; every number in a table is the
-mean ± sample standard deviation (n - 1) over the seeds of a group. Sections appear for
+mean ± sample standard deviation (n - 1) over the seeds of a group (marked ``[k/n]`` where only k
+of the row's n seeds have it; results of one attack made with different settings are columns of
+their own, never one mean). Sections appear for
 whatever the runs hold: training curves (``metrics.jsonl``), evaluation tables (``eval/*.json``
 from ``actrain eval``, else the last during-training evaluation), parameter sweeps (Table 1),
 transfer (Table 3), epsilon sweeps (Table 5), sanity checks and the analyses of
@@ -52,6 +54,21 @@ def fmt_ms(values: Sequence[float], digits: int = 2) -> str:
     if len(vals) == 1:
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def fmt_of(values: Sequence[float], n: int, digits: int = 2) -> str:
+    """:func:`fmt_ms`, marked ``[k/n]`` where only k of the row's n seeds have the number: a
+    mean of fewer seeds than the row's "Seeds" says must not pass for a mean of all of them."""
+    k = sum(1 for v in values if v is not None and not math.isnan(v))
+    text = fmt_ms(values, digits)
+    return f"{text} [{k}/{n}]" if 0 < k < n else text
+
+
+#: The caption's key to :func:`fmt_of`'s mark.
+PARTIAL_NOTE = (
+    " [k/n]: the mean over the k of the row's n seeds that have this result (the other seeds"
+    " lack it)."
+)
 
 
 # ---- document blocks --------------------------------------------------------------------------
@@ -283,6 +300,37 @@ def _attack_order(name: str) -> tuple[int, int, str]:
     return (1, 0, name)
 
 
+#: What makes two results of one attack name one attack: runs attacked with different
+#: settings are not seeds of one number (their mean mixes two attacks).
+ATTACK_SETTINGS = ("eps", "step_size", "restarts")
+Setting = tuple[Any, ...]
+
+
+def _eval_picks(run: Run, role: str) -> dict[str, dict[str, Any]]:
+    """The result that counts of each attack of ``actrain eval`` (an attack record of
+    :mod:`evalread` per attack name)."""
+    attacks = [a for a in run_eval(run).attacks if a["role"] == role]
+    train_eps = float(run.config.get("eps", 0.031))
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for a in attacks:
+        by_name.setdefault(a["name"], []).append(a)
+    picks: dict[str, dict[str, Any]] = {}
+    for name in sorted(by_name, key=_attack_order):
+        # at the training eps (or nearest), the most complete measurement: most images, then
+        # most restarts (it took the first file's, 16 images with 1 restart beside 32 with 2);
+        # of equally complete ones (another step size) the strongest, not the first file's
+        picks[name] = min(
+            by_name[name],
+            key=lambda a: (
+                abs((a["eps"] or train_eps) - train_eps),
+                -(a["n"] or 0),
+                -(a["restarts"] or 1),
+                a["robust_acc"] if a["robust_acc"] is not None else math.inf,
+            ),
+        )
+    return picks
+
+
 def eval_scores(run: Run, role: str) -> dict[str, float]:
     """Scores of ``actrain eval`` results: A_nat, one column per attack, minimum perturbation."""
     ev = run_eval(run)
@@ -294,28 +342,93 @@ def eval_scores(run: Run, role: str) -> dict[str, float]:
     if cleans:
         best = max(cleans, key=lambda a: a["n"] or 0)
         scores[A_NAT] = best["clean_acc"]
-    train_eps = float(run.config.get("eps", 0.031))
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for a in attacks:
-        by_name.setdefault(a["name"], []).append(a)
-    for name in sorted(by_name, key=_attack_order):
-        # at the training eps (or nearest), the most complete measurement: most images, then
-        # most restarts (it took the first file's, 16 images with 1 restart beside 32 with 2);
-        # of equally complete ones (another step size) the strongest, not the first file's
-        pick = min(
-            by_name[name],
-            key=lambda a: (
-                abs((a["eps"] or train_eps) - train_eps),
-                -(a["n"] or 0),
-                -(a["restarts"] or 1),
-                a["robust_acc"] if a["robust_acc"] is not None else math.inf,
-            ),
-        )
+    for name, pick in _eval_picks(run, role).items():
         scores[name] = pick["robust_acc"]
     for m in ev.min_pert:
         if m["role"] == role:
             scores[f"{MIN_PERT} ({m['name']})" if m["name"] else MIN_PERT] = m["value"]
     return scores
+
+
+def eval_settings(run: Run, role: str) -> dict[str, Setting]:
+    """The attack settings (:data:`ATTACK_SETTINGS`) of each result :func:`eval_scores` took;
+    an unrecorded eps is the training eps and unrecorded restarts 1, as the pick reads them."""
+    train_eps = float(run.config.get("eps", 0.031))
+
+    def norm(v: Any) -> Any:
+        return round(float(v), 8) if isinstance(v, (int, float)) else v
+
+    return {
+        name: (
+            norm(a["eps"] if a["eps"] is not None else train_eps),
+            norm(a.get("step_size")),
+            a["restarts"] if a["restarts"] is not None else 1,
+        )
+        for name, a in _eval_picks(run, role).items()
+    }
+
+
+def _setting_label(setting: Setting, keys: Sequence[int]) -> str:
+    """``step 0.003`` / ``eps 8/255, 5 restarts``: the settings at ``keys`` in words."""
+    parts = []
+    for i in keys:
+        v = setting[i]
+        if ATTACK_SETTINGS[i] == "eps":
+            parts.append(f"eps {_eps_label(v)}" if v is not None else "eps unrecorded")
+        elif ATTACK_SETTINGS[i] == "step_size":
+            parts.append(f"step {v:.4g}" if v is not None else "step unrecorded")
+        else:
+            parts.append(f"{v} restart" + ("" if v == 1 else "s"))
+    return ", ".join(parts)
+
+
+def table_scores(
+    pairs: Sequence[tuple[Run, str]], source: str
+) -> tuple[list[dict[str, float]], dict[str, dict[str, list[str]]]]:
+    """Scores of each (run, model) of one table. Where the results of one attack that the runs
+    hold were made with different settings (:data:`ATTACK_SETTINGS`), each setting is a column
+    of its own (``PGD-20 (step 0.003)``), as the runs would have averaged two attacks as seeds
+    of one number. Returns the scores and, per split attack, its settings with the runs of each.
+    """
+    out = [scores(r, role, source) for r, role in pairs]
+    if source != "eval":  # the during-training protocol: the caption gives each run's settings
+        return out, {}
+    settings = [eval_settings(r, role) for r, role in pairs]
+    seen: dict[str, list[Setting]] = {}
+    for st in settings:
+        for name, setting in st.items():
+            if setting not in seen.setdefault(name, []):
+                seen[name].append(setting)
+    mixed: dict[str, dict[str, list[str]]] = {}
+    for name, found in seen.items():
+        if len(found) < 2:
+            continue
+        keys = [i for i in range(len(ATTACK_SETTINGS)) if len({str(f[i]) for f in found}) > 1]
+        mixed[name] = {}
+        for (run, _), sc, st in zip(pairs, out, settings, strict=True):
+            if name in st and name in sc:
+                label = _setting_label(st[name], keys)
+                sc[f"{name} ({label})"] = sc.pop(name)
+                names = mixed[name].setdefault(label, [])
+                if run.name not in names:
+                    names.append(run.name)
+    return out, mixed
+
+
+def mixed_attacks_note(mixed: dict[str, dict[str, list[str]]]) -> Para | None:
+    """The paragraph that says which attack was split into a column per setting, and why."""
+    if not mixed:
+        return None
+    parts = [
+        f"{name} " + ", ".join(f"at {label} ({', '.join(runs)})" for label, runs in by.items())
+        for name, by in mixed.items()
+    ]
+    return Para(
+        "**Different attack settings:** "
+        + "; ".join(parts)
+        + ". Results of different attacks are not averaged as seeds of one number: each setting"
+        " is a column of its own (`actrain eval` the runs alike to get one column)."
+    )
 
 
 def metric_scores(run: Run, role: str) -> dict[str, float]:
@@ -351,6 +464,10 @@ def primary_robust(columns: list[str]) -> str | None:
     robust = [c for c in columns if c != A_NAT and not c.startswith(MIN_PERT)]
     if "PGD-20" in robust:
         return "PGD-20"
+    # one setting of a PGD-20 split by attack settings (table_scores), not the margin loss's
+    split = [c for c in robust if re.fullmatch(r"PGD-20 \((eps|step|\d+ restart)[^)]*\)", c)]
+    if split:
+        return split[0]
     return robust[0] if robust else None
 
 
@@ -543,58 +660,72 @@ class ReportBuilder:
                 )
             )
 
-    def _score_table(self, source: str) -> Table | None:
+    def _score_table(self, source: str) -> tuple[Table, Para | None] | None:
+        """Table 2: a row per (configuration, model), a column per score; with the note on
+        attacks split by their settings (:func:`table_scores`)."""
+        pairs = [(r, role) for g in self.groups for role in g.roles for r in g.runs]
+        table, mixed = table_scores(pairs, source)
+        of = {(id(r), role): sc for (r, role), sc in zip(pairs, table, strict=True)}
         rows_data: list[tuple[Group, str, list[dict[str, float]]]] = []
         for g in self.groups:
             for role in g.roles:
-                per_run = [scores(r, role, source) for r in g.runs]
-                per_run = [s for s in per_run if s]
+                per_run = [s for s in (of[(id(r), role)] for r in g.runs) if s]
                 if per_run:
                     rows_data.append((g, role, per_run))
         if not rows_data:
             return None
         cols = _columns([s for _, _, runs in rows_data for s in runs])
         rows = []
+        partial = False
         for g, role, per_run in rows_data:
             defense = g.short if role == "g" else f"{g.short} (F)"
             if g.method == "act" and role == "g" and len(g.roles) > 1:
                 defense = f"{g.short} (G)"
             cells = [g.arch, g.dataset, defense]
+            n = len(per_run)  # the seeds with results of this model; each cell says if fewer
             for c in cols:
                 digits = 5 if c.startswith(MIN_PERT) else 2
-                cells.append(fmt_ms([s[c] for s in per_run if c in s], digits))
-            cells.append(str(len(per_run)))
+                vals = [s[c] for s in per_run if c in s]
+                partial |= 0 < len(vals) < n
+                cells.append(fmt_of(vals, n, digits))
+            cells.append(str(n))
             rows.append(cells)
         headers = ["Architecture", "Dataset", "Defense"]
         headers += [c if c == A_NAT or c.startswith(MIN_PERT) else f"A_rob {c}" for c in cols] + [
             "Seeds"
         ]
-        return Table(headers, rows)
+        return Table(headers, rows, caption=PARTIAL_NOTE if partial else ""), mixed_attacks_note(
+            mixed
+        )
 
     def section_eval(self) -> None:
         has_eval = any(r.evals for r in self.runs)
         if has_eval:
-            t = self._score_table("eval")
-            if t is not None:
+            made = self._score_table("eval")
+            if made is not None:
+                t, note = made
                 self.blocks.append(Heading("Evaluation (Table 2 layout)"))
                 t.caption = (
                     "From the evaluation results in each run's `eval/` folder (`actrain eval`); "
                     "A_rob columns are robust accuracy under each attack, minimum perturbation "
-                    "in L-inf units."
+                    "in L-inf units." + t.caption
                 )
                 t.commands = self.eval_commands([r for r in self.runs if r.evals])
                 t.name = "table2_eval"
+                if note is not None:
+                    self.blocks.append(note)
                 self.add_table(t)
         foreign = [(r, f, why) for r in self.runs for f, why in r.foreign_evals]
         if foreign:
             self.blocks.append(
                 Para("**Left out:** " + "; ".join(f"`{f}` ({why})" for _, f, why in foreign) + ".")
             )
-        t = self._score_table("metrics")
-        if t is not None:
+        made = self._score_table("metrics")
+        if made is not None:
+            t = made[0]
             title = "During-training evaluation" if has_eval else "Evaluation (Table 2 layout)"
             self.blocks.append(Heading(title))
-            t.caption = f"From the {_metrics_protocol(self.runs)}."
+            t.caption = f"From the {_metrics_protocol(self.runs)}." + t.caption
             t.commands = self.train_commands(self.runs)
             t.name = "table2_metrics"
             self.add_table(t)
@@ -641,8 +772,11 @@ class ReportBuilder:
             source = "eval" if all(eval_scores(r, "g") for r in runs) else "metrics"
             keys = list(members[0].varying)
             roles = members[0].roles
-            all_scores = [scores(r, role, source) for r in runs for role in roles]
+            pairs = [(r, role) for r in runs for role in roles]
+            all_scores, mixed = table_scores(pairs, source)
+            of = {(id(r), role): sc for (r, role), sc in zip(pairs, all_scores, strict=True)}
             rob = primary_robust(_columns(all_scores))
+            partial = False
             headers = list(keys)
             for role in roles:
                 headers += [f"{role.upper()} A_nat", f"{role.upper()} A_rob ({rob or '–'})"]
@@ -656,10 +790,11 @@ class ReportBuilder:
                 if isinstance(x, (int, float)):
                     xs.append(float(x))
                 for role in roles:
-                    per = [scores(r, role, source) for r in m.runs]
+                    per = [of[(id(r), role)] for r in m.runs]
                     for col, label in ((A_NAT, "A_nat"), (rob, "A_rob")):
                         vals = [s[col] for s in per if col in s]
-                        cells.append(fmt_ms(vals))
+                        partial |= 0 < len(vals) < len(m.runs)
+                        cells.append(fmt_of(vals, len(m.runs)))
                         mean, std = mean_std(vals)
                         line = plot_lines.setdefault(f"{role.upper()} {label}", ([], []))
                         line[0].append(mean)
@@ -676,12 +811,15 @@ class ReportBuilder:
                     f"{METHOD_NAMES.get(method, method)} · {dataset} · {arch}: {', '.join(keys)}", 3
                 )
             )
+            note = mixed_attacks_note(mixed)
+            if note is not None:
+                self.blocks.append(note)
             self.add_table(
                 Table(
                     headers,
                     rows,
                     caption=f"Clean and robust accuracy of each model per {', '.join(keys)}; "
-                    f"from the {where}.",
+                    f"from the {where}." + (PARTIAL_NOTE if partial else ""),
                     commands=(self.eval_commands(runs) if source == "eval" else [])
                     + self.train_commands(runs),
                     name=f"sweep_{method}_{dataset}_{arch}_{'_'.join(keys)}",
@@ -921,18 +1059,11 @@ class ReportBuilder:
                 f"Accuracy of a 400-200 MLP on frozen penultimate features fitting fixed random "
                 f"binary labels of the {dataset} training images (lower = more compression).",
             )
-            desc = ""
-            if len(by_setting) == 1:
-                desc = f" {next(iter(by_setting))}."
-            elif by_setting:  # the caption gave the last probe's settings for every row
-                desc = " " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_setting.items())
-                self.blocks.append(
-                    Para(
-                        f"**Different probe settings on {dataset}:** the rows below were not"
-                        " probed alike (settings with each row in the caption), so their"
-                        " accuracies do not compare; `actrain analyze` them with one setting."
-                    )
-                )
+            desc, flag = _settings_flag(
+                by_setting, f"probe settings on {dataset}", "probed", "accuracies"
+            )
+            if flag is not None:
+                self.blocks.append(flag)
             self.add_table(
                 Table(
                     ["Model", "Final acc.", "Best acc.", "Chance", "Images", "Seeds"],
@@ -943,39 +1074,65 @@ class ReportBuilder:
                 )
             )
 
-        # Fig. 4: entropy bars per dataset
+        # Fig. 4: entropy bars per data set (an ImageFolder run's folder is its data set)
         self.blocks.append(Heading("Posterior entropy (Fig. 4)"))
+        data_of = _data_keys(analysed)
         bars: dict[str, list[tuple[str, float, float]]] = {}
+        refs: dict[str, float] = {}
         rows = []
+        settings: dict[str, dict[str, list[str]]] = {}  # data set -> settings -> series so made
         for g in analysed:
+            data = data_of[id(g)]
+            classes = next((c for c in map(_run_num_classes, g.runs) if c), None)
+            if classes:
+                refs[data] = math.log(classes)
             for role in g.roles:
-                vals = [
-                    r.analysis["models"][role]["entropy"]
+                made = [
+                    (r.analysis["models"][role], r.analysis)
                     for r in g.runs
                     if r.analysis and role in r.analysis.get("models", {})
                 ]
-                if not vals:
+                if not made:
                     continue
+                vals = [model["entropy"] for model, _ in made]
+                counts = sorted(
+                    {_analysis_samples(model, a) for model, a in made}, key=lambda n: n or 0
+                )
+                for n in counts:
+                    names = settings.setdefault(data, {}).setdefault(_entropy_setting(n), [])
+                    if series(g, role) not in names:
+                        names.append(series(g, role))
                 m, s = mean_std(vals)
-                bars.setdefault(g.dataset, []).append((series(g, role), m, s))
+                bars.setdefault(data, []).append((series(g, role), m, s))
                 rows.append(
-                    [g.dataset, f"{series(g, role)} · {g.arch}", fmt_ms(vals, 4), str(len(vals))]
+                    [
+                        data,
+                        f"{series(g, role)} · {g.arch}",
+                        fmt_ms(vals, 4),
+                        ", ".join("?" if n is None else str(n) for n in counts),
+                        f"{math.log(classes):.4f}" if classes else "–",
+                        str(len(vals)),
+                    ]
                 )
         path = self.out / "entropy.png"
-        refs = {}
-        for g in analysed:
-            spec_classes = _num_classes(g)
-            if spec_classes:
-                refs[g.dataset] = math.log(spec_classes)
         plot_bars(
             bars, path, "mean softmax entropy (nats)", "Average posterior entropy (Fig. 4)", refs
         )
         self.add_figure(path, "Average entropy of the softmax over the training images.")
+        descs = []
+        for data, by_setting in settings.items():  # the compression table's flag, per data set
+            desc, flag = _settings_flag(
+                by_setting, f"analysis settings for the entropy on {data}", "analysed", "entropies"
+            )
+            descs.append(f" {data}:{desc}" if len(settings) > 1 else desc)
+            if flag is not None:
+                self.blocks.append(flag)
         self.add_table(
             Table(
-                ["Dataset", "Model", "Mean entropy (nats)", "Seeds"],
+                ["Dataset", "Model", "Mean entropy (nats)", "Images", "log C", "Seeds"],
                 rows,
-                caption="Mean posterior entropy over the training set; log(C) is the maximum.",
+                caption="Mean posterior entropy over the training set; log(C) is the maximum."
+                + "".join(descs),
                 commands=cmds,
                 name="entropy",
             )
@@ -1033,14 +1190,81 @@ class ReportBuilder:
             )
 
 
-def _num_classes(g: Group) -> int | None:
+def _run_num_classes(run: Run) -> int | None:
+    """The classes ``run`` was trained on: recorded by its analysis, else in its weights' model
+    spec, else the data set's fixed count (an ImageFolder set has none: its folder decides)."""
+    n = (run.analysis or {}).get("num_classes")
+    if isinstance(n, int) and n > 0:
+        return n
+    try:
+        from actrain.checkpoint import read_weights_metadata
+
+        spec = read_weights_metadata(run.path / "model_g.safetensors").get("spec", {})
+        if isinstance(spec.get("num_classes"), int):
+            return int(spec["num_classes"])
+    except Exception:  # noqa: BLE001 - no or unreadable weights: try the data set's count
+        pass
     try:
         from actrain.data import get_dataset_info
 
-        n = getattr(get_dataset_info(g.dataset), "num_classes", None)
+        n = getattr(get_dataset_info(run.dataset), "num_classes", None)
         return int(n) if n else None
     except Exception:  # noqa: BLE001 - a reference line is optional
         return None
+
+
+def _data_keys(groups: Sequence[Group]) -> dict[int, str]:
+    """A name per data set for each group (by ``id``): the data set's, and for an ImageFolder
+    run the folder's too (``imagefolder (birds)``, its full path where two folders share the
+    name), since two folders are two data sets with their own classes."""
+    dirs = {
+        id(g): str(g.first.config.get("data_dir")) for g in groups if g.dataset == "imagefolder"
+    }
+    names: dict[str, set[str]] = {}
+    for d in set(dirs.values()):
+        names.setdefault(Path(d).name, set()).add(d)
+    keys = {}
+    for g in groups:
+        if id(g) in dirs:
+            d = dirs[id(g)]
+            keys[id(g)] = f"{g.dataset} ({Path(d).name if len(names[Path(d).name]) == 1 else d})"
+        else:
+            keys[id(g)] = g.dataset
+    return keys
+
+
+def _analysis_samples(model: dict[str, Any], analysis: dict[str, Any]) -> int | None:
+    """Training images behind one model's analysis (its own count, else the analysis's)."""
+    n = model.get("samples", analysis.get("samples"))
+    if n is None and isinstance(model.get("probe"), dict):
+        n = model["probe"].get("n")
+    return int(n) if isinstance(n, (int, float)) else None
+
+
+def _entropy_setting(samples: int | None) -> str:
+    """What makes two entropies comparable, as the caption states it: the images averaged."""
+    return (
+        "unrecorded number of training images" if samples is None else f"{samples} training images"
+    )
+
+
+def _settings_flag(
+    by_setting: dict[str, list[str]], what: str, verb: str, quantity: str
+) -> tuple[str, Para | None]:
+    """The caption's text of a table's analysis settings (``by_setting``: setting -> the series
+    made so) and, where the rows were not made alike, the paragraph that says so: their numbers
+    do not compare (one setting alone in the caption passed it for every row's)."""
+    if not by_setting:
+        return "", None
+    if len(by_setting) == 1:
+        return f" {next(iter(by_setting))}.", None
+    desc = " " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_setting.items())
+    flag = Para(
+        f"**Different {what}:** the rows below were not {verb} alike (settings with each row in"
+        f" the caption), so their {quantity} do not compare; `actrain analyze` them with one"
+        " setting."
+    )
+    return desc, flag
 
 
 def _series(runs: list[Run], key: str) -> tuple[list[list[float]], list[int]]:
@@ -1062,6 +1286,61 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.4g}"
 
 
+#: The names of the figures a report writes (:class:`ReportBuilder`); no other file is removed.
+OWN_FIGURE = re.compile(r"(?:(?:norms|compression|curves|sweep|examples)-[^/\\]+|entropy)\.png")
+#: The reports a folder may hold (``actrain report`` and ``actrain analyze --out``), each with
+#: its ``STEM.json`` listing the figures it wrote.
+STEMS = ("report", "analysis")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """A report's ``STEM.json`` as written last time; ``{}`` if none or not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def remove_stale_figures(
+    out: Path, stem: str, previous: dict[str, Any], now: list[str]
+) -> list[str]:
+    """Remove the figures the last report of ``stem`` in ``out`` wrote that this one does not
+    (a report redone with fewer runs left the plots of the others beside it). A file goes only
+    if the last report listed it with its SHA-256 and it is still that file, it has a report
+    figure's name, and the folder's other report does not list it: a file a person made or
+    changed is never removed (an older report's list without hashes removes nothing)."""
+    hashes = previous.get("figure_sha256")
+    if not isinstance(hashes, dict):
+        return []
+    others = {
+        str(f)
+        for other in STEMS
+        if other != stem
+        for f in _manifest(out / f"{other}.json").get("figures", []) or []
+    }
+    removed = []
+    for name, digest in hashes.items():
+        path = out / str(name)
+        if (
+            name in now
+            or name in others
+            or not isinstance(name, str)
+            or not OWN_FIGURE.fullmatch(name)
+            or not path.is_file()
+            or path.is_symlink()
+        ):
+            continue
+        if _sha256(path) == digest:
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
 def build_report(
     runs: list[Run],
     out_dir: str | Path,
@@ -1070,13 +1349,15 @@ def build_report(
     command: str | None = None,
     sections: Sequence[str] = SECTIONS,
 ) -> dict[str, Any]:
-    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNGs."""
+    """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNGs;
+    remove the PNGs the last report into ``out_dir`` wrote and this one does not."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _EVAL_CACHE.clear()
+    stem = "report" if "runs" in sections else "analysis"
+    previous = _manifest(out / f"{stem}.json")  # before this report overwrites it
     builder = ReportBuilder(runs, out, title, command, sections)
     blocks = builder.build()
-    stem = "report" if "runs" in sections else "analysis"
     md = out / f"{stem}.md"
     md.write_text(render_markdown(blocks))
     page = out / f"{stem}.html"
@@ -1094,11 +1375,22 @@ def build_report(
                 ],
                 "tables": builder.tables,
                 "figures": [p.name for p in builder.figures],
+                # what this report wrote: the next one into this folder removes what it no
+                # longer draws, if unchanged (remove_stale_figures)
+                "figure_sha256": {p.name: _sha256(p) for p in builder.figures},
             },
             indent=2,
         )
     )
-    return {"markdown": md, "html": page, "json": js, "figures": builder.figures}
+    now = [p.name for p in builder.figures]
+    removed = remove_stale_figures(out, stem, previous, now)
+    return {
+        "markdown": md,
+        "html": page,
+        "json": js,
+        "figures": builder.figures,
+        "removed": removed,
+    }
 
 
 def command_line(argv: Sequence[str]) -> str:

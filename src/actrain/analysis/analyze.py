@@ -109,6 +109,7 @@ def analyze_run(
         "seed": run.seed,
         "epoch": run.epochs_done,  # of the weights analysed: a resumed run makes this stale
         "samples": len(train),
+        "num_classes": train.num_classes,  # log(C), the entropy's maximum (a folder has its own)
         "sample_indices_sum": int(train.indices.sum()),
         "entropy_unit": "nats",
         "models": models,

@@ -34,7 +34,8 @@ SANITY_KEYS = ("sanity", "sanity_checks", "checks")
 class EvalData:
     """Everything found in one run's evaluation files, per model role."""
 
-    attacks: list[dict[str, Any]] = field(default_factory=list)  # role, name, eps, clean, robust
+    # role, name, eps, clean_acc, robust_acc, n, restarts, step_size, file
+    attacks: list[dict[str, Any]] = field(default_factory=list)
     min_pert: list[dict[str, Any]] = field(default_factory=list)  # role, value, file
     eps_sweep: list[dict[str, Any]] = field(default_factory=list)  # role, name, eps, robust_acc
     transfer: list[dict[str, Any]] = field(default_factory=list)  # surrogate, target, rate
@@ -137,6 +138,7 @@ def _walk(
                 "robust_acc": float(_num(obj["robust_acc"])),
                 "n": obj.get("n"),
                 "restarts": att.get("restarts", obj.get("restarts")),
+                "step_size": _num(att.get("step_size", obj.get("step_size"))),
                 "file": file,
             }
         )

@@ -86,4 +86,8 @@ def run(ns: argparse.Namespace) -> int:
         runs = expand_run_args(ns.runs)
     files = build_report(runs, ns.out, title=ns.title, command=shlex.join(argv))
     print(f"report: {files['markdown']}  {files['html']}  ({len(files['figures'])} figures)")
+    if files["removed"]:
+        print(
+            f"removed the earlier report's figures it no longer has: {', '.join(files['removed'])}"
+        )
     return 0
