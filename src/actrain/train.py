@@ -294,6 +294,30 @@ def build_folder_data(
     return RunData(info, len(train.classes), train, ex, ey, "val", classes=train.classes)
 
 
+@dataclass(frozen=True)
+class _TorchFlags:
+    """The process-wide torch settings a Trainer changes, saved so it can put them back."""
+
+    deterministic: bool
+    warn_only: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+
+    @classmethod
+    def current(cls) -> _TorchFlags:
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+        )
+
+    def apply(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+
+
 class Trainer:
     """Holds a run's state; ``fit`` runs the remaining epochs.
 
@@ -320,11 +344,26 @@ class Trainer:
             if cfg.fused_bn is not None
             else self.device.type == "cpu" and self.precision == "bf16" and self.channels_last
         )
-        if cfg.deterministic:
+        # Process-wide torch settings: the caller's are put back when fit() ends (or when this
+        # constructor fails), so a library user's later code does not run under this run's.
+        self._caller_flags = _TorchFlags.current()
+        self._apply_torch_flags()
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self._caller_flags.apply()
+            raise
+
+    def _apply_torch_flags(self) -> None:
+        """This run's process-wide torch settings (held from construction to the end of fit)."""
+        if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN's fastest algorithms
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+        """The rest of the constructor, under this run's torch settings."""
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
         if self.dist.enabled and hasattr(self.method, "batch_fraction"):
@@ -444,7 +483,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.fold_bn: bool | None = None  # None: fold BN for attack passes unless fp32 (issue 7)
         if resume:
-            self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
+            self._restore(load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device))
         if self.dist.rank > 0:
             # Attack starts: every process draws its own noise for its own shard.
             torch.manual_seed(mix_seed(cfg.seed, self.dist.rank, self.global_step))
@@ -732,6 +771,14 @@ class Trainer:
         return stats
 
     def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; the caller's torch settings are restored when it ends."""
+        self._apply_torch_flags()  # again: a second fit() runs under them too
+        try:
+            return self._fit()
+        finally:
+            self._caller_flags.apply()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         main = self.dist.is_main
         total = self.num_epochs
