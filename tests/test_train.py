@@ -401,3 +401,15 @@ def test_deterministic_training_gives_the_callers_torch_settings_back(tmp_path, 
     with pytest.raises(ZeroDivisionError):
         trainer.fit()
     assert _torch_flags() == (True, False, True)
+
+
+def test_run_training_leaves_the_callers_config_as_it_was(tmp_path, monkeypatch):
+    # run_training wrote the resolved run folder and data folder back into the caller's config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = _cfg(tmp_path, epochs=1, eval_every=0, train_subset=128, data_dir="data", out=None)
+    given = cfg.to_dict()
+    run = run_training(cfg)
+    assert cfg.to_dict() == given and cfg.out is None and cfg.data_dir == "data"
+    saved = json.loads((run / "config.json").read_text())  # the run records them resolved
+    assert saved["data_dir"] == str(tmp_path.resolve() / "data") and saved["out"] == str(run)

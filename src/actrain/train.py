@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import json
 import os
 import random
@@ -1206,6 +1207,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distributed.DistInfo) -> Path:
+    # The resolved folders below go into a copy: the caller's config stays as it was given
+    # (a library user may reuse it, e.g. for a second run with another --out).
+    cfg = copy.deepcopy(cfg)
     created = False  # whether this call made the run folder (removed again if start fails)
     if cfg.data_dir:  # recorded absolute: eval, analyze and resume find it from any folder
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
