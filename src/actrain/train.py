@@ -206,6 +206,7 @@ def build_data(
         subset=cfg.train_subset,
         seed=cfg.seed,
         download=cfg.download,
+        flag="--train-subset",
     )
     num_classes = len(train.classes)
     eval_name = "test"
@@ -218,7 +219,13 @@ def build_data(
         eval_name = "val"
     else:
         evalset = D.load_split(
-            cfg.dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=0, download=cfg.download
+            cfg.dataset,
+            "test",
+            cfg.data_dir,
+            subset=cfg.test_subset,
+            seed=0,
+            download=cfg.download,
+            flag="--test-subset",
         )
     if cfg.eval_size and cfg.eval_size < len(evalset.labels):
         keep = D.balanced_subset_indices(evalset.labels, cfg.eval_size, seed=0)
