@@ -88,6 +88,21 @@ def slow_bf16_note(device: torch.device, precision: str) -> str | None:
     )
 
 
+def refuse_cpu_fp16(precision: str, device: torch.device) -> None:
+    """The commands' check (train, eval, bench) that fp16 was not asked for on a CPU.
+
+    PyTorch runs fp16 autocast on a CPU through slow portable kernels (about 3 images/s
+    training a ResNet-18 here), so a user asking for it almost certainly meant a GPU run. The
+    library itself still takes fp16 on a CPU (its tests check the fp16 step there)."""
+    if precision == "fp16" and device.type != "cuda":
+        from actrain.config import ConfigError
+
+        raise ConfigError(
+            "--precision fp16: a GPU option; on a CPU PyTorch's fp16 is many times slower"
+            " than fp32: use fp32 or bf16 there"
+        )
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
