@@ -197,6 +197,42 @@ def test_attack_view_folds_the_synchronised_batch_norm_of_torchrun_runs():
             )
 
 
+class _SharedConvNet(torch.nn.Module):
+    """One conv called twice (weight sharing), only its first call followed by a batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.stem_bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.conv(x)  # the same module again, no batch norm after it
+        return self.head(x.mean((2, 3)))
+
+
+def test_attack_view_leaves_a_shared_conv_unfolded():
+    torch.manual_seed(0)
+    model = _SharedConvNet()
+    with torch.no_grad():
+        for bn in (model.bn, model.stem_bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    view = AttackView(model)
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        want = model.eval()(x)
+        got = view.module.eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert view.pairs == [("stem", "stem_bn")]  # the shared conv's pair is left as it is
+
+
 def test_pgd_on_the_folded_view_finds_the_same_attack_in_fp32():
     model = _trained_bn_model()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))

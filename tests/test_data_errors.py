@@ -257,3 +257,38 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="downloading it failed"):
         load_split("fashion_mnist", "train", str(tmp_path), download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------- subsets
+
+
+@pytest.mark.parametrize("subset", [2.5, 0, -3, True, "10"])
+def test_a_subset_that_is_not_a_whole_positive_number_is_refused(subset: object) -> None:
+    # subset=2.5 ended in a raw TypeError from deep inside the indexing
+    with pytest.raises(DataError, match=r"subset: must be a whole number of images >= 1"):
+        load_split("digits", "train", subset=subset)  # type: ignore[arg-type]
+    assert len(load_split("digits", "train", subset=np.int64(10))) == 10  # numpy ints are fine
+
+
+def test_a_subset_larger_than_the_split_is_refused_naming_both_numbers(tmp_path: Path) -> None:
+    # it was cut to the split without a word: 5000 asked for, 1437 trained on
+    full = len(load_split("digits", "train"))
+    assert full == 1437
+    with pytest.raises(DataError, match=f"subset: 5000 images asked for, .* holds {full}"):
+        load_split("digits", "train", subset=5000)
+    assert len(load_split("digits", "train", subset=full)) == full  # all of it is fine
+    root = _write_folder(tmp_path / "d", {"train": CIFAR_CLASSES, "test": CIFAR_CLASSES})
+    with pytest.raises(DataError, match=r"subset: 21 images asked for, .* holds 20"):
+        load_split("cifar10", "test", root, subset=21, download=False)
+
+
+def test_cli_a_subset_larger_than_the_split_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dataset", "digits", "--arch", "small_cnn", "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--test-subset", "400"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("actrain train: error: --test-subset: 400 images asked for")
+    assert "digits test split holds 360" in err
+    assert not (tmp_path / "run").exists()

@@ -323,3 +323,19 @@ def test_the_python_evaluate_run_matches_the_cli(act_run):
     for bad in ({"steps": -1}, {"restarts": 0}):
         with pytest.raises(ConfigError, match="--steps must be >= 0 and --restarts >= 1"):
             evaluate_run(str(act_run), **{"steps": 2, "restarts": 1, **bad}, progress=False)
+
+
+def test_fp16_on_a_cpu_is_refused_by_train_and_eval_as_by_bench(tmp_path, capsys):
+    # train --precision fp16 on a CPU went through PyTorch's CPU fp16 at ~3 images/s
+    message = "actrain {}: error: --precision fp16: a GPU option; on a CPU"
+    argv = ["train", "--dataset", "digits", "--arch", "small_cnn", "--precision", "fp16"]
+    argv += ["--device", "cpu", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    assert _one_line(capsys).startswith(message.format("train"))
+    assert not (tmp_path / "run").exists()
+    weights = tmp_path / "g.safetensors"
+    save_weights(weights, _small(0), {"config": {**CONFIG, "method": "madry"}, "role": "g"})
+    assert main(["eval", str(weights), *QUICK, "--precision", "fp16"]) == 2
+    assert _one_line(capsys).startswith(message.format("eval"))
+    assert main(["bench", "--precision", "fp16", "--device", "cpu"]) == 2
+    assert _one_line(capsys).startswith(message.format("bench"))

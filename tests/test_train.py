@@ -364,3 +364,55 @@ def test_channels_last_fp32_training_refuses_the_strided_1x1_convs_that_corrupt_
     assert len(err.splitlines()) == 1 and not out.exists()
     monkeypatch.setattr(rt, "_cpu_capability", lambda: "AVX512")
     assert rt.channels_last_fp32_hazard(create_model("resnet18", width=4)) is None
+
+
+def _torch_flags() -> tuple[bool, bool, bool]:
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+
+
+def _set_torch_flags(flags: tuple[bool, bool, bool]) -> None:
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    torch.backends.cudnn.benchmark = flags[2]
+
+
+@pytest.fixture
+def torch_flags():
+    """Whatever a test does, the next one starts from the settings this one found."""
+    saved = _torch_flags()
+    yield
+    _set_torch_flags(saved)
+
+
+def test_deterministic_training_gives_the_callers_torch_settings_back(tmp_path, torch_flags):
+    # Trainer(deterministic=True) left torch.use_deterministic_algorithms(True) on after fit()
+    _set_torch_flags((False, False, False))
+    cfg = _cfg(tmp_path / "a", epochs=1, eval_every=0, train_subset=128, deterministic=True)
+    trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    assert _torch_flags()[:2] == (True, True)  # the run trains under them
+    trainer.fit()
+    assert _torch_flags() == (False, False, False)
+    # also when fit() fails half-way, and with the caller's own non-default settings
+    _set_torch_flags((True, False, True))
+    cfg = _cfg(tmp_path / "b", epochs=1, train_subset=128, deterministic=True)
+    trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    assert _torch_flags() == (True, True, False)
+    trainer.train_epoch = lambda epoch: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        trainer.fit()
+    assert _torch_flags() == (True, False, True)
+
+
+def test_run_training_leaves_the_callers_config_as_it_was(tmp_path, monkeypatch):
+    # run_training wrote the resolved run folder and data folder back into the caller's config
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cfg = _cfg(tmp_path, epochs=1, eval_every=0, train_subset=128, data_dir="data", out=None)
+    given = cfg.to_dict()
+    run = run_training(cfg)
+    assert cfg.to_dict() == given and cfg.out is None and cfg.data_dir == "data"
+    saved = json.loads((run / "config.json").read_text())  # the run records them resolved
+    assert saved["data_dir"] == str(tmp_path.resolve() / "data") and saved["out"] == str(run)

@@ -88,6 +88,21 @@ def slow_bf16_note(device: torch.device, precision: str) -> str | None:
     )
 
 
+def refuse_cpu_fp16(precision: str, device: torch.device) -> None:
+    """The commands' check (train, eval, bench) that fp16 was not asked for on a CPU.
+
+    PyTorch runs fp16 autocast on a CPU through slow portable kernels (about 3 images/s
+    training a ResNet-18 here), so a user asking for it almost certainly meant a GPU run. The
+    library itself still takes fp16 on a CPU (its tests check the fp16 step there)."""
+    if precision == "fp16" and device.type != "cuda":
+        from actrain.config import ConfigError
+
+        raise ConfigError(
+            "--precision fp16: a GPU option; on a CPU PyTorch's fp16 is many times slower"
+            " than fp32: use fp32 or bf16 there"
+        )
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
@@ -129,6 +144,22 @@ class _ConvLeafTracer(torch.fx.Tracer):
         return isinstance(m, _CONV_TYPES + _BN_TYPES) or super().is_leaf_module(m, qualname)
 
 
+def _module_uses(graph: torch.fx.Graph) -> dict[str, int]:
+    """How often each module is used in ``graph``: its ``call_module`` nodes, plus one for each
+    ``get_attr`` of one of its parameters or buffers (its weight read directly elsewhere).
+
+    A module shared between call sites (weight sharing) appears under one qualified name for all
+    of them, so its count is above one."""
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] = uses.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            owner = node.target.rpartition(".")[0]
+            uses[owner] = uses.get(owner, 0) + 1
+    return uses
+
+
 def _affine_in_eval(bn: torch.nn.Module) -> bool:
     """A batch norm whose eval-mode map is fixed by its running statistics and affine terms."""
     return bn.track_running_stats and bn.running_mean is not None and bn.affine
@@ -165,6 +196,7 @@ class AttackView:
         mods = dict(model.named_modules())
         self.pairs: list[tuple[str, str]] = []
         self.dtype = dtype
+        calls = _module_uses(traced.graph)
         for node in traced.graph.nodes:
             if node.op != "call_module" or not isinstance(mods.get(node.target), _BN_TYPES):
                 continue
@@ -174,6 +206,12 @@ class AttackView:
                 and src.op == "call_module"
                 and isinstance(mods.get(src.target), _CONV_TYPES)
                 and len(src.users) == 1
+                # folding rewrites the module itself, so it must serve this one call site only:
+                # a conv (or BN) shared with another call would change that call's result too
+                and calls.get(src.target) == 1
+                and calls.get(node.target) == 1
+                and len(node.args) == 1
+                and not node.kwargs
                 and _affine_in_eval(bn)
             ):
                 self.pairs.append((src.target, node.target))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import json
 import os
 import random
@@ -206,6 +207,7 @@ def build_data(
         subset=cfg.train_subset,
         seed=cfg.seed,
         download=cfg.download,
+        flag="--train-subset",
     )
     num_classes = len(train.classes)
     eval_name = "test"
@@ -218,7 +220,13 @@ def build_data(
         eval_name = "val"
     else:
         evalset = D.load_split(
-            cfg.dataset, "test", cfg.data_dir, subset=cfg.test_subset, seed=0, download=cfg.download
+            cfg.dataset,
+            "test",
+            cfg.data_dir,
+            subset=cfg.test_subset,
+            seed=0,
+            download=cfg.download,
+            flag="--test-subset",
         )
     if cfg.eval_size and cfg.eval_size < len(evalset.labels):
         keep = D.balanced_subset_indices(evalset.labels, cfg.eval_size, seed=0)
@@ -295,6 +303,30 @@ def build_folder_data(
     return RunData(info, len(train.classes), train, ex, ey, "val", classes=train.classes)
 
 
+@dataclass(frozen=True)
+class _TorchFlags:
+    """The process-wide torch settings a Trainer changes, saved so it can put them back."""
+
+    deterministic: bool
+    warn_only: bool
+    cudnn_benchmark: bool
+    cudnn_deterministic: bool
+
+    @classmethod
+    def current(cls) -> _TorchFlags:
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+        )
+
+    def apply(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+
+
 class Trainer:
     """Holds a run's state; ``fit`` runs the remaining epochs.
 
@@ -312,11 +344,26 @@ class Trainer:
         self.dist = distributed.init(self.device, cfg.dist_backend)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
-        if cfg.deterministic:
+        # Process-wide torch settings: the caller's are put back when fit() ends (or when this
+        # constructor fails), so a library user's later code does not run under this run's.
+        self._caller_flags = _TorchFlags.current()
+        self._apply_torch_flags()
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self._caller_flags.apply()
+            raise
+
+    def _apply_torch_flags(self) -> None:
+        """This run's process-wide torch settings (held from construction to the end of fit)."""
+        if self.cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN's fastest algorithms
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+        """The rest of the constructor, under this run's torch settings."""
         seed_everything(cfg.seed)
         self.method: Method = build_method(cfg)
         self.channels_last = (
@@ -446,7 +493,7 @@ class Trainer:
         # None: runtime.fold_bn_default (issue 7)
         self.fold_bn: bool | None = cfg.fold_bn
         if resume:
-            self._restore(load_checkpoint(run_dir / CHECKPOINT, map_location=self.device))
+            self._restore(load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device))
         if self.dist.rank > 0:
             # Attack starts: every process draws its own noise for its own shard.
             torch.manual_seed(mix_seed(cfg.seed, self.dist.rank, self.global_step))
@@ -751,6 +798,14 @@ class Trainer:
         return stats
 
     def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; the caller's torch settings are restored when it ends."""
+        self._apply_torch_flags()  # again: a second fit() runs under them too
+        try:
+            return self._fit()
+        finally:
+            self._caller_flags.apply()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         main = self.dist.is_main
         total = self.num_epochs
@@ -1180,6 +1235,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distributed.DistInfo) -> Path:
+    # The resolved folders below go into a copy: the caller's config stays as it was given
+    # (a library user may reuse it, e.g. for a second run with another --out).
+    cfg = copy.deepcopy(cfg)
     created = False  # whether this call made the run folder (removed again if start fails)
     if cfg.data_dir:  # recorded absolute: eval, analyze and resume find it from any folder
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())

@@ -199,6 +199,7 @@ def _refuse_ignored(ns: argparse.Namespace) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from actrain import bench
+    from actrain.runtime import refuse_cpu_fp16, resolve_device
 
     if ns.eval and ns.all:
         raise UsageError("--eval and --all: choose one")
@@ -214,8 +215,7 @@ def run(ns: argparse.Namespace) -> int:
         result = bench.run_eval_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_eval_line(result))
         return 0
-    if spec.precision == "fp16" and bench.T.resolve_device(cfg.device).type != "cuda":
-        raise UsageError("--precision fp16: a GPU option (with a grad scaler); on a CPU use bf16")
+    refuse_cpu_fp16(spec.precision, resolve_device(cfg.device))
     if not ns.all:
         result = bench.run_bench(spec)
         print(json.dumps(result) if ns.json else bench.format_line(result))

@@ -275,7 +275,7 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.evaluation.report import group_label, group_results
     from actrain.evaluation.sanity import format_checks
     from actrain.evaluation.suite import evaluate_run, transfer_matrix
-    from actrain.runtime import resolve_device, slow_bf16_note
+    from actrain.runtime import refuse_cpu_fp16, resolve_device, slow_bf16_note
 
     step = None if ns.step_size is None else parse_fraction(ns.step_size, "--step-size")
     if ns.eps is not None:
@@ -311,6 +311,7 @@ def run(ns: argparse.Namespace) -> int:
     _check_outputs(ns, out_dir, json_path, md_path)
     pngs = _example_paths(ns, out_dir)
     configs = _preflight(ns, eps_given=ns.eps is not None)
+    refuse_cpu_fp16(ns.precision, resolve_device(ns.device))
     note = slow_bf16_note(resolve_device(ns.device), ns.precision)
     if note and env_info().is_main:
         print(note, file=sys.stderr)

@@ -180,7 +180,10 @@ def run(ns: argparse.Namespace) -> int:
                 cfg = resume_config(Path(cfg.out), {**file_values, **given})
             elif plan == "overwrite":
                 overwrite = True
-    from actrain.train import run_training  # torch is imported only once the input is valid
+    from actrain.runtime import refuse_cpu_fp16, resolve_device  # torch: the input is valid
+
+    refuse_cpu_fp16(cfg.precision, resolve_device(cfg.device))
+    from actrain.train import run_training
 
     run_training(cfg, resume=bool(resume), overwrite=overwrite)
     return 0

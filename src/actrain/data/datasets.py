@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import pickle
 import struct
@@ -167,10 +168,14 @@ def load_split(
     subset: int | None = None,
     seed: int = 0,
     download: bool = True,
+    flag: str = "subset",
 ) -> ImageTensors:
     """Load split "train" or "test" of an in-memory data set as uint8 tensors on the CPU.
 
     `subset` keeps a seeded class-balanced subset (decoding only those files for image folders).
+    A subset larger than the split is refused rather than cut to the split: a user asking for N
+    images would otherwise train or evaluate on fewer without knowing. `flag` names the option
+    that gave `subset` in the messages (e.g. ``--test-subset``).
     """
     info = get_dataset_info(name)
     if not info.in_memory:
@@ -180,19 +185,43 @@ def load_split(
         )
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (expected 'train' or 'test')")
-    if subset is not None and subset <= 0:
-        raise DataError(f"subset must be a positive number of examples, got {subset}")
+    _check_subset(subset, flag)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
     if info.name in ("cifar10", "cifar100"):
-        return _load_cifar(info, split, root, subset=subset, seed=seed, download=download)
+        return _load_cifar(
+            info, split, root, subset=subset, seed=seed, download=download, flag=flag
+        )
     if info.name == "digits":
         data = _load_digits(split)
     else:
         data = _load_mnist_family(info.name, split, root, download=download)
-    if subset is not None:
-        data = data.select(balanced_subset_indices(data.labels, subset, seed))
-    return data
+    return _subset(data, subset, seed, f"the {info.name} {split} split", flag)
+
+
+def _check_subset(subset: object, flag: str = "subset") -> None:
+    """A subset size must be a whole positive number (``subset=2.5`` failed deep in indexing)."""
+    if subset is None:
+        return
+    if isinstance(subset, bool) or not isinstance(subset, numbers.Integral) or subset < 1:
+        raise DataError(f"{flag}: must be a whole number of images >= 1, got {subset!r}")
+
+
+def _subset_positions(
+    labels: torch.Tensor, subset: int | None, seed: int, where: str, flag: str
+) -> torch.Tensor:
+    """The class-balanced positions of ``subset`` (all of them for None); more than there are
+    is refused, naming both numbers."""
+    total = len(labels)
+    if subset is None:
+        return torch.arange(total)
+    _check_subset(subset, flag)
+    if subset > total:
+        raise DataError(
+            f"{flag}: {subset} images asked for, but {where} holds {total};"
+            f" use at most {total} (or leave it out for all of them)"
+        )
+    return balanced_subset_indices(labels, int(subset), seed)
 
 
 def train_val_split(
@@ -307,12 +336,20 @@ def _layouts_help(name: str) -> str:
 
 
 def _load_cifar(
-    info: DatasetInfo, split: str, root: Path, *, subset: int | None, seed: int, download: bool
+    info: DatasetInfo,
+    split: str,
+    root: Path,
+    *,
+    subset: int | None,
+    seed: int,
+    download: bool,
+    flag: str = "subset",
 ) -> ImageTensors:
     """Detect the on-disk layout (pickle batches or image folders) and load one split."""
     pickle_dir = _find_cifar_pickle_dir(info.name, root)
     if pickle_dir is not None:
-        return _subset(_read_cifar_pickle(info.name, pickle_dir, split), subset, seed)
+        data = _read_cifar_pickle(info.name, pickle_dir, split)
+        return _subset(data, subset, seed, f"the {info.name} {split} split", flag)
     folder = _find_image_folder_root(info.name, root)
     if folder is not None:
         # train and test are loaded by separate calls: compare with the other split here.
@@ -327,6 +364,7 @@ def _load_cifar(
             image_size=info.image_size,
             subset=subset,
             seed=seed,
+            flag=flag,
         )
     layouts = _layouts_help(info.name)
     if not download:
@@ -342,9 +380,8 @@ def _load_cifar(
             f"{info.name} not found under {root} and downloading it failed ({_one_line(exc)}): "
             f"{layouts}; if offline, pass --data-dir with a folder that holds it"
         ) from exc
-    return _subset(
-        _read_cifar_pickle(info.name, root / _CIFAR_PICKLE[info.name][0], split), subset, seed
-    )
+    data = _read_cifar_pickle(info.name, root / _CIFAR_PICKLE[info.name][0], split)
+    return _subset(data, subset, seed, f"the {info.name} {split} split", flag)
 
 
 @contextlib.contextmanager
@@ -361,10 +398,12 @@ def _no_leftovers(folder: Path):
         raise
 
 
-def _subset(data: ImageTensors, subset: int | None, seed: int) -> ImageTensors:
+def _subset(
+    data: ImageTensors, subset: int | None, seed: int, where: str, flag: str
+) -> ImageTensors:
     if subset is None:
         return data
-    return data.select(balanced_subset_indices(data.labels, subset, seed))
+    return data.select(_subset_positions(data.labels, subset, seed, where, flag))
 
 
 def _find_cifar_pickle_dir(name: str, root: Path) -> Path | None:
@@ -507,11 +546,12 @@ def load_image_folder(
     image_size: int | None,
     subset: int | None = None,
     seed: int = 0,
+    flag: str = "subset",
 ) -> ImageTensors:
     """Decode an ImageFolder split of small fixed-size images into memory.
 
     With `subset`, the balanced subset of files is chosen before decoding, so small experiments
-    on a large folder only pay for the images they use.
+    on a large folder only pay for the images they use (more than the folder holds is refused).
     """
     split_dir = Path(split_dir)
     paths, labels, classes = list_image_folder(split_dir)
@@ -521,11 +561,7 @@ def load_image_folder(
             f"{split_dir} has {len(classes)} class folders ({shown}), expected {num_classes}"
         )
     label_t = torch.tensor(labels, dtype=torch.int64)
-    pos = (
-        balanced_subset_indices(label_t, subset, seed)
-        if subset is not None
-        else torch.arange(len(paths))
-    )
+    pos = _subset_positions(label_t, subset, seed, str(split_dir), flag)
     chosen = [paths[i] for i in pos.tolist()]
     if image_size is None:
         try:

@@ -89,7 +89,13 @@ def load_eval_data(
             raise ConfigError(f"--data-dir: required for --dataset {name} (val/ inside)")
         return D.load_folder_split(ddir, subset=subset, seed=seed)
     return D.load_split(
-        name, "test", ddir, subset=subset, seed=seed, download=cfg.get("download", True)
+        name,
+        "test",
+        ddir,
+        subset=subset,
+        seed=seed,
+        download=cfg.get("download", True),
+        flag="--test-subset",
     )
 
 
