@@ -34,12 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--replays", type=int, help="Free-AT's m (4)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--channels-last", choices=tuple(ONOFF), default="auto")
+    p.add_argument(
+        "--channels-last",
+        choices=tuple(ONOFF),
+        default="auto",
+        help="channels_last memory format (auto: on in bf16/fp16, and in fp32 on x86 CPUs"
+        " without AVX-512)",
+    )
     p.add_argument(
         "--fold-bn",
         choices=tuple(ONOFF),
         default="auto",
-        help="fold BN into convs for the eval-mode attack passes (auto: on unless fp32)",
+        help="fold BN into convs for the eval-mode attack passes (auto: as --channels-last)",
     )
     p.add_argument(
         "--fused-bn",
