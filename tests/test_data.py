@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -503,3 +504,26 @@ def test_a_folder_eval_split_in_memory_is_what_training_evaluated(tiny_imagenet:
     assert torch.equal(part.images, full.images[part.indices])
     with pytest.raises(DataError, match="pass --test-subset"):
         load_folder_split(tiny_imagenet, limit=8)
+
+
+def test_a_folder_eval_subset_larger_than_the_split_is_refused_analyses_take_at_most(
+    tiny_imagenet: Path,
+) -> None:
+    # `actrain eval --test-subset 11` on a folder of 10 evaluated 10 images and said nothing;
+    # the in-memory data sets refuse it naming both numbers, and so does a folder now
+    from actrain.analysis.analyze import training_images
+    from actrain.data import load_folder_split
+    from actrain.evaluation.suite import load_eval_data
+
+    val = re.escape(str(tiny_imagenet / "val"))
+    with pytest.raises(DataError, match=rf"--test-subset: 11 images asked for, but {val} holds 10"):
+        load_folder_split(tiny_imagenet, subset=11)
+    cfg = {"dataset": "imagefolder", "data_dir": str(tiny_imagenet)}
+    with pytest.raises(DataError, match=r"--test-subset: 11 images asked for, .* holds 10"):
+        load_eval_data(cfg, None, None, 11, 0)  # what `actrain eval --test-subset 11` loads
+    assert len(load_folder_split(tiny_imagenet, subset=10)) == 10  # all of it is fine
+    with pytest.raises(DataError, match=r"--test-subset: must be a whole number"):
+        load_folder_split(tiny_imagenet, subset=0)  # was taken as "all of them"
+    # `actrain analyze --max-samples N` is "at most N": a smaller folder is analysed whole
+    assert len(load_folder_split(tiny_imagenet, subset=11, split="train", at_most=True)) == 10
+    assert len(training_images(cfg, max_samples=50)) == 10

@@ -33,7 +33,7 @@ def training_images(
         if ddir is None:
             raise UsageError(f"--data-dir: required for {name} runs (train/ inside)")
         return D.load_folder_split(
-            ddir, subset=max_samples, seed=seed, split="train", flag="--max-samples"
+            ddir, subset=max_samples, seed=seed, split="train", flag="--max-samples", at_most=True
         )
     train = D.load_split(
         name,

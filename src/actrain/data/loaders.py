@@ -14,6 +14,8 @@ from actrain.data.augment import AUGMENTATIONS, crop_flip, sample_crop_flip_para
 from actrain.data.datasets import (
     IMAGE_READ_ERRORS,
     ImageTensors,
+    _check_subset,
+    _subset_positions,
     check_same_classes,
     class_folders,
     default_data_dir,
@@ -24,7 +26,6 @@ from actrain.data.errors import DataError
 from actrain.data.registry import get_dataset_info
 from actrain.data.sampling import (
     STREAM_AUGMENT,
-    balanced_subset_indices,
     epoch_generator,
     epoch_positions,
     shard_size,
@@ -403,12 +404,17 @@ def load_folder_split(
     limit: int | None = FOLDER_EVAL_LIMIT,
     split: str = "val",
     flag: str = "--test-subset",
+    at_most: bool = False,
 ) -> ImageTensors:
     """The val (or test) split of an ImageNet-style folder in memory, as the run evaluated it
     while training (resize 256, centre crop 224), for ``actrain eval``; a seeded class-balanced
     ``subset``. A split of more than ``limit`` images needs a subset (``flag`` names the
     option that gives it; ImageNet's 50,000 would take 7.5 GB). ``split="train"``: the
-    training images through the same transform (the analyses' probe set)."""
+    training images through the same transform (the analyses' probe set).
+
+    A ``subset`` larger than the split is refused, naming both numbers, as for the in-memory
+    data sets (``--test-subset 500`` must not quietly evaluate 300 images); ``at_most=True``
+    takes the whole split instead (``actrain analyze --max-samples N`` means "at most N")."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"folder not found: {root} (expected {root}/val/<class>/*.jpg)")
@@ -423,7 +429,10 @@ def load_folder_split(
             f" {flag} N (a class-balanced, seeded subset; RobustBench evaluates ImageNet on"
             " 5,000)"
         )
-    keep = balanced_subset_indices(targets, min(subset or len(targets), len(targets)), seed)
+    if at_most and subset is not None:
+        _check_subset(subset, flag)
+        subset = min(subset, len(targets))
+    keep = _subset_positions(targets, subset, seed, str(folder), flag)
     return decode_subset(loader, keep)
 
 
