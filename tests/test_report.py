@@ -776,3 +776,74 @@ def test_the_entropy_reference_is_the_log_of_each_data_sets_own_class_count(tmp_
     fake_run(root / "digits", analysis=fake_analysis(0.5, 100))
     assert main(["report", str(root / "digits"), "--out", str(tmp_path / "rep2")]) == 0
     assert drawn["refs"] == {"digits": pytest.approx(math.log(10))}
+
+
+def test_two_image_folders_get_their_own_norms_and_compression_plots(tmp_path):
+    # Madry on the birds folder and on the cars folder shared one norms plot, one compression
+    # plot and table ("imagefolder"), their series told apart only by `data_dir=/full/path`,
+    # and the two data sets made a "sweep" over data_dir
+    from actrain.report import OWN_FIGURE
+
+    root = tmp_path / "runs"
+    for name in ("birds", "cars"):
+        fake_run(
+            root / name,
+            dataset="imagefolder",
+            data_dir=str(tmp_path / "data" / name),
+            analysis=fake_analysis(0.5, 100, num_classes=3),
+        )
+    fake_run(root / "digits", analysis=fake_analysis(0.5, 100))
+    out = tmp_path / "rep"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    figures = doc["figures"]
+    for name in ("birds", "cars"):
+        assert f"norms-imagefolder-{name}-small_cnn.png" in figures
+        assert f"compression-imagefolder-{name}.png" in figures
+        norms = doc["tables"][f"norms_imagefolder-{name}_small_cnn"]
+        assert norms["headers"] == ["#", "Layer", "Madry"]  # its own data set's series only
+        assert [r[0] for r in doc["tables"][f"compression_imagefolder-{name}"]["rows"]] == ["Madry"]
+    # a data set of the registry keeps its file names
+    assert {"norms-digits-small_cnn.png", "compression-digits.png"} <= set(figures)
+    assert len(figures) == len(set(figures)) and all(OWN_FIGURE.fullmatch(f) for f in figures)
+    assert all((out / f).read_bytes()[:8] == PNG_MAGIC for f in figures)
+    md = (out / "report.md").read_text()
+    assert "Frobenius norms (small_cnn, imagefolder (birds))." in md
+    assert "Random-label fitting accuracy (%) on imagefolder (cars)." in md
+    # every table names the data set, not a folder path as a setting
+    assert "Madry · imagefolder (birds) · small_cnn" in [g["label"] for g in doc["groups"]]
+    header = "| Architecture | Dataset | Defense"
+    assert row_of(md, header, "| small_cnn | imagefolder (cars) |")[2] == "Madry"
+    assert "data_dir=" not in md and "Parameter sweeps" not in md
+
+
+def test_image_folders_of_one_name_get_distinct_safe_figure_files(tmp_path):
+    # two folders named "x": the data set's name is its path, which must not become a
+    # subfolder of the report (or two paths one file name: /a/b-c/x and /a/b/c/x)
+    from actrain.report import OWN_FIGURE, _data_slugs
+
+    slugs = _data_slugs(["digits", "imagefolder (/a/b-c/x)", "imagefolder (/a/b/c/x)"])
+    assert slugs["digits"] == "digits"
+    assert len(set(slugs.values())) == 3
+    assert all(re.fullmatch(r"[A-Za-z0-9._=-]+", s) for s in slugs.values())
+    root = tmp_path / "runs"
+    for where in ("a", "b"):
+        fake_run(
+            root / where,
+            dataset="imagefolder",
+            data_dir=str(tmp_path / where / "x"),
+            analysis=fake_analysis(0.5, 100, num_classes=3),
+        )
+    out = tmp_path / "rep"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    figures = json.loads((out / "report.json").read_text())["figures"]
+    norms = [f for f in figures if f.startswith("norms-")]
+    assert len(norms) == 2 and len(set(figures)) == len(figures)
+    assert all(OWN_FIGURE.fullmatch(f) and (out / f).is_file() for f in figures)
+    md = (out / "report.md").read_text()
+    assert f"imagefolder ({tmp_path / 'a' / 'x'})" in md
+    # the report's own figure names: redone with one folder, the other's plots are removed
+    assert main(["report", str(root / "a"), "--out", str(out)]) == 0
+    left = json.loads((out / "report.json").read_text())["figures"]
+    assert len([f for f in left if f.startswith("norms-")]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(left)

@@ -21,7 +21,7 @@ import math
 import re
 import shlex
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,6 +191,10 @@ def render_html(blocks: list[Block], root: Path, title: str) -> str:
 class Group:
     runs: list[Run]
     varying: dict[str, Any] = field(default_factory=dict)
+    # the data set's name in the report and in file names (:func:`_data_keys`,
+    # :func:`_data_slugs`; set by :func:`group_runs`): two ImageFolder folders are two data sets
+    data: str = ""
+    data_slug: str = ""
 
     @property
     def first(self) -> Run:
@@ -210,17 +214,26 @@ class Group:
 
     @property
     def family(self) -> tuple[str, str, str]:
-        return (self.method, self.dataset, self.arch)
+        return (self.method, self.data or self.dataset, self.arch)
 
     @property
     def method_name(self) -> str:
         return METHOD_NAMES.get(self.method, self.method)
 
+    def _title(self, data: str) -> str:
+        extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in self.varying.items())
+        base = f"{self.method_name} · {data} · {self.arch}"
+        return f"{base} · {extra}" if extra else base
+
     @property
     def label(self) -> str:
-        extra = ", ".join(f"{k}={_fmt_value(v)}" for k, v in self.varying.items())
-        base = f"{self.method_name} · {self.dataset} · {self.arch}"
-        return f"{base} · {extra}" if extra else base
+        return self._title(self.data or self.dataset)
+
+    @property
+    def file_label(self) -> str:
+        """:attr:`label` naming the data set by its file-name part (a folder's full path,
+        slashes turned into dashes, could name two folders alike)."""
+        return self._title(self.data_slug or self.data or self.dataset)
 
     @property
     def short(self) -> str:
@@ -243,13 +256,19 @@ def _fmt_value(v: Any) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Group by configuration without the seed; label groups of one (method, dataset, arch)
-    family by the settings in which they differ (e.g. ``alpha=0.5``)."""
+    """Group by configuration without the seed; label groups of one (method, data set, arch)
+    family by the settings in which they differ (e.g. ``alpha=0.5``). Two ImageFolder folders
+    are two data sets (``imagefolder (birds)``), not one family that differs in ``data_dir``."""
     by_key: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(run.semantic_config(), sort_keys=True, default=str)
         by_key.setdefault(key, Group(runs=[])).runs.append(run)
     groups = list(by_key.values())
+    data_of = _data_keys(groups)
+    slugs = _data_slugs(data_of.values())
+    for g in groups:
+        g.data = data_of[id(g)]
+        g.data_slug = slugs[g.data]
     families: dict[tuple[str, str, str], list[Group]] = {}
     for g in groups:
         families.setdefault(g.family, []).append(g)
@@ -267,7 +286,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         g.runs.sort(key=lambda r: r.seed)
     groups.sort(
         key=lambda g: (
-            g.dataset,
+            g.data,
             g.arch,
             METHOD_ORDER.get(g.method, 9),
             g.method,
@@ -587,12 +606,14 @@ class ReportBuilder:
         return cmds
 
     def slug(self, group: Group) -> str:
-        """A file-name part for ``group``: its label, shortened with a hash of the whole label
-        where long (cut alone, two configurations shared one figure file)."""
-        s = re.sub(r"[^A-Za-z0-9._=-]+", "-", group.label.replace(" · ", "_")).strip("-")
+        """A file-name part for ``group``: its label (the data set by its file-name part),
+        shortened with a hash of the whole label where long (cut alone, two configurations
+        shared one figure file)."""
+        label = getattr(group, "file_label", group.label)
+        s = re.sub(r"[^A-Za-z0-9._=-]+", "-", label.replace(" · ", "_")).strip("-")
         if len(s) <= 80:
             return s
-        digest = hashlib.sha1(group.label.encode()).hexdigest()[:8]
+        digest = hashlib.sha1(label.encode()).hexdigest()[:8]
         return f"{s[:71]}-{digest}"
 
     # sections
@@ -681,7 +702,7 @@ class ReportBuilder:
             defense = g.short if role == "g" else f"{g.short} (F)"
             if g.method == "act" and role == "g" and len(g.roles) > 1:
                 defense = f"{g.short} (G)"
-            cells = [g.arch, g.dataset, defense]
+            cells = [g.arch, g.data, defense]
             n = len(per_run)  # the seeds with results of this model; each cell says if fewer
             for c in cols:
                 digits = 5 if c.startswith(MIN_PERT) else 2
@@ -805,6 +826,7 @@ class ReportBuilder:
                 self.blocks.append(Heading("Parameter sweeps (Table 1 layout)"))
                 first = False
             method, dataset, arch = fam
+            file_data = members[0].data_slug
             where = "evaluation results in `eval/`" if source == "eval" else _metrics_protocol(runs)
             self.blocks.append(
                 Heading(
@@ -822,13 +844,13 @@ class ReportBuilder:
                     f"from the {where}." + (PARTIAL_NOTE if partial else ""),
                     commands=(self.eval_commands(runs) if source == "eval" else [])
                     + self.train_commands(runs),
-                    name=f"sweep_{method}_{dataset}_{arch}_{'_'.join(keys)}",
+                    name=f"sweep_{method}_{file_data}_{arch}_{'_'.join(keys)}",
                 )
             )
             if len(keys) == 1 and len(xs) == len(members) and len(xs) > 1:
                 from actrain.analysis.plots import plot_sweep
 
-                path = self.out / f"sweep-{method}-{dataset}-{arch}-{keys[0]}.png"
+                path = self.out / f"sweep-{method}-{file_data}-{arch}-{keys[0]}.png"
                 lines = [(lab, ms, ss) for lab, (ms, ss) in plot_lines.items()]
                 plot_sweep(keys[0], xs, lines, path, title=f"{method} on {dataset}: {keys[0]}")
                 self.add_figure(
@@ -955,7 +977,7 @@ class ReportBuilder:
         def series(g: Group, role: str) -> str:
             return g.short if role == "g" and len(g.roles) == 1 else f"{g.short} ({role.upper()})"
 
-        # Fig. 3 left: norms, one plot per (dataset, arch)
+        # Fig. 3 left: norms, one plot per (data set, arch); an ImageFolder folder is a data set
         self.blocks.append(Heading("Model complexity (Fig. 3 left)"))
         stale = [r for g in analysed for r in g.runs if r.analysis_stale]
         if stale:
@@ -972,8 +994,9 @@ class ReportBuilder:
             )
         by_fam: dict[tuple[str, str], list[Group]] = {}
         for g in analysed:
-            by_fam.setdefault((g.dataset, g.arch), []).append(g)
+            by_fam.setdefault((g.data, g.arch), []).append(g)
         for (dataset, arch), gs in by_fam.items():
+            file_data = gs[0].data_slug
             lines = []
             layers: list[str] = []
             table_cols: list[tuple[str, list[list[float]]]] = []
@@ -991,7 +1014,7 @@ class ReportBuilder:
                         layers = [row["layer"] for row in a["models"][role]["norms"]]
                     lines.append((series(g, role), reps))
                     table_cols.append((series(g, role), reps))
-            path = self.out / f"norms-{dataset}-{arch}.png"
+            path = self.out / f"norms-{file_data}-{arch}.png"
             plot_norms(lines, layers, path, title=f"Frobenius norms per layer: {arch} on {dataset}")
             self.add_figure(
                 path, f"Frobenius norm of each learnable layer's weights, {arch} on {dataset}."
@@ -1014,16 +1037,17 @@ class ReportBuilder:
                     rows,
                     caption=f"Frobenius norms ({arch}, {dataset}).",
                     commands=cmds,
-                    name=f"norms_{dataset}_{arch}",
+                    name=f"norms_{file_data}_{arch}",
                 )
             )
 
-        # Fig. 3 right: random-label probe, one plot per dataset
+        # Fig. 3 right: random-label probe, one plot per data set
         self.blocks.append(Heading("Information compression (Fig. 3 right)"))
         by_ds: dict[str, list[Group]] = {}
         for g in analysed:
-            by_ds.setdefault(g.dataset, []).append(g)
+            by_ds.setdefault(g.data, []).append(g)
         for dataset, gs in by_ds.items():
+            file_data = gs[0].data_slug
             lines, rows = [], []
             chance = None
             by_setting: dict[str, list[str]] = {}  # probe settings -> the series probed so
@@ -1052,7 +1076,7 @@ class ReportBuilder:
                             str(len(probes)),
                         ]
                     )
-            path = self.out / f"compression-{dataset}.png"
+            path = self.out / f"compression-{file_data}.png"
             plot_probe(lines, path, chance=chance, title=f"Random-label probe on {dataset}")
             self.add_figure(
                 path,
@@ -1070,19 +1094,18 @@ class ReportBuilder:
                     rows,
                     caption=f"Random-label fitting accuracy (%) on {dataset}.{desc}",
                     commands=cmds,
-                    name=f"compression_{dataset}",
+                    name=f"compression_{file_data}",
                 )
             )
 
         # Fig. 4: entropy bars per data set (an ImageFolder run's folder is its data set)
         self.blocks.append(Heading("Posterior entropy (Fig. 4)"))
-        data_of = _data_keys(analysed)
         bars: dict[str, list[tuple[str, float, float]]] = {}
         refs: dict[str, float] = {}
         rows = []
         settings: dict[str, dict[str, list[str]]] = {}  # data set -> settings -> series so made
         for g in analysed:
-            data = data_of[id(g)]
+            data = g.data
             classes = next((c for c in map(_run_num_classes, g.runs) if c), None)
             if classes:
                 refs[data] = math.log(classes)
@@ -1231,6 +1254,25 @@ def _data_keys(groups: Sequence[Group]) -> dict[int, str]:
         else:
             keys[id(g)] = g.dataset
     return keys
+
+
+def _data_slugs(keys: Iterable[str]) -> dict[str, str]:
+    """A file-name part per data set name (:func:`_data_keys`): the name itself where it is
+    one (``digits``: file names as ever), else its characters other than letters, digits and
+    ``._=-`` turned into dashes (``imagefolder-birds``), with a hash of the name added where
+    two would come out alike or it is long (``/a/b-c/x`` and ``/a/b/c/x`` both give ``a-b-c-x``):
+    two data sets must never share, or overwrite each other's, figure file."""
+    names = sorted(set(keys))
+    plain = {k: re.sub(r"[^A-Za-z0-9._=-]+", "-", k).strip("-") or "data" for k in names}
+    count: dict[str, int] = {}
+    for s in plain.values():
+        count[s] = count.get(s, 0) + 1
+    out = {}
+    for k, s in plain.items():
+        if s != k and (count[s] > 1 or len(s) > 40):
+            s = f"{s[:31].rstrip('-')}-{hashlib.sha1(k.encode()).hexdigest()[:8]}"
+        out[k] = s
+    return out
 
 
 def _analysis_samples(model: dict[str, Any], analysis: dict[str, Any]) -> int | None:
