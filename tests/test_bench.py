@@ -63,6 +63,25 @@ def test_fp32_trainer_step_is_identical_to_the_plain_step(method):
         assert torch.equal(mine[k], theirs[k]), k
 
 
+def _step_like_the_reference(trainer, ref, x, y, rtol: float, atol: float, cosine: float):
+    """One step of each from the same weights: the losses agree within rtol/atol, and each
+    model's update (gradient step incl. momentum and weight decay) points the same way."""
+    before = _params(trainer.models)
+    torch.manual_seed(1)
+    out = trainer.train_step(x, y)
+    torch.manual_seed(1)
+    ref_losses = ref.step(x.contiguous(), y)
+    for role, loss in ref_losses.items():
+        assert torch.allclose(out["losses"][role].detach(), loss, rtol=rtol, atol=atol), role
+    mine, theirs = _params(trainer.models), _params(ref.models)
+    for role in ref_losses:
+        keys = [k for k in mine if k.startswith(f"{role}.") and "running" not in k]
+        keys = [k for k in keys if mine[k].is_floating_point()]
+        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
+        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
+        assert torch.cosine_similarity(moved, ref_moved, dim=0) > cosine, role
+
+
 def test_fp32_takes_channels_last_and_folding_by_default_only_on_avx2_x86_cpus(monkeypatch):
     # There both pay in fp32 (benchmarks/README.md); AVX-512 CPUs train in bf16 by default,
     # and an fp32 run there keeps the plain path.
@@ -70,20 +89,8 @@ def test_fp32_takes_channels_last_and_folding_by_default_only_on_avx2_x86_cpus(m
     trainer, ref, x, y = _pair("act", precision="fp32", width=8)
     assert trainer.channels_last and bench.fold_active(trainer)
     assert trainer.runtime()["fold_bn"]
-    before = _params(trainer.models)
-    torch.manual_seed(1)
-    out = trainer.train_step(x, y)
-    torch.manual_seed(1)
-    ref_losses = ref.step(x.contiguous(), y)
     # The same step up to float rounding (which may flip PGD's sign on a pixel or two)
-    for role, loss in ref_losses.items():
-        assert torch.allclose(out["losses"][role].detach(), loss, rtol=1e-3, atol=1e-4), role
-    mine, theirs = _params(trainer.models), _params(ref.models)
-    for role in ref_losses:
-        keys = [k for k in mine if k.startswith(f"{role}.") and mine[k].is_floating_point()]
-        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
-        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
-        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.999, role
+    _step_like_the_reference(trainer, ref, x, y, rtol=1e-3, atol=1e-4, cosine=0.999)
     # A model with the strided 1x1 conv PyTorch mishandles there stays NCHW (still folded)
     narrow, *_ = _pair("act", precision="fp32", width=4)
     assert not narrow.channels_last and bench.fold_active(narrow)
@@ -101,22 +108,8 @@ def test_bf16_fast_step_matches_the_plain_step_within_tolerance(method):
     trainer, ref, x, y = _pair(method, precision="bf16", width=16)
     assert trainer.channels_last and bench.fold_active(trainer)
     assert all(fused_bn_active(m) for m in trainer.models.values())
-    before = _params(trainer.models)
-    torch.manual_seed(1)
-    out = trainer.train_step(x, y)
-    torch.manual_seed(1)
-    ref_losses = ref.step(x.contiguous(), y)
-    for role, loss in ref_losses.items():
-        assert torch.allclose(out["losses"][role].detach(), loss, rtol=0.05, atol=0.02), role
-    # The update (gradient step incl. momentum and weight decay) points the same way; bf16
-    # rounding and the bf16 attack's slightly different x_adv move it a little.
-    mine, theirs = _params(trainer.models), _params(ref.models)
-    for role in ref_losses:
-        keys = [k for k in mine if k.startswith(f"{role}.") and "running" not in k]
-        keys = [k for k in keys if mine[k].is_floating_point()]
-        moved = torch.cat([(mine[k] - before[k]).flatten() for k in keys])
-        ref_moved = torch.cat([(theirs[k] - before[k]).flatten() for k in keys])
-        assert torch.cosine_similarity(moved, ref_moved, dim=0) > 0.75, role
+    # bf16 rounding and the bf16 attack's slightly different x_adv move the update a little
+    _step_like_the_reference(trainer, ref, x, y, rtol=0.05, atol=0.02, cosine=0.75)
 
 
 def test_fp16_step_scales_the_loss_and_matches_the_plain_step():
