@@ -446,11 +446,7 @@ def _all_modules(trainer: T.Trainer) -> list[torch.nn.Module]:
 
 def fold_active(trainer: T.Trainer) -> bool:
     """Whether the trainer's attack passes run on a BN-folded view of G (Free-AT has none)."""
-    attack = trainer.train_attack
-    if attack is not None and not attack.uses_objective:
-        return False
-    g = trainer.models["g"]
-    return attack_model(g, trainer.fold_bn, trainer.precision) is not g
+    return trainer.attack_folds_bn()
 
 
 def _compile(trainer: T.Trainer, mode: str | None = None) -> None:

@@ -614,6 +614,14 @@ class Trainer:
                 self._graphs_failed(exc)
         return attack.perturb(g, x, self._attack_objective(ctx, y), self.autocast)
 
+    def attack_folds_bn(self) -> bool:
+        """Whether the attack passes run on a BN-folded view of G (Free-AT has none)."""
+        attack = self.train_attack
+        if attack is None or not attack.uses_objective:
+            return False
+        g = self.models["g"]
+        return attack_model(g, self.fold_bn, self.precision) is not g
+
     def _attack_objective(self, ctx: dict[str, Tensor], y: Tensor) -> Objective:
         """The method's attack objective (ACT: L_G with F(x) detached)."""
         objective = self.method.attack_objective(ctx, y)
@@ -1058,8 +1066,7 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision,
             "channels_last": self.channels_last,
-            "fold_bn": attack_model(self.models["g"], self.fold_bn, self.precision)
-            is not self.models["g"],
+            "fold_bn": self.attack_folds_bn(),
             "fused_bn": any(fused_bn_ran(m) for m in self.models.values()),
             "cuda_graphs": graphs,
             "attack_start": getattr(attack, "start", "zero" if attack is not None else None),
