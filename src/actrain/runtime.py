@@ -290,8 +290,8 @@ _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def fp32_levers_pay(device: torch.device) -> bool:
     """channels_last and BN folding in fp32 training: measured to pay on an AVX2-only x86 CPU,
-    where fp32 is the default (ResNet-18 width 16, one thread: a train pass 596 -> 506 ms in
-    channels_last; ACT and Madry steps about 1.3-1.5x faster with both). Unmeasured in fp32
+    where fp32 is the default (ResNet-18, one thread: an ACT step 1.30x faster with both at
+    width 16, 1.07x at full width; benchmarks/README.md, fifteenth session). Unmeasured in fp32
     elsewhere (AVX-512 CPUs train in bf16 by default), so the plain path stays there."""
     return (
         device.type == "cpu"
