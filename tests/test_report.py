@@ -592,12 +592,14 @@ def fake_run(
     return path
 
 
-def pgd_result(steps: int, robust: float, clean: float = 90.0, step_size: float = 0.003) -> dict:
+def pgd_result(
+    steps: int, robust: float, clean: float = 90.0, step_size: float = 0.003, n: int = 100
+) -> dict:
     attack = {"name": f"PGD-{steps}", "steps": steps, "restarts": 1, "eps": 0.1}
     return {
         "clean_acc": clean,
         "robust_acc": robust,
-        "n": 100,
+        "n": n,
         "model": "g",
         "attack": {**attack, "step_size": step_size},
     }
@@ -658,6 +660,51 @@ def test_seeds_column_says_how_many_seeds_each_number_averages(tmp_path):
         "3",
     ]
     assert "[k/n]: the mean over the k of the row's n seeds" in md
+
+
+def test_table2_says_where_seeds_were_attacked_on_different_numbers_of_images(tmp_path):
+    # seed 0 on 100 test images, seed 1 on 1000: averaged as seeds, and nothing said so
+    root = tmp_path / "runs"
+    for seed, n in ((0, 100), (1, 1000)):
+        evals = {"pgd20.json": pgd_result(20, 40.0 + seed, n=n)}
+        fake_run(root / f"m-s{seed}", method="madry", seed=seed, evals=evals)
+    for seed in (0, 1):  # TRADES's two seeds alike: not named
+        evals = {"pgd20.json": pgd_result(20, 45.0, n=500)}
+        fake_run(root / f"t-s{seed}", method="trades", seed=seed, evals=evals)
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    note = next(line for line in md.splitlines() if "Different numbers of test images" in line)
+    assert "Madry PGD-20 (100, 1000 images)" in note
+    assert "TRADES" not in note
+    row = row_of(md, "| Architecture | Dataset | Defense", "| small_cnn | digits | Madry")
+    assert row[-2:] == [fmt_ms([40.0, 41.0]), "2"]  # still one column, with the note beside it
+
+
+def test_a_report_never_draws_over_a_file_it_did_not_write(tmp_path, capsys):
+    # a person's picture named like a report figure, and a report.md of their own, were replaced
+    a = fake_run(tmp_path / "madry", method="madry")
+    out = tmp_path / "rep"
+    out.mkdir()
+    assert main(["report", str(a), "--out", str(tmp_path / "probe")]) == 0
+    (name,) = json.loads((tmp_path / "probe" / "report.json").read_text())["figures"]
+    theirs = PNG_MAGIC + b"a person's own picture"
+    (out / name).write_bytes(theirs)
+    (out / "report.md").write_text("my notes")
+    assert main(["report", str(a), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "report.md exists and no earlier report wrote it" in err
+    assert (out / "report.md").read_text() == "my notes"
+    (out / "report.md").unlink()
+    assert main(["report", str(a), "--out", str(out)]) == 0
+    assert (out / name).read_bytes() == theirs  # kept; the report drew beside it
+    drawn = json.loads((out / "report.json").read_text())["figures"]
+    other = name[: -len(".png")] + ".2.png"
+    assert drawn == [other] and (out / other).read_bytes()[:8] == PNG_MAGIC
+    assert f"]({other})" in (out / "report.md").read_text()
+    assert main(["report", str(a), "--out", str(out)]) == 0  # again: its own .2 file, redrawn
+    assert json.loads((out / "report.json").read_text())["figures"] == [other]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([name, other])
+    assert (out / name).read_bytes() == theirs
 
 
 def test_a_report_redone_with_fewer_runs_removes_its_own_stale_figures_only(tmp_path):

@@ -29,6 +29,7 @@ from typing import Any
 
 from actrain.analysis import evalread
 from actrain.analysis.runs import Run, eval_command, train_command
+from actrain.errors import UsageError
 
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES", "act": "ACT"}
 METHOD_ORDER = {"natural": 0, "madry": 1, "trades": 2, "act": 3}
@@ -450,6 +451,36 @@ def mixed_attacks_note(mixed: dict[str, dict[str, list[str]]]) -> Para | None:
     )
 
 
+def eval_sizes(run: Run, role: str) -> dict[str, int | None]:
+    """The number of test images behind each result :func:`eval_scores` took."""
+    return {name: a["n"] for name, a in _eval_picks(run, role).items()}
+
+
+def mixed_sizes_note(
+    pairs: Sequence[tuple[Run, str]], rows: Sequence[tuple[Group, str]]
+) -> Para | None:
+    """The paragraph that names the rows whose seeds were attacked on different numbers of test
+    images: their mean and std mix subset noise with seed noise, so the table must say so."""
+    of_run = {(id(r), role): eval_sizes(r, role) for r, role in pairs}
+    parts = []
+    for g, role in rows:
+        sizes = [of_run[(id(r), role)] for r in g.runs]
+        for name in sorted({k for s in sizes for k in s}, key=_attack_order):
+            found = sorted({s[name] for s in sizes if name in s}, key=lambda n: n or 0)
+            if len(found) > 1:
+                label = g.short if role == "g" else f"{g.short} ({role.upper()})"
+                counts = ", ".join("unrecorded" if n is None else str(n) for n in found)
+                parts.append(f"{label} {name} ({counts} images)")
+    if not parts:
+        return None
+    return Para(
+        "**Different numbers of test images:** "
+        + "; ".join(parts)
+        + ". These means average seeds attacked on test sets of different sizes, so their std"
+        " mixes subset noise with seed noise (`actrain eval` the runs alike to compare them)."
+    )
+
+
 def metric_scores(run: Run, role: str) -> dict[str, float]:
     """Scores of the last during-training evaluation in ``metrics.jsonl``."""
     rec = run.last_eval_record()
@@ -552,6 +583,7 @@ class ReportBuilder:
         title: str,
         command: str | None,
         sections: Sequence[str] = SECTIONS,
+        previous: dict[str, Any] | None = None,
     ) -> None:
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown:
@@ -565,8 +597,16 @@ class ReportBuilder:
         self.blocks: list[Block] = []
         self.figures: list[Path] = []
         self.tables: dict[str, dict[str, Any]] = {}
+        self.previous = previous or {}  # the last report's manifest: which files it wrote
+        self._taken: set[str] = set()
 
     # helpers
+    def figure_path(self, name: str) -> Path:
+        """Where figure ``name`` goes: :func:`figure_name` in the report folder."""
+        chosen = figure_name(self.out, name, self.previous, self._taken)
+        self._taken.add(chosen)
+        return self.out / chosen
+
     def add_table(self, table: Table) -> None:
         self.blocks.append(table)
         if table.name:
@@ -715,8 +755,12 @@ class ReportBuilder:
         headers += [c if c == A_NAT or c.startswith(MIN_PERT) else f"A_rob {c}" for c in cols] + [
             "Seeds"
         ]
-        return Table(headers, rows, caption=PARTIAL_NOTE if partial else ""), mixed_attacks_note(
-            mixed
+        notes = [mixed_attacks_note(mixed)]
+        if source == "eval":
+            notes.append(mixed_sizes_note(pairs, [(g, role) for g, role, _ in rows_data]))
+        text = " ".join(p.text for p in notes if p is not None)
+        return Table(headers, rows, caption=PARTIAL_NOTE if partial else ""), (
+            Para(text) if text else None
         )
 
     def section_eval(self) -> None:
@@ -777,7 +821,7 @@ class ReportBuilder:
             return
         self.blocks.append(Heading("Minimal adversarial examples (Fig. 2)"))
         for g, r, role, src in found:
-            dest = self.out / f"examples-{self.slug(g)}-s{r.seed}-{role}.png"
+            dest = self.figure_path(f"examples-{self.slug(g)}-s{r.seed}-{role}.png")
             shutil.copyfile(src, dest)
             self.add_figure(dest, f"{g.short} [{role.upper()}], seed {r.seed}: {src.name}")
 
@@ -850,7 +894,7 @@ class ReportBuilder:
             if len(keys) == 1 and len(xs) == len(members) and len(xs) > 1:
                 from actrain.analysis.plots import plot_sweep
 
-                path = self.out / f"sweep-{method}-{file_data}-{arch}-{keys[0]}.png"
+                path = self.figure_path(f"sweep-{method}-{file_data}-{arch}-{keys[0]}.png")
                 lines = [(lab, ms, ss) for lab, (ms, ss) in plot_lines.items()]
                 plot_sweep(keys[0], xs, lines, path, title=f"{method} on {dataset}: {keys[0]}")
                 self.add_figure(
@@ -1014,7 +1058,7 @@ class ReportBuilder:
                         layers = [row["layer"] for row in a["models"][role]["norms"]]
                     lines.append((series(g, role), reps))
                     table_cols.append((series(g, role), reps))
-            path = self.out / f"norms-{file_data}-{arch}.png"
+            path = self.figure_path(f"norms-{file_data}-{arch}.png")
             plot_norms(lines, layers, path, title=f"Frobenius norms per layer: {arch} on {dataset}")
             self.add_figure(
                 path, f"Frobenius norm of each learnable layer's weights, {arch} on {dataset}."
@@ -1076,7 +1120,7 @@ class ReportBuilder:
                             str(len(probes)),
                         ]
                     )
-            path = self.out / f"compression-{file_data}.png"
+            path = self.figure_path(f"compression-{file_data}.png")
             plot_probe(lines, path, chance=chance, title=f"Random-label probe on {dataset}")
             self.add_figure(
                 path,
@@ -1137,7 +1181,7 @@ class ReportBuilder:
                         str(len(vals)),
                     ]
                 )
-        path = self.out / "entropy.png"
+        path = self.figure_path("entropy.png")
         plot_bars(
             bars, path, "mean softmax entropy (nats)", "Average posterior entropy (Fig. 4)", refs
         )
@@ -1202,7 +1246,7 @@ class ReportBuilder:
             panels = [("training loss", loss_lines), ("clean accuracy (%)", clean_lines)]
             if rob_lines:
                 panels.append(("robust accuracy (%)", rob_lines))
-            path = self.out / f"curves-{self.slug(g)}.png"
+            path = self.figure_path(f"curves-{self.slug(g)}.png")
             seeds = ", ".join(str(s) for s in g.seeds)
             plot_training_curves(panels, path, title=f"{g.label} (seeds {seeds})")
             self.add_figure(
@@ -1328,8 +1372,11 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.4g}"
 
 
-#: The names of the figures a report writes (:class:`ReportBuilder`); no other file is removed.
-OWN_FIGURE = re.compile(r"(?:(?:norms|compression|curves|sweep|examples)-[^/\\]+|entropy)\.png")
+#: The names of the figures a report writes (:class:`ReportBuilder`), ``.N`` before ``.png``
+#: where a file it did not write had the name (:func:`figure_name`); no other file is removed.
+OWN_FIGURE = re.compile(
+    r"(?:(?:norms|compression|curves|sweep|examples)-[^/\\]+|entropy(?:\.\d+)?)\.png"
+)
 #: The reports a folder may hold (``actrain report`` and ``actrain analyze --out``), each with
 #: its ``STEM.json`` listing the figures it wrote.
 STEMS = ("report", "analysis")
@@ -1346,6 +1393,45 @@ def _manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def _is_report_manifest(doc: dict[str, Any]) -> bool:
+    """Whether ``STEM.json`` is one a report wrote (and so its ``STEM.md``/``.html`` too)."""
+    return isinstance(doc.get("runs"), list) and isinstance(doc.get("tables"), dict)
+
+
+def check_report_folder(out: str | Path, stem: str, flag: str = "--out") -> None:
+    """Refuse a folder whose ``STEM.md``/``.html``/``.json`` no earlier report wrote: the report
+    replaces its own files there, never a person's (a notes file named report.md, say)."""
+    out = Path(out)
+    if _is_report_manifest(_manifest(out / f"{stem}.json")):
+        return
+    for suffix in ("md", "html", "json"):
+        path = out / f"{stem}.{suffix}"
+        if path.exists() or path.is_symlink():
+            raise UsageError(
+                f"{flag}: {path} exists and no earlier report wrote it (no {stem}.json of"
+                " one beside it); give another folder or move that file"
+            )
+
+
+def figure_name(out: Path, name: str, previous: dict[str, Any], taken: set[str]) -> str:
+    """``name``, or ``name`` with ``.2``, ``.3``... before ``.png`` where a file the last report
+    did not write (or one written then changed since) has it: a report draws over its own
+    figures only, never over a person's picture that happens to share the name."""
+    hashes = previous.get("figure_sha256")
+    hashes = hashes if isinstance(hashes, dict) else {}
+    stem = name[: -len(".png")]
+    for k in range(1, 1000):
+        cand = name if k == 1 else f"{stem}.{k}.png"
+        path = out / cand
+        if cand in taken:
+            continue
+        if not (path.exists() or path.is_symlink()):
+            return cand
+        if path.is_file() and not path.is_symlink() and hashes.get(cand) == _sha256(path):
+            return cand
+    raise UsageError(f"--out: {out} holds 999 files named like {name}; give another folder")
 
 
 def remove_stale_figures(
@@ -1397,8 +1483,9 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     _EVAL_CACHE.clear()
     stem = "report" if "runs" in sections else "analysis"
+    check_report_folder(out, stem)
     previous = _manifest(out / f"{stem}.json")  # before this report overwrites it
-    builder = ReportBuilder(runs, out, title, command, sections)
+    builder = ReportBuilder(runs, out, title, command, sections, previous)
     blocks = builder.build()
     md = out / f"{stem}.md"
     md.write_text(render_markdown(blocks))

@@ -95,6 +95,10 @@ def run(ns: argparse.Namespace) -> int:
                 f"--out: {ns.out} is the run's own analysis folder, whose analysis.json the"
                 " figures' summary would replace; give another folder"
             )
+    if ns.out:
+        from actrain.report import check_report_folder
+
+        check_report_folder(ns.out, "analysis")  # before the analyses spend their minutes
     print(
         f"{'run':<32} {'model':<5} {'layers':>6} {'sum |W|_F':>10} {'probe acc':>9} {'entropy':>8}"
     )

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ns: argparse.Namespace) -> int:
     from actrain.analysis.runs import expand_run_args
     from actrain.errors import UsageError
-    from actrain.report import build_report
+    from actrain.report import build_report, check_report_folder
 
     if not ns.analyze:
         for flag, given in (("--max-samples", ns.max_samples is not None),
@@ -50,6 +50,7 @@ def run(ns: argparse.Namespace) -> int:
     from actrain.outputs import writable_dir
 
     writable_dir(ns.out, "--out")
+    check_report_folder(ns.out, "report")  # before --analyze spends its minutes
     argv = ["actrain", "report", *ns.runs, "--out", ns.out]
     if ns.title != "actrain report":
         argv += ["--title", ns.title]
