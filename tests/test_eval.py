@@ -735,3 +735,33 @@ def test_multi_targeted_pgd_attacks_later_targets_only_on_examples_still_standin
     with torch.no_grad():
         assert (digits_model(lean["x_adv"][broken]).argmax(1) != y[broken]).all()
     assert (lean["x_adv"] - x).abs().max() <= 0.1 + 1e-6
+
+
+def _threshold() -> nn.Module:
+    """Two classes on one pixel: class 0 above 0.5, class 1 below."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[10.0], [-10.0]]))
+        model[1].bias.copy_(torch.tensor([-5.0, 5.0]))
+    return model.eval()
+
+
+def test_white_box_against_transfer_counts_robust_examples_alike():
+    # The check compared PGD's robust accuracy (correct clean AND adversarial) with the target's
+    # accuracy on the transferred images, which also counts images it got wrong clean and the
+    # perturbation put right: a transfer attack stronger than white-box PGD passed.
+    from actrain.evaluation import sanity_checks, transfer_success
+
+    model = _threshold()
+    y = torch.zeros(6, dtype=torch.long)
+    x = torch.tensor([0.4, 0.4, 0.6, 0.6, 0.6, 0.6]).view(6, 1, 1, 1)  # two wrong, four right
+    x_adv = torch.tensor([0.6, 0.6, 0.4, 0.4, 0.6, 0.6]).view(6, 1, 1, 1)  # 2 put right, 2 broken
+    t = transfer_success(model, x, x_adv, y)
+    assert t["target_acc"] == pytest.approx(400 / 6)  # four right on the transferred images
+    assert t["robust_acc"] == pytest.approx(200 / 6)  # two right on both
+    assert t["success_rate"] == pytest.approx(200 / 6)
+    # white-box PGD left all four clean-correct images robust: the transfer broke two of them
+    result = {"n": 6, "pgd": {"20": {"robust_acc": 400 / 6}}, "black_box": {"transfer": {"s": t}}}
+    check = sanity_checks(result)["checks"][0]
+    assert check["name"] == "white-box beats black-box" and check["status"] == "FAIL", check
+    assert check["black_box_acc"] == {"transfer from s": pytest.approx(200 / 6)}

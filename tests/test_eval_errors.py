@@ -339,3 +339,31 @@ def test_fp16_on_a_cpu_is_refused_by_train_and_eval_as_by_bench(tmp_path, capsys
     assert _one_line(capsys).startswith(message.format("eval"))
     assert main(["bench", "--precision", "fp16", "--device", "cpu"]) == 2
     assert _one_line(capsys).startswith(message.format("bench"))
+
+
+def test_an_output_path_never_replaces_a_file_of_an_evaluated_run(
+    act_run, tmp_path, monkeypatch, capsys
+):
+    # `--json RUN/model_g.safetensors` wrote the results over the trained weights (the next
+    # eval: "not a safetensors file, or truncated"); the config, checkpoint and a surrogate's
+    # files were as exposed
+    _no_attack(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in act_run.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    sur = tmp_path / "sur.safetensors"
+    save_weights(sur, _small(2), {"config": {**CONFIG, "method": "madry"}, "role": "g"})
+    before = {f: f.read_bytes() for f in [*run.iterdir(), sur]}
+    cases = [
+        ([str(run)], "--json", run / "model_g.safetensors"),
+        ([str(run)], "--markdown", run / "config.json"),
+        ([str(run / "model_g.safetensors")], "--json", run / "checkpoint.pt"),
+        ([str(run), "--sanity", "--surrogate", str(sur)], "--json", sur),
+        (["--transfer", str(sur), str(run)], "--markdown", run / "model_f.safetensors"),
+    ]
+    for args, flag, target in cases:
+        assert main(["eval", *args, *QUICK, flag, str(target)]) == 2
+        err = _one_line(capsys)
+        assert f"{flag}: {target} is a file of" in err and "give another file" in err
+    assert {f: f.read_bytes() for f in before} == before

@@ -215,6 +215,38 @@ def _check_outputs(
         writable_file(md_path, "--markdown" if ns.markdown else "--out")
 
 
+_RUN_FILES = ("config.json", "checkpoint.pt", "final.json", "metrics.jsonl", "*.safetensors")
+
+
+def _input_files(paths: list[str]) -> dict[Path, str]:
+    """The files an evaluation reads or that hold a run's training: each weights file given,
+    and the config, checkpoint, final weights and metrics of each run folder (also of the
+    folder a given file sits in). Resolved path -> the run it belongs to."""
+    files: dict[Path, str] = {}
+    for given in paths:
+        p = Path(given)
+        if p.is_file():
+            files[p.resolve()] = given
+            p = p.parent if (p.parent / "config.json").is_file() else p
+        if p.is_dir():
+            for pattern in _RUN_FILES:
+                files.update({f.resolve(): given for f in p.glob(pattern) if f.is_file()})
+    return files
+
+
+def _refuse_inputs(ns: argparse.Namespace, outputs: list[tuple[str, str | None]]) -> None:
+    """An output path that names a run's own file (``--json RUN/model_g.safetensors``) wrote
+    the results over the trained model or its config: refused before any work."""
+    inputs = _input_files([*ns.run, *ns.surrogate])
+    for flag, path in outputs:
+        run = inputs.get(Path(path).resolve()) if path else None
+        if run is not None:
+            raise UsageError(
+                f"{flag}: {path} is a file of {run} (its model, checkpoint, config or"
+                " metrics); results never replace it, give another file"
+            )
+
+
 def _preflight(ns: argparse.Namespace, eps_given: bool) -> list[dict[str, Any]]:
     """Each run's model, role, data set and surrogates checked before any attack runs (a
     mistake in the last run is found before the first is evaluated). Returns the configs."""
@@ -310,6 +342,14 @@ def run(ns: argparse.Namespace) -> int:
     md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)
     _check_outputs(ns, out_dir, json_path, md_path)
     pngs = _example_paths(ns, out_dir)
+    _refuse_inputs(
+        ns,
+        [
+            ("--json" if ns.json else "--out", json_path),
+            ("--markdown" if ns.markdown else "--out", md_path),
+            *(("--save-examples", p) for p in pngs),
+        ],
+    )
     configs = _preflight(ns, eps_given=ns.eps is not None)
     refuse_cpu_fp16(ns.precision, resolve_device(ns.device))
     note = slow_bf16_note(resolve_device(ns.device), ns.precision)

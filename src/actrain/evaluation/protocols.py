@@ -677,13 +677,17 @@ def transfer_success(
     target: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, batch_size: int = 256
 ) -> dict[str, Any]:
     """Success rate (percent of examples misclassified on the transferred images) and the
-    rate among examples the target classified correctly when clean."""
+    rate among examples the target classified correctly when clean. ``robust_acc`` counts an
+    example as white-box PGD does (correct clean and on the transferred image), so the sanity
+    checks compare like with like; ``target_acc`` also counts a misclassified image the
+    perturbation happened to put right."""
     clean_ok = predict(target, x, batch_size) == y.cpu()
     adv_ok = predict(target, x_adv, batch_size) == y.cpu()
     n = len(y)
     return {
         "success_rate": _pct((~adv_ok).sum(), n),
         "target_acc": _pct(adv_ok.sum(), n),
+        "robust_acc": _pct((clean_ok & adv_ok).sum(), n),
         "success_rate_on_clean_correct": _pct((clean_ok & ~adv_ok).sum(), int(clean_ok.sum())),
         "n": n,
     }

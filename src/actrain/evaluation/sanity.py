@@ -32,7 +32,9 @@ def sanity_checks(result: dict[str, Any], tol: float | None = None) -> dict[str,
     if "square" in bb:
         black["Square"] = bb["square"]["robust_acc"]
     for sur, t in bb.get("transfer", {}).items():
-        black[f"transfer from {sur}"] = t["target_acc"]
+        # robust as PGD counts it: correct clean and on the transferred image (target_acc
+        # also counts a misclassified image the perturbation put right; older JSON has only it)
+        black[f"transfer from {sur}"] = t.get("robust_acc", t["target_acc"])
     if white is None or not black:
         checks.append(_check("white-box beats black-box", None, "needs PGD and a black-box run"))
     else:
