@@ -647,6 +647,22 @@ def test_sweep_rows_in_increasing_eps_and_the_checks_read_them_so(digits_model, 
         eps_sweep(digits_model, x, y, eps_255=(25, 300), steps=1)
 
 
+def test_a_sweep_that_stops_short_of_large_eps_skips_the_reaches_zero_check():
+    # `--eps-sweep 1,2` on a sound model FAILed "reaches 0": no attack empties it at 2/255
+    from actrain.evaluation import sanity_checks
+    from actrain.evaluation.sanity import LARGE_EPS_255
+
+    def status(rows: list[tuple[int, float]]) -> dict:
+        sweep = {"rows": [{"eps_255": e, "robust_acc": a} for e, a in rows]}
+        checks = sanity_checks({"n": 50, "eps_sweep": sweep})["checks"]
+        return next(c for c in checks if c["name"] == "accuracy reaches 0 at large eps")
+
+    short = status([(1, 80.0), (2, 70.0)])
+    assert short["status"] == "skipped" and "2/255" in short["detail"]
+    assert status([(50, 0.0), (LARGE_EPS_255, 4.0)])["status"] == "FAIL"
+    assert status([(50, 1.0), (LARGE_EPS_255, 0.0)])["status"] == "pass"
+
+
 def test_bad_sweep_eps_and_targeted_are_refused_before_any_attack(run_files, digits_model, capsys):
     _, a, _ = run_files
     assert main(["eval", a, "--eps-sweep", "25,300", "--sanity", "--no-progress"]) == 2

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 _MASKING_WORDS = ("zero gradient", "Square", "randomized")
+#: The eps (/255) at which every image must fall: the paper's Table 5 has every defence at 0
+#: there, and still above 0 at 50/255, so a sweep ending lower cannot fail the check honestly.
+LARGE_EPS_255 = 100
 
 
 def _check(name: str, passed: bool | None, detail: str, **numbers: Any) -> dict[str, Any]:
@@ -71,14 +74,23 @@ def sanity_checks(result: dict[str, Any], tol: float | None = None) -> dict[str,
             )
         )
         last = sweep[-1]
-        checks.append(
-            _check(
-                "accuracy reaches 0 at large eps",
-                last["robust_acc"] <= tol,
-                f"{last['robust_acc']:.2f}% at eps {last['eps_255']}/255",
-                accuracy=last["robust_acc"],
+        if last["eps_255"] < LARGE_EPS_255:  # a short sweep proves nothing either way
+            checks.append(
+                _check(
+                    "accuracy reaches 0 at large eps",
+                    None,
+                    f"the largest eps swept is {last['eps_255']}/255; needs {LARGE_EPS_255}/255",
+                )
             )
-        )
+        else:
+            checks.append(
+                _check(
+                    "accuracy reaches 0 at large eps",
+                    last["robust_acc"] <= tol,
+                    f"{last['robust_acc']:.2f}% at eps {last['eps_255']}/255",
+                    accuracy=last["robust_acc"],
+                )
+            )
 
     # 3. more steps never increase robust accuracy
     if len(pgd_acc) < 2:
