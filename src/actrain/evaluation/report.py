@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 # Keys whose values are bookkeeping, not measurements: never averaged.
@@ -93,6 +94,14 @@ def _get(d: Any, *path: Any) -> Any:
     return d
 
 
+def dataset_cell(result: dict[str, Any]) -> str:
+    """``cifar10``; ``imagefolder (tiny-imagenet)`` for an image folder, as two folders are two
+    data sets and the table must not give them one name."""
+    name = str(result.get("dataset", ""))
+    folder = result.get("data_dir")
+    return f"{name} ({Path(str(folder)).name or folder})" if folder else name
+
+
 def _label(result: dict[str, Any]) -> str:
     return result.get("label") or result.get("run", "?")
 
@@ -150,7 +159,7 @@ def table2(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
         head.append("AutoAttack")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, ex, num in rows:
-        cells = [label, str(ex.get("dataset", "")), pm(num.get("clean_acc"))]
+        cells = [label, dataset_cell(ex), pm(num.get("clean_acc"))]
         cells += [pm(_get(num, "pgd", str(k), "robust_acc")) for k in steps]
         if basic:
             cells.append(pm(num.get("robust_acc")))
@@ -250,6 +259,7 @@ def configuration_key(config: dict[str, Any], result: dict[str, Any]) -> str | N
         "config": semantic_settings(config),
         "model": result.get("model"),
         "dataset": result.get("dataset"),
+        "data_dir": result.get("data_dir"),  # an image folder's: each folder its own data set
     }
     return json.dumps(key, sort_keys=True, default=str)
 

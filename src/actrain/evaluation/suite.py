@@ -698,9 +698,12 @@ def evaluate_run(
         sm = sm.to(resolve_device(device))
         _fits_data(sm, sp, srole, name, test, "--surrogate")
         surrogates[slabel] = sm
-    return evaluate_loaded(
+    out = evaluate_loaded(
         path, model, test, cfg, opts, role=role, dataset=dataset, surrogates=surrogates
     )
+    if not D.get_dataset_info(name).in_memory:  # a folder is its data set: two are two
+        out["data_dir"] = str(data_dir if data_dir is not None else cfg.get("data_dir"))
+    return out
 
 
 def check_surrogate(
