@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from actrain import load_model
-from actrain.attacks import LinfBall, pgd
 from actrain.checkpoint import load_checkpoint
 from actrain.config import build_config, resume_config
 from actrain.data import load_split
 from actrain.evaluate import robust_accuracy
-from actrain.losses import act_attack_objective, act_losses
 from actrain.runtime import fp32_levers_pay
 from actrain.train import Trainer, prepare_run_dir, run_training
 
@@ -125,34 +123,69 @@ def test_run_folder_contents_and_load_model_round_trip(digits_runs):
     assert torch.equal(g(x), g2(x))
 
 
+def _released_pgd(g, x, start, objective, eps, step_size, steps):
+    """PGD as the released ACT and TRADES code write it: G in eval mode, signed steps,
+    projection onto the eps-ball and [0, 1], G back in train mode."""
+    g.eval()
+    x_adv = start
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = objective(g(x_adv))
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    g.train()
+    return x_adv.detach()
+
+
 def _reference_act_step(g, f, opt_g, opt_f, x, y, cfg):
-    """ACT written out plainly, as in the paper's Algorithm 1, to check the shared loop."""
+    """One ACT step written out independently of actrain, as the authors' released code does it
+    (train_act.py, utilities/losses.py): F(x) once in train mode; the attack maximises
+    (1 - a) CE(G(x'), y) + a KL(F(x) || G(x')) with the KL summed over the batch, from
+    x + 0.001 N(0, I), on G in eval mode; then L_F and L_G at temperature T with the T^2 scale
+    and the KL averaged over the batch, each with the other model's output detached; F's step,
+    then G's, both from the outputs computed before either step (Algorithm 1)."""
+    a, t = cfg.alpha, cfg.temperature
     g.train()
     f.train()
-    logits_f = f(x)
-    ref = logits_f.detach()
-    g.eval()
-    x_adv = pgd(
-        g,
-        x,
-        lambda z: act_attack_objective(z, ref, y, cfg.alpha, 1.0, "sum"),
-        LinfBall(cfg.eps, cfg.step_size),
-        cfg.steps,
-        start="gaussian",
-    )
-    g.train()
-    logits_g = g(x_adv)
-    loss_g, loss_f = act_losses(logits_g, logits_f, y, cfg.alpha, cfg.temperature)
-    opt_g.zero_grad()
-    loss_g.backward()
-    opt_g.step()
+    nat_out = f(x)
+    # (the released code evaluates its first gradient at the unprojected start; actrain
+    # projects the start into the ball and the image box first)
+    start = (x + 0.001 * torch.randn(x.shape)).clamp(0.0, 1.0)
+
+    def objective(out):
+        ce = torch.nn.functional.cross_entropy(out, y)
+        kl = torch.nn.functional.kl_div(
+            out.log_softmax(1), nat_out.detach().softmax(1), reduction="sum"
+        )
+        return (1 - a) * ce + a * kl
+
+    x_adv = _released_pgd(g, x, start, objective, cfg.eps, cfg.step_size, cfg.steps)
+    adv_out = g(x_adv)
+
+    def distillation(student, teacher):
+        p, q = (student / t).log_softmax(1), (teacher / t).softmax(1)
+        kl = torch.nn.functional.kl_div(p, q, reduction="sum")
+        return kl * t**2 / student.shape[0]
+
+    ce = torch.nn.functional.cross_entropy
+    loss_f = (1 - a) * ce(nat_out, y) + a * distillation(nat_out, adv_out.detach())
+    loss_g = (1 - a) * ce(adv_out, y) + a * distillation(adv_out, nat_out.detach())
     opt_f.zero_grad()
+    opt_g.zero_grad()
     loss_f.backward()
     opt_f.step()
+    loss_g.backward()
+    opt_g.step()
+    return {"g": loss_g.detach(), "f": loss_f.detach()}, {"g": adv_out.detach(), "f": nat_out}
 
 
 def test_act_step_matches_algorithm_1(tmp_path):
-    cfg = _cfg(tmp_path, method="act", epochs=1)
+    """The shared loop's ACT step on the plain fp32 path against the step written out above:
+    same losses, same logits for the metrics (G on x + delta*, F on x, before the update),
+    same weights and BN statistics after the two SGD steps."""
+    cfg = _cfg(tmp_path, method="act", epochs=1, channels_last=False, fold_bn=False)
     run = prepare_run_dir(cfg, overwrite=False)
     trainer = Trainer(cfg, run)
     g0 = copy.deepcopy(trainer.models["g"])
@@ -160,17 +193,78 @@ def test_act_step_matches_algorithm_1(tmp_path):
     opt_g = torch.optim.SGD(g0.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     opt_f = torch.optim.SGD(f0.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     x, y = next(iter(trainer.data.train.epoch(0)))
-    torch.manual_seed(123)
-    trainer.train_step(x, y)
-    torch.manual_seed(123)
-    _reference_act_step(g0, f0, opt_g, opt_f, x, y, cfg)
+    for _ in range(2):  # the second step also checks the momentum buffers
+        state = torch.get_rng_state()
+        out = trainer.train_step(x, y)
+        torch.set_rng_state(state)
+        losses, logits = _reference_act_step(g0, f0, opt_g, opt_f, x, y, cfg)
+        for r in ("g", "f"):
+            assert torch.allclose(out["losses"][r], losses[r], rtol=1e-5, atol=1e-6), r
+            assert torch.allclose(out["logits"][r], logits[r], atol=1e-5), r
     for ours, ref in ((trainer.models["g"], g0), (trainer.models["f"], f0)):
         for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
             assert torch.allclose(a.float(), b.float(), atol=1e-6), k
-    # F ran forward once in train mode (one BN update); G once on x + delta* (attack in eval)
+    # F ran forward once per step in train mode (one BN update); G once on x + delta* (the
+    # attack ran in eval mode)
     for model in trainer.models.values():
         tracked = [b for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
-        assert tracked and all(int(t) == 1 for t in tracked)
+        assert tracked and all(int(t) == 2 for t in tracked)
+
+
+def test_madry_and_trades_steps_match_their_references(tmp_path):
+    """Madry: CE attack from a uniform start, CE on the adversarial batch only. TRADES
+    (Zhang et al.'s trades_loss): attack on KL(f(x) || f(x')) with f(x) from the model in eval
+    mode, from x + 0.001 N(0, I); loss CE(f(x), y) + beta KL(f(x) || f(x')) / batch with
+    gradients through both sides."""
+    nn_f = torch.nn.functional
+    for method in ("madry", "trades"):
+        cfg = _cfg(tmp_path / method, method=method, epochs=1, channels_last=False, fold_bn=False)
+        trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+        g = copy.deepcopy(trainer.models["g"])
+        opt = torch.optim.SGD(
+            g.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
+        )
+        x, y = next(iter(trainer.data.train.epoch(0)))
+        state = torch.get_rng_state()
+        out = trainer.train_step(x, y)
+        torch.set_rng_state(state)
+        g.train()
+        if method == "madry":
+            start = (x + (2 * torch.rand(x.shape) - 1) * cfg.eps).clamp(0.0, 1.0)
+            objective = lambda o: nn_f.cross_entropy(o, y, reduction="sum")  # noqa: E731
+            x_adv = _released_pgd(g, x, start, objective, cfg.eps, cfg.step_size, cfg.steps)
+            logits = g(x_adv)
+            loss = nn_f.cross_entropy(logits, y)
+        else:
+            with torch.no_grad():
+                g.eval()
+                log_ref = g(x).log_softmax(1)
+                g.train()
+            start = (x + 0.001 * torch.randn(x.shape)).clamp(0.0, 1.0)
+
+            # KL summed over the batch, written as exp(log p) (log p - log q) from log-softmaxes:
+            # near x the TRADES objective is flat and its input gradient at noise level, so any
+            # other rounding (kl_div, softmax().log()) flips the signs of some of its entries
+            def objective(o):
+                return (log_ref.exp() * (log_ref - o.log_softmax(1))).sum()
+
+            x_adv = _released_pgd(g, x, start, objective, cfg.eps, cfg.step_size, cfg.steps)
+            # one train-mode pass of x, as actrain: Zhang et al.'s code runs model(x) twice
+            # (for the CE and for the KL), which gives the same gradient and moves the BN
+            # running statistics once more
+            clean = g(x)
+            logits = g(x_adv)
+            kl = nn_f.kl_div(logits.log_softmax(1), clean.softmax(1), reduction="sum")
+            loss = nn_f.cross_entropy(clean, y) + cfg.beta * kl / x.shape[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.allclose(out["losses"]["g"], loss.detach(), rtol=1e-5), method
+        assert torch.allclose(out["logits"]["g"], logits.detach(), atol=1e-5), method
+        for (k, a), b in zip(
+            trainer.models["g"].state_dict().items(), g.state_dict().values(), strict=True
+        ):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), (method, k)
 
 
 def test_resume_continues_from_saved_epoch_bitwise(tmp_path):
