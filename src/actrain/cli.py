@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import os
 import sys
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             "environment: ACTRAIN_DATA (where data sets are downloaded; default"
             " ~/.cache/actrain/data), ACTRAIN_MALLOC (auto: restart with jemalloc where the"
             " system has it, about 9 % faster CPU steps; system; or a malloc library's path),"
-            " ACTRAIN_KEEP_FREED_MEMORY=0 (let glibc hand freed memory back)"
+            " ACTRAIN_KEEP_FREED_MEMORY=0 (let glibc hand freed memory back), ACTRAIN_PROGRESS"
+            " (progress bars are drawn when stderr is a terminal; 1: always, 0: never)"
         ),
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -49,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> None:
+    """argparse's "unrecognized arguments", from the command's parser, with a did-you-mean."""
+    target = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            target = action.choices[command]
+    options = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    flags = [e.split("=", 1)[0] for e in extra if e.startswith("--")]
+    close = difflib.get_close_matches(flags[0], options, n=1, cutoff=0.85) if flags else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    target.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the command itself (not a call from Python): jemalloc where found
         try:
@@ -59,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass  # the restart failed: go on with the C library's malloc
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser ("actrain: error: ... see actrain --help")
+        _unrecognized(parser, getattr(ns, "command", None), extra)
     ns.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with results
     if getattr(ns, "version", False):
         from actrain import __version__
@@ -102,9 +119,9 @@ def entry() -> None:
     """``actrain`` and ``python -m actrain``: :func:`main`, then exit with its code; a torchrun
     worker leaves without the interpreter's teardown (:func:`actrain.distributed.leave`)."""
     rc = main()
-    if "torch.distributed" in sys.modules:
-        from actrain import distributed
-
-        if distributed.launched():
-            distributed.leave(rc)
+    # Only a module that imported in full: Ctrl-C during `import torch` leaves parts of torch
+    # in sys.modules, and importing it again there ended "interrupted" with a traceback.
+    distributed = sys.modules.get("actrain.distributed")
+    if distributed is not None and distributed.launched():
+        distributed.leave(rc)
     raise SystemExit(rc)

@@ -185,14 +185,20 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; bad YAML and unknown keys are user errors, named precisely."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config: {p} is a folder; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"--config {p}: invalid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {p}: not a text file (expected YAML)") from None
+    if data is None:  # empty, or comments only: a truncated file would train the defaults
+        raise ConfigError(f"--config {p}: the file sets no option (expected option: value lines)")
     if not isinstance(data, dict):
         raise ConfigError(f"--config {p}: expected a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -315,16 +321,32 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+RUN_CONFIG_KEYS = frozenset(("method", "dataset", "arch", "epochs"))
+
+
+def is_run_config(path: str | Path) -> bool:
+    """Whether ``path`` is a run's config.json as actrain writes it (a JSON object with a
+    run's keys), not another program's file of that name in a folder given as ``--out``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and RUN_CONFIG_KEYS <= data.keys()
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The saved config, with only the changes that are safe on resume."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "it is a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}: {what}")
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(
             f"--resume: no checkpoint in {run_dir} (expected {run_dir}/checkpoint.pt)"
             + (
                 "; the run stopped before its first one: start it again without --resume"
-                if (run_dir / "config.json").is_file()
-                else ""
+                if is_run_config(run_dir / "config.json")
+                else "; it is not a run folder"
             )
         )
     try:
@@ -393,7 +415,7 @@ def validate(cfg: TrainConfig) -> None:
             f"--method: unknown method '{cfg.method}'{_did_you_mean(cfg.method, METHODS)}"
             f" (choices: {', '.join(METHODS)})"
         )
-    from actrain.data.registry import get_dataset_info
+    from actrain.data.registry import check_data_dir, get_dataset_info
     from actrain.models import ARCHITECTURES
 
     get_dataset_info(cfg.dataset)  # raises DataError with a "did you mean"
@@ -407,8 +429,7 @@ def validate(cfg: TrainConfig) -> None:
                 f"{flag}: unknown architecture '{arch}'{_did_you_mean(arch, arches)}"
                 f" (choices: {', '.join(arches)})"
             )
-    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().exists():
-        raise ConfigError(f"--data-dir: folder does not exist: {cfg.data_dir}")
+    check_data_dir(cfg.data_dir, cfg.dataset)
     for name in ("eps", "step_size"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or not 0 <= v <= 1:

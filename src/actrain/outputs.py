@@ -4,8 +4,10 @@ at the start, not a traceback after an hour of evaluation. The checks leave noth
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from actrain.errors import UsageError
 
@@ -46,3 +48,20 @@ def writable_file(path: str | Path, flag: str) -> Path:
         raise UsageError(f"{flag}: cannot write {path} (permission denied)")
     writable_dir(path.parent, flag, target=path)
     return path
+
+
+def live_progress(wanted: bool, stream: IO[str] | None = None) -> bool:
+    """Whether to draw a live progress bar on ``stream`` (default: stderr): asked for, and the
+    stream a terminal. A bar redrawn with carriage returns turned a log file or a pipe into
+    one line of thousands of updates; the per-epoch and summary lines are written either way.
+    ``ACTRAIN_PROGRESS=1`` draws bars anywhere (a notebook), ``0`` nowhere."""
+    if not wanted:
+        return False
+    forced = os.environ.get("ACTRAIN_PROGRESS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -30,14 +30,14 @@ NOT_SWEEPABLE = ("out", "progress")
 STOP_GRACE_S = 300.0  # a stopped run's last step and checkpoint (ImageNet-size steps take long)
 
 
-def param_key(param: str) -> str:
+def param_key(param: str, flag: str = "--param") -> str:
     key = param.strip().lstrip("-").replace("-", "_")
     if key not in FIELDS or key in NOT_SWEEPABLE:
         import difflib
 
         close = difflib.get_close_matches(key, [k for k in FIELDS if k not in NOT_SWEEPABLE], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UsageError(f"--param: '{param}' is not a training option{hint}")
+        raise UsageError(f"{flag}: '{param}' is not a training option{hint}")
     return key
 
 
@@ -48,7 +48,7 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise UsageError(f"--set: expected KEY=VALUE, got '{item}'")
         k, v = item.split("=", 1)
-        out[param_key(k)] = v.strip()
+        out[param_key(k, "--set")] = v.strip()
     return out
 
 

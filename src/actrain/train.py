@@ -47,6 +47,7 @@ from actrain.config import (
     ConfigError,
     TrainConfig,
     eval_step,
+    is_run_config,
     overfit_guard_on,
     scheduled_epochs,
     scheduled_milestones,
@@ -59,6 +60,7 @@ from actrain.im2col import use_im2col_convs
 from actrain.malloc import malloc_in_use
 from actrain.methods import Method, build_method, build_train_attack
 from actrain.models import create_model
+from actrain.outputs import live_progress
 from actrain.runtime import (
     attack_model,
     autocast_factory,
@@ -641,7 +643,7 @@ class Trainer:
             initial=self.batch,
             desc=f"epoch {epoch + 1}/{self.num_epochs}",
             unit="batch",
-            disable=not (self.cfg.progress and self.dist.is_main),
+            disable=not (self.dist.is_main and live_progress(self.cfg.progress, sys.stderr)),
             leave=False,
             file=sys.stderr,
         )
@@ -661,7 +663,7 @@ class Trainer:
             self.global_step += 1
             distributed.inject_fault(self.global_step)
             bar.update(1)
-            if self.cfg.progress and (self.batch % 10 == 0 or self.batch == len(loader)):
+            if not bar.disable and (self.batch % 10 == 0 or self.batch == len(loader)):
                 seen = max(acc["seen"], 1)
                 rate = acc["seen"] / max(acc["seconds"] + time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(
@@ -1182,7 +1184,23 @@ def never_started(run_dir: Path) -> bool:
     """A run folder holding its config.json and no other run file: a start that failed
     before its first checkpoint (a bad image, an error in the first epoch)."""
     others = [name for name in RUN_FILES if name != CONFIG]
-    return (run_dir / CONFIG).is_file() and not any((run_dir / n).exists() for n in others)
+    return is_run_config(run_dir / CONFIG) and not any((run_dir / n).exists() for n in others)
+
+
+def _refuse_run_files(run_dir: Path) -> None:
+    """A folder holding a run, or files a run writes, is not written over without --overwrite."""
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return
+    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
+        raise ConfigError(
+            f"--out: {run_dir} already holds a run; pass --resume to continue it or"
+            " --overwrite to replace it"
+        )
+    raise ConfigError(
+        f"--out: {run_dir} already holds {', '.join(present)}, which the run would write;"
+        " give another --out, or --overwrite to replace them"
+    )
 
 
 def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
@@ -1190,16 +1208,21 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out: {run_dir} exists and is not a folder")
+    if (run_dir / CONFIG).exists() and not is_run_config(run_dir / CONFIG):
+        # another program's config.json: it was deleted as the leftover of a failed start
+        raise ConfigError(
+            f"--out: {run_dir} holds a config.json that actrain did not write; give another"
+            " --out (nothing was changed)"
+        )
+    if not overwrite and not never_started(run_dir):  # refused before the lock file is made
+        _refuse_run_files(run_dir)
     if run_dir.is_dir():  # before anything in it is touched (--overwrite deleted a live run)
         hold_run_lock(run_dir).close()
     if never_started(run_dir):  # only the config of a start that failed: nothing to keep
         (run_dir / CONFIG).unlink()
-    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
-        if not overwrite:
-            raise ConfigError(
-                f"--out: {run_dir} already holds a run; pass --resume to continue it or"
-                " --overwrite to replace it"
-            )
+    if not overwrite:
+        _refuse_run_files(run_dir)
+    elif any((run_dir / name).exists() for name in RUN_FILES):
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
         # what was derived from the replaced run's models stays, under a name the report does
@@ -1276,7 +1299,13 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, d: distribute
         raise ConfigError(busy)
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
-    except UserError:
+        if resume and trainer.epoch > trainer.num_epochs:  # config.json would say fewer
+            done = trainer.epoch * max(cfg.replays, 1)  # Free-AT: passes x replays
+            raise ConfigError(
+                f"--resume --epochs {cfg.epochs}: {run_dir} has already trained {done} epochs;"
+                f" give --epochs {done} or more (or leave it out)"
+            )
+    except BaseException:  # a mistake, or Ctrl-C while the data loads
         if lock is not None:
             lock.close()
             (run_dir / RUN_LOCK).unlink(missing_ok=True)

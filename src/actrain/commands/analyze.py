@@ -79,6 +79,9 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError("--probe-epochs/--probe-batch-size/--batch-size: must be >= 1")
     if not ns.probe_lr > 0:
         raise UsageError(f"--probe-lr: must be > 0, got {ns.probe_lr}")
+    from actrain.data.registry import check_data_dir
+
+    check_data_dir(ns.data_dir)
     if ns.out:
         from actrain.outputs import writable_dir
 

@@ -337,6 +337,9 @@ def run(ns: argparse.Namespace) -> int:
         raise UsageError(
             f"--eps-sweep: values are in units of 1/255, so at most 255; got '{ns.eps_sweep}'"
         )
+    from actrain.data.registry import check_data_dir
+
+    check_data_dir(ns.data_dir, ns.dataset)
     out_dir = Path(ns.out) if ns.out else None
     json_path = ns.json or (str(out_dir / "eval.json") if out_dir else None)
     md_path = ns.markdown or (str(out_dir / "eval.md") if out_dir else None)

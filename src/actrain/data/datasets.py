@@ -283,7 +283,10 @@ def _load_mnist_family(name: str, split: str, root: Path, *, download: bool) -> 
     if not (have_raw or have_legacy):
         hint = f"pass --data-dir pointing at a folder that contains {folder}/raw/"
         if not download:
-            raise DataError(f"{folder} not found: expected the 4 idx files in {raw}; {hint}")
+            raise DataError(
+                f"{folder} not found: expected the 4 idx files in {raw}; {hint} (or leave out"
+                " --no-download to download it)"
+            )
         try:
             with _no_leftovers(root / folder):
                 cls(str(root), train=split == "train", download=True)
@@ -368,7 +371,10 @@ def _load_cifar(
         )
     layouts = _layouts_help(info.name)
     if not download:
-        raise DataError(f"{info.name} not found under {root}: {layouts}; pass --data-dir")
+        raise DataError(
+            f"{info.name} not found under {root}: {layouts}; pass --data-dir with a folder that"
+            " holds it (or leave out --no-download to download it)"
+        )
     from torchvision import datasets as tvd
 
     cls = tvd.CIFAR10 if info.name == "cifar10" else tvd.CIFAR100
@@ -389,6 +395,10 @@ def _no_leftovers(folder: Path):
     """A download into ``folder`` that fails leaves none of the empty folders it made (they
     piled up, ``<Name>/raw`` in the user's data folder, after every offline attempt)."""
     made = [p for p in (folder, folder / "raw") if not p.exists()]
+    parent = folder.parent  # the data folder itself (~/.cache/actrain/data), made on the way
+    while not parent.exists() and parent != parent.parent:
+        made.insert(0, parent)
+        parent = parent.parent
     try:
         yield
     except BaseException:
@@ -534,8 +544,12 @@ def decode_images(paths: list[Path], size: int, workers: int | None = None) -> n
             pool.submit(_decode_into, out, paths, s, min(s + step, len(paths)))
             for s in range(0, len(paths), step)
         ]
-        for fut in futures:
-            fut.result()
+        try:
+            for fut in futures:
+                fut.result()
+        except BaseException:  # a bad image or Ctrl-C: not after decoding all the others
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return out
 
 

@@ -46,3 +46,23 @@ def get_dataset_info(name: str) -> DatasetInfo:
     hint = f"; did you mean '{close[0]}'?" if close else ""
     known = ", ".join(sorted(k for k in DATASETS if k not in ALIASES))
     raise DataError(f"unknown dataset '{name}' (known: {known}){hint}")
+
+
+def check_data_dir(data_dir: object, dataset: str | None = None, flag: str = "--data-dir") -> None:
+    """Refuse a ``--data-dir`` that is missing or a file, before anything is loaded.
+
+    A file went on to a download attempt and "[Errno 17] File exists"; a missing folder (a
+    typo, most often) would receive a download. None: the default data folder, made when a
+    download needs it."""
+    if data_dir is None:
+        return
+    from pathlib import Path
+
+    path = Path(str(data_dir)).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise DataError(f"{flag}: {data_dir} is a file, not a folder")
+    downloads = dataset is None or get_dataset_info(dataset).name not in ("imagefolder", "digits")
+    hint = " (create it to have the data set downloaded into it)" if downloads else ""
+    raise DataError(f"{flag}: folder does not exist: {data_dir}{hint}")

@@ -29,6 +29,7 @@ from actrain.attacks.minimum_perturbation import (
     pgd_search_minimum_perturbation,
 )
 from actrain.attacks.pgd import eval_objective, pgd
+from actrain.outputs import live_progress
 from actrain.runtime import autocast_factory, gradient_model, resolve_precision
 
 PAPER_PGD_STEPS = (20, 100, 1000)
@@ -55,7 +56,9 @@ def _pct(count: int | float, n: int) -> float:
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+    return tqdm(
+        total=total, desc=desc, unit="img", disable=not live_progress(progress), leave=False
+    )
 
 
 @torch.no_grad()

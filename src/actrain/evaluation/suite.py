@@ -276,12 +276,12 @@ def check_run(
     cfg = eval_config(path)
     _check_role(path, role, cfg)
     name = dataset or cfg.get("dataset")
-    if not name:
+    info = D.get_dataset_info(str(name)) if name else None
+    model = load_model(path, role=role, device="cpu")  # "not a weights file" comes first
+    if info is None:
         raise ConfigError(
             f"--dataset: {path} names no dataset (no training config with it); pass --dataset"
         )
-    info = D.get_dataset_info(str(name))
-    model = load_model(path, role=role, device="cpu")
     check_fits(
         model,
         path,
