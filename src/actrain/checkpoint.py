@@ -25,6 +25,15 @@ from actrain.models import create_model
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+#: The files a training run writes into its folder.
+RUN_FILES = (
+    CONFIG,
+    METRICS,
+    CHECKPOINT,
+    "final.json",
+    "model_g.safetensors",
+    "model_f.safetensors",
+)
 
 
 from actrain.errors import CheckpointError  # noqa: E402  (re-exported)

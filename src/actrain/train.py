@@ -36,6 +36,7 @@ from actrain.checkpoint import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    RUN_FILES,
     SUPERSEDED,
     atomic_write_text,
     load_checkpoint,
@@ -1161,16 +1162,6 @@ def format_record(r: dict[str, Any]) -> str:
 
 
 # ---- run folders ------------------------------------------------------------------------------
-RUN_FILES = (
-    CONFIG,
-    METRICS,
-    CHECKPOINT,
-    "final.json",
-    "model_g.safetensors",
-    "model_f.safetensors",
-)
-
-
 def default_run_dir(cfg: TrainConfig) -> Path:
     width = f"-w{cfg.width}" if cfg.width else ""
     base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.arch}{width}-s{cfg.seed}"

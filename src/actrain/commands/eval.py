@@ -215,13 +215,12 @@ def _check_outputs(
         writable_file(md_path, "--markdown" if ns.markdown else "--out")
 
 
-_RUN_FILES = ("config.json", "checkpoint.pt", "final.json", "metrics.jsonl", "*.safetensors")
-
-
 def _input_files(paths: list[str]) -> dict[Path, str]:
     """The files an evaluation reads or that hold a run's training: each weights file given,
     and the config, checkpoint, final weights and metrics of each run folder (also of the
     folder a given file sits in). Resolved path -> the run it belongs to."""
+    from actrain.checkpoint import RUN_FILES
+
     files: dict[Path, str] = {}
     for given in paths:
         p = Path(given)
@@ -229,7 +228,7 @@ def _input_files(paths: list[str]) -> dict[Path, str]:
             files[p.resolve()] = given
             p = p.parent if (p.parent / "config.json").is_file() else p
         if p.is_dir():
-            for pattern in _RUN_FILES:
+            for pattern in (*RUN_FILES, "*.safetensors"):  # and a weights file of any name
                 files.update({f.resolve(): given for f in p.glob(pattern) if f.is_file()})
     return files
 
