@@ -1211,7 +1211,7 @@ def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
         hold_run_lock(run_dir).close()
     if never_started(run_dir):  # only the config of a start that failed: nothing to keep
         (run_dir / CONFIG).unlink()
-    if not overwrite:
+    if not overwrite:  # again under the lock: a run may have written its files meanwhile
         _refuse_run_files(run_dir)
     elif any((run_dir / name).exists() for name in RUN_FILES):
         for name in RUN_FILES:
